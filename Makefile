@@ -1,0 +1,50 @@
+# Frugal: `make demo` builds everything from a fresh clone; `make test` is what CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+PORT ?= 3000
+
+export DAGSTER_HOME := $(CURDIR)/.dagster
+export FRUGAL_DATA_DIR ?= $(CURDIR)/data
+export WANDB_DIR ?= $(CURDIR)
+export PYTHONUNBUFFERED := 1
+
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install demo test lint ui bench-dedup clean-data
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster asset materialize -m assets.definitions --select '*'
+	@$(BIN)/python -m assets.summary
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -m assets.definitions -h 127.0.0.1 -p $(PORT)
+
+bench-dedup: install
+	$(BIN)/python bench/dedup.py
+
+clean-data:
+	rm -rf data .dagster/storage wandb

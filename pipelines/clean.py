@@ -1,0 +1,94 @@
+"""clean_documents: Unicode repair and normalisation, then exact dedup on a hash of the clean text.
+
+CLI: python -m pipelines.clean --input PATH [PATH ...] --output DIR [--workers N]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+
+from pipelines.cli import reader_config, run_stage, stage_parser
+from pipelines.document import Document, Ledger, Rejected
+from pipelines.parallel import batched, default_workers, ordered_map
+from pipelines.progress import track
+from pipelines.readers import ReaderConfig, count_records, read_documents
+from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger
+from pipelines.text import normalize_text
+
+STAGE = "clean_documents"
+
+
+@dataclass(kw_only=True, slots=True)
+class CleanConfig:
+    """Cleaning and exact dedup."""
+
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    """How input records become documents (keys, oversize cap)."""
+    workers: int = field(default_factory=default_workers)
+    """Processes that normalise text (ftfy is the slow part); 1 runs inline."""
+    batch_docs: int = 256
+    """Documents per task sent to a worker."""
+
+
+def normalize_texts(texts: list[str]) -> list[str]:
+    return [normalize_text(t) for t in texts]
+
+
+def clean(
+    inputs: list[str], output_dir: str | Path, config: CleanConfig | None = None, log: logging.Logger | None = logger
+) -> StageStats:
+    """Normalise every document (see `normalize_text`); drop those left empty (`empty`) and all but the
+    first of each group with identical clean text (`exact_duplicate`). Streams; memory holds one
+    16-byte hash per kept document."""
+    config = config or CleanConfig()
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    ledger = Ledger(STAGE)
+    first_with_hash: dict[bytes, str] = {}
+    bytes_in = 0
+    records = track(
+        read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log
+    )
+    batches = ordered_map(
+        normalize_texts,
+        batched(records, config.batch_docs),
+        payload=lambda batch: [r.text for r in batch if isinstance(r, Document)],
+        workers=config.workers,
+    )
+    with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
+        for batch, clean_texts in batches:
+            clean_iter = iter(clean_texts)
+            for record in batch:
+                if isinstance(record, Rejected):
+                    ledger.rejected(record)
+                    continue
+                bytes_in += len(record.text.encode("utf-8"))
+                text = next(clean_iter)
+                if not text:
+                    ledger.dropped(record.id, "empty", "nothing left after normalisation", record.location)
+                    continue
+                digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
+                first = first_with_hash.setdefault(digest, record.id)
+                if first != record.id:
+                    ledger.dropped(record.id, "exact_duplicate", f"same clean text as {first}", record.location)
+                    continue
+                record.text = text
+                writer.write(record)
+                ledger.kept(record)
+    return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=default_workers())
+    args = parser.parse_args(argv)
+    return run_stage(clean, args.input, args.output, CleanConfig(reader=reader_config(args), workers=args.workers))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

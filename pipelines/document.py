@@ -1,0 +1,91 @@
+"""The Document and ledger records that flow between curation stages, and their Parquet schemas."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+KEPT = "kept"
+DROPPED = "dropped"
+
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("metadata", pa.string(), nullable=False),  # a JSON object, so any keys survive Parquet
+    ]
+)
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # the document id, or FILE:LINE when it had none
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),  # "kept" or "dropped"
+        pa.field("reason", pa.string(), nullable=False),  # "" when kept
+        pa.field("detail", pa.string(), nullable=False),  # human-readable why, e.g. the duplicate kept
+        pa.field("location", pa.string(), nullable=False),  # FILE:LINE (or FILE:row N) of the input
+    ]
+)
+
+
+@dataclass(slots=True)
+class Document:
+    """One document: a unique `id`, its `text`, the `source` it came from, free-form `metadata`."""
+
+    id: str
+    text: str
+    source: str
+    metadata: dict = field(default_factory=dict)
+    location: str = ""  # where the stage read it (FILE:LINE), for error messages and the ledger
+
+    def to_row(self) -> dict:
+        return {
+            "id": self.id,
+            "text": self.text,
+            "source": self.source,
+            "metadata": json.dumps(self.metadata, ensure_ascii=False, sort_keys=True),
+        }
+
+
+@dataclass(slots=True)
+class Rejected:
+    """An input record that cannot become a Document: it goes to the ledger as dropped."""
+
+    ledger_id: str
+    reason: str  # "malformed", "empty" or "oversize"
+    detail: str
+    location: str
+
+
+@dataclass(slots=True)
+class LedgerRow:
+    id: str
+    stage: str
+    outcome: str
+    reason: str = ""
+    detail: str = ""
+    location: str = ""
+
+
+class Ledger:
+    """The rows of one stage: one per input record, each kept or dropped with a reason."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.rows: list[LedgerRow] = []
+
+    def kept(self, doc: Document) -> None:
+        self.rows.append(LedgerRow(doc.id, self.stage, KEPT, "", "", doc.location))
+
+    def dropped(self, ledger_id: str, reason: str, detail: str = "", location: str = "") -> None:
+        self.rows.append(LedgerRow(ledger_id, self.stage, DROPPED, reason, detail, location))
+
+    def rejected(self, rej: Rejected) -> None:
+        self.dropped(rej.ledger_id, rej.reason, rej.detail, rej.location)
+
+    def to_table(self) -> pa.Table:
+        columns = {name: [getattr(r, name) for r in self.rows] for name in LEDGER_SCHEMA.names}
+        return pa.Table.from_pydict(columns, schema=LEDGER_SCHEMA)

@@ -1,0 +1,62 @@
+"""Ordered parallel map over batches with bounded memory, on the cores of one machine.
+
+multiprocessing.Pool.imap reads its whole input ahead; this keeps at most `window` batches in
+flight, so a stage streams. Workers start with forkserver (datatrove's choice too): callers that run
+as scripts must guard `if __name__ == "__main__"`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def ordered_map(
+    fn: Callable[[P], R],
+    items: Iterable[T],
+    payload: Callable[[T], P],
+    workers: int,
+    window: int | None = None,
+) -> Iterator[tuple[T, R]]:
+    """Yield (item, fn(payload(item))) in input order; fn runs in `workers` processes (inline if 1).
+
+    Only the payload crosses the process boundary, so items may hold unpicklable or large parts.
+    """
+    if workers <= 1:
+        for item in items:
+            yield item, fn(payload(item))
+        return
+    window = window or 4 * workers
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, pool.apply_async(fn, (payload(item),))))
+            if len(pending) >= window:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
