@@ -51,9 +51,7 @@ def clean(
     ledger = Ledger(STAGE)
     first_with_hash: dict[bytes, str] = {}
     bytes_in = 0
-    records = track(
-        read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log
-    )
+    records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
     batches = ordered_map(
         normalize_texts,
         batched(records, config.batch_docs),

@@ -188,7 +188,7 @@ def lsh_candidate_pairs(sig_NK: np.ndarray, bands: int, rows: int, max_bucket_pa
     (templated pages) gives (first, other) and (i, i+1) only, which keeps the cost linear and still
     lets union-find connect the bucket. Documents without shingles are never candidates.
     """
-    n_docs, num_perm = sig_NK.shape
+    num_perm = sig_NK.shape[1]
     if bands * rows > num_perm:
         raise ValueError(f"bands x rows = {bands * rows} exceeds the {num_perm} permutations")
     has_shingles = np.flatnonzero((sig_NK != _EMPTY).any(axis=1))

@@ -46,7 +46,7 @@ class ReaderConfig:
 
 
 def detect_format(path: str) -> str:
-    """"jsonl", "parquet" or "warc" from the file name; InputError for anything else."""
+    """ "jsonl", "parquet" or "warc" from the file name; InputError for anything else."""
     name = path.lower()
     if name.endswith(WARC_SUFFIXES):
         return "warc"
@@ -72,7 +72,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for spec in inputs:
         fs, path = fsspec.core.url_to_fs(spec)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        unstrip = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         matches = sorted(fs.glob(path)) if fsspec.core.has_magic(path) else ([path] if fs.exists(path) else [])
         if not matches:
             raise InputError(f"{spec}: no such file or folder")
@@ -81,10 +81,10 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 found = [p for p in sorted(fs.find(match)) if _is_known(p)]
                 if not found:
                     raise InputError(f"{spec}: folder holds no file of a known format ({KNOWN_FORMATS})")
-                files.extend(unstrip(p) for p in found)
+                files.extend(prefix + p for p in found)
             else:
                 detect_format(match)
-                files.append(unstrip(match))
+                files.append(prefix + match)
     return files
 
 
@@ -168,7 +168,9 @@ def _from_mapping(row: object, location: str, fallback_id: str, config: ReaderCo
     if not isinstance(metadata, dict):
         return Rejected(location, "malformed", f"field 'metadata' must be an object (id {doc_id!r})", location)
     row_source = row.get("source")
-    return Document(doc_id, text, row_source if isinstance(row_source, str) and row_source else source, metadata, location)
+    return Document(
+        doc_id, text, row_source if isinstance(row_source, str) and row_source else source, metadata, location
+    )
 
 
 def _open(path: str, compression: str | None = "infer"):

@@ -50,7 +50,9 @@ def test_warc_html_and_text_records(tmp_path):
             ("http://x.test/b", "image/png", b"\x89PNG"),
         ]:
             headers = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.0")
-            writer.write_record(writer.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=headers))
+            writer.write_record(
+                writer.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=headers)
+            )
     records = read_all([path])
     assert isinstance(records[0], Document) and "Hello from the page body." in records[0].text
     assert records[0].metadata["url"] == "http://x.test/a"
@@ -99,7 +101,11 @@ def test_each_bad_record_becomes_a_rejection_with_its_line(tmp_path):
     [
         ("missing.jsonl", None, "no such file"),
         ("notes.txt", b"hello", "unknown input format"),
-        ("corrupt.jsonl.gz", gzip.compress(json.dumps({"id": "a", "text": "t"}).encode() * 50)[:-30], "corrupt.jsonl.gz:"),
+        (
+            "corrupt.jsonl.gz",
+            gzip.compress(json.dumps({"id": "a", "text": "t"}).encode() * 50)[:-30],
+            "corrupt.jsonl.gz:",
+        ),
     ],
 )
 def test_fatal_input_errors_name_the_file(tmp_path, name, content, message):

@@ -32,7 +32,13 @@ def test_normalize_text_repairs_and_tidies():
 def test_ingest_ledgers_every_record(tmp_path):
     src = write_jsonl(
         tmp_path / "in.jsonl",
-        [{"id": "a", "text": "alpha"}, "{oops", {"id": "b", "text": ""}, {"id": "a", "text": "dup"}, {"id": "c", "text": "x" * 50}],
+        [
+            {"id": "a", "text": "alpha"},
+            "{oops",
+            {"id": "b", "text": ""},
+            {"id": "a", "text": "dup"},
+            {"id": "c", "text": "x" * 50},
+        ],
     )
     stats = ingest([str(src)], tmp_path / "raw", ReaderConfig(max_chars=20))
     assert (stats.n_in, stats.n_kept, stats.n_dropped) == (5, 1, 4)
@@ -42,7 +48,7 @@ def test_ingest_ledgers_every_record(tmp_path):
 
 
 def test_ingest_fails_on_missing_input_without_partial_output(tmp_path):
-    with pytest.raises(InputError, match="nope.jsonl"):
+    with pytest.raises(InputError, match=r"nope\.jsonl"):
         ingest([str(tmp_path / "nope.jsonl")], tmp_path / "raw")
     assert not (tmp_path / "raw" / "documents.parquet").exists()
     assert not list((tmp_path / "raw").glob("*.tmp")) if (tmp_path / "raw").exists() else True
@@ -74,7 +80,9 @@ def corpus_with_near_duplicates(tmp_path: Path) -> Path:
         if i < 10:  # a footer: Jaccard ~0.97 with the base
             rows.append({"id": f"near{i}", "text": text + " share this page with your friends today"})
         if i < 5:  # a second near-duplicate of the same base, slightly longer
-            rows.append({"id": f"near{i}b", "text": "posted on monday morning by the editors " + text + " share this page now"})
+            rows.append(
+                {"id": f"near{i}b", "text": "posted on monday morning by the editors " + text + " share this page now"}
+            )
     return write_jsonl(tmp_path / "docs.jsonl", rows)
 
 
@@ -111,9 +119,7 @@ def test_near_dedup_rejects_inconsistent_lsh_settings(tmp_path):
 
 
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_near_dedup_cli_contract(tmp_path):

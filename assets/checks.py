@@ -1,0 +1,124 @@
+"""Asset checks over the real outputs: schemas, unique ids, the near-duplicate rate, the ledger."""
+
+
+import dagster as dg
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from assets.curation import CURATION_STAGES, document_ledger, near_dedup_documents
+from assets.metadata import md_table
+from assets.resources import CurationPaths
+from pipelines.document import DOCUMENT_SCHEMA, LEDGER_SCHEMA
+from pipelines.near_dedup import CLUSTERS_FILE, CLUSTERS_SCHEMA, NEAR_DEDUP_SCHEMA
+from pipelines.stage import DOCUMENTS_FILE, LEDGER_FILE
+
+SCHEMAS = {
+    "raw_documents": {DOCUMENTS_FILE: DOCUMENT_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
+    "clean_documents": {DOCUMENTS_FILE: DOCUMENT_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
+    "near_dedup_documents": {
+        DOCUMENTS_FILE: NEAR_DEDUP_SCHEMA,
+        CLUSTERS_FILE: CLUSTERS_SCHEMA,
+        LEDGER_FILE: LEDGER_SCHEMA,
+    },
+    "document_ledger": {LEDGER_FILE: LEDGER_SCHEMA},
+}
+
+
+def _schema_check(asset_name: str, files: dict) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset_name, name="parquet_schema", description="Every file has the contract's schema.")
+    def check(paths: CurationPaths) -> dg.AssetCheckResult:
+        problems = []
+        for name, expected in files.items():
+            actual = pq.read_schema(paths.stage_dir(asset_name) / name)
+            if not actual.remove_metadata().equals(expected, check_metadata=False):
+                problems.append((name, str(expected).replace("\n", "; "), str(actual).replace("\n", "; ")))
+        return dg.AssetCheckResult(
+            passed=not problems,
+            metadata={
+                "files": list(files),
+                "mismatches": dg.MetadataValue.md(md_table(("file", "expected", "actual"), problems)),
+            },
+        )
+
+    return check
+
+
+def _unique_ids_check(asset_name: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset_name, name="unique_ids", description="No two documents share an id.")
+    def check(paths: CurationPaths) -> dg.AssetCheckResult:
+        ids = pq.read_table(paths.stage_dir(asset_name) / DOCUMENTS_FILE, columns=["id"])["id"]
+        counts = pc.value_counts(ids)
+        repeated = [(c["values"], c["counts"]) for c in counts.to_pylist() if c["counts"] > 1][:10]
+        return dg.AssetCheckResult(
+            passed=not repeated,
+            metadata={
+                "n_documents": len(ids),
+                "repeated_ids": dg.MetadataValue.md(md_table(("id", "times"), repeated)),
+            },
+        )
+
+    return check
+
+
+class NearDuplicateRateBounds(dg.Config):
+    min_rate: float = 0.0
+    """Fewer near-duplicates than this share suggests a broken stage (or an already deduped input)."""
+    max_rate: float = 0.5
+    """More than this share suggests a too-low threshold or a broken input."""
+
+
+@dg.asset_check(asset=near_dedup_documents, description="The share of near-duplicates lies within bounds.")
+def near_duplicate_rate_in_bounds(config: NearDuplicateRateBounds, paths: CurationPaths) -> dg.AssetCheckResult:
+    clusters = pq.read_table(paths.stage_dir("near_dedup_documents") / CLUSTERS_FILE, columns=["kept"])
+    n = clusters.num_rows
+    rate = 0.0 if n == 0 else 1.0 - pc.sum(clusters["kept"]).as_py() / n
+    return dg.AssetCheckResult(
+        passed=config.min_rate <= rate <= config.max_rate,
+        metadata={"near_duplicate_rate": rate, "min_rate": config.min_rate, "max_rate": config.max_rate},
+    )
+
+
+@dg.asset_check(asset=document_ledger, description="Per stage and overall: input = kept + dropped.")
+def ledger_balances(paths: CurationPaths) -> dg.AssetCheckResult:
+    """Each stage's rows cover its input exactly (one row per document, kept or dropped, ids unique
+    per stage), and each stage's input is the previous stage's kept set."""
+    ledger = pq.read_table(paths.stage_dir("document_ledger") / LEDGER_FILE)
+    rows, problems = [], []
+    previous_kept = None
+    for stage in CURATION_STAGES:
+        part = ledger.filter(pc.equal(ledger["stage"], stage))
+        outcome = part["outcome"]
+        kept_ids = set(part.filter(pc.equal(outcome, "kept"))["id"].to_pylist())
+        n_kept = len(kept_ids)
+        n_dropped = pc.sum(pc.equal(outcome, "dropped")).as_py() or 0
+        n_other = part.num_rows - n_kept - n_dropped
+        if len(set(part["id"].to_pylist())) != part.num_rows:
+            problems.append(f"{stage}: a document has more than one ledger row")
+        if n_other:
+            problems.append(f"{stage}: {n_other} rows neither kept nor dropped")
+        if previous_kept is not None and set(part["id"].to_pylist()) != previous_kept:
+            problems.append(f"{stage}: its input is not the previous stage's kept documents")
+        rows.append((stage, part.num_rows, n_kept, n_dropped, part.num_rows == n_kept + n_dropped))
+        previous_kept = kept_ids
+    n_input = rows[0][1]
+    n_final = rows[-1][2]
+    n_dropped_all = sum(r[3] for r in rows)
+    if n_input != n_final + n_dropped_all:
+        problems.append(f"overall: {n_input} input != {n_final} kept + {n_dropped_all} dropped")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "stages": dg.MetadataValue.md(md_table(("stage", "in", "kept", "dropped", "balances"), rows)),
+            "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none"),
+            "n_input": n_input,
+            "n_final": n_final,
+        },
+    )
+
+
+CHECKS = [
+    *(_schema_check(name, files) for name, files in SCHEMAS.items()),
+    *(_unique_ids_check(name) for name in CURATION_STAGES),
+    near_duplicate_rate_in_bounds,
+    ledger_balances,
+]

@@ -1,0 +1,176 @@
+"""Curation assets: raw_documents -> clean_documents -> near_dedup_documents, and document_ledger."""
+
+
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, stage_metadata
+from assets.resources import CurationPaths, WandbResource
+from pipelines.clean import CleanConfig, clean
+from pipelines.document import LEDGER_SCHEMA
+from pipelines.ingest import ingest
+from pipelines.near_dedup import CLUSTERS_FILE, NearDedupConfig, near_dedup
+from pipelines.readers import ReaderConfig
+from pipelines.stage import DOCUMENTS_FILE, LEDGER_FILE, StageStats, write_table
+
+CURATION_STAGES = ("raw_documents", "clean_documents", "near_dedup_documents")
+GROUP = "curation"
+
+
+class RawDocumentsConfig(dg.Config):
+    """Inputs of the corpus; with none, the embedded sample corpus is built and used."""
+
+    inputs: list[str] = Field(default_factory=list)
+    """JSONL (.gz/.zst), Parquet or WARC files, folders, globs or fsspec URLs."""
+    sample_documents: int = 3000
+    """Size of the embedded sample corpus when `inputs` is empty (it scales to 100,000 and more)."""
+    sample_seed: int = 0
+    """Seed of the sample corpus's synthetic documents."""
+    max_chars: int = 1_000_000
+    """Documents longer than this are dropped as `oversize`."""
+    text_key: str = "text"
+    id_key: str = "id"
+
+
+class CleanDocumentsConfig(dg.Config):
+    workers: int = 2
+    """Processes normalising text."""
+
+
+class NearDedupDocumentsConfig(dg.Config):
+    threshold: float = 0.8
+    """Jaccard similarity of word n-gram sets above which documents are near-duplicates."""
+    n_gram: int = 5
+    num_perm: int = 128
+    bands: int | None = None
+    """LSH bands (with rows); unset derives them from the threshold."""
+    rows: int | None = None
+    seed: int = 1
+    workers: int = 2
+
+
+def _finish(
+    context: dg.AssetExecutionContext,
+    wandb: WandbResource,
+    stats: StageStats,
+    out_dir: Path,
+    config: dg.Config,
+    extra_metadata: dict | None = None,
+    images: dict[str, Path] | None = None,
+) -> dg.MaterializeResult:
+    metadata = {k: v for k, v in stage_metadata(stats, out_dir / DOCUMENTS_FILE).items() if v is not None}
+    metadata.update(extra_metadata or {})
+    run_dir = wandb.log_run(
+        context,
+        job_type="curation",
+        summary={"n_in": stats.n_in, "n_kept": stats.n_kept, "n_dropped": stats.n_dropped, "seconds": stats.seconds}
+        | {f"dropped/{reason}": count for reason, count in stats.drop_reasons.items()},
+        tables={"drop_reasons": (("reason", "documents", "share"), drop_reason_rows(stats))},
+        images=images or {},
+        config=config.model_dump(),
+    )
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"})
+def raw_documents(
+    context: dg.AssetExecutionContext, config: RawDocumentsConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """Every input record as a document (id, text, source, metadata); malformed, empty and oversize
+    records are ledgered, never silently lost."""
+    out_dir = paths.stage_dir("raw_documents")
+    inputs = list(config.inputs)
+    if not inputs:
+        from pipelines.sample_corpus import SampleCorpusConfig, build_sample_corpus
+
+        sample = Path(paths.data_dir) / "sample_corpus" / "corpus.jsonl.gz"
+        context.log.info(f"no inputs configured: building the {config.sample_documents}-document sample corpus")
+        build_sample_corpus(sample, SampleCorpusConfig(n_documents=config.sample_documents, seed=config.sample_seed))
+        inputs = [str(sample)]
+    reader = ReaderConfig(text_key=config.text_key, id_key=config.id_key, max_chars=config.max_chars)
+    stats = ingest(inputs, out_dir, reader, log=context.log)
+    return _finish(context, wandb, stats, out_dir, config, {"inputs": dg.MetadataValue.json(inputs)})
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_documents])
+def clean_documents(
+    context: dg.AssetExecutionContext, config: CleanDocumentsConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """Unicode-repaired (ftfy), NFC-normalised text without control characters; exact duplicates of
+    the clean text dropped (first kept)."""
+    out_dir = paths.stage_dir("clean_documents")
+    stats = clean(
+        [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
+        out_dir,
+        CleanConfig(workers=config.workers),
+        log=context.log,
+    )
+    return _finish(context, wandb, stats, out_dir, config)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[clean_documents])
+def near_dedup_documents(
+    context: dg.AssetExecutionContext, config: NearDedupDocumentsConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """One representative per MinHash-LSH near-duplicate cluster; every document keeps its cluster_id
+    (clusters.parquet)."""
+    out_dir = paths.stage_dir("near_dedup_documents")
+    stage_config = NearDedupConfig(
+        threshold=config.threshold,
+        n_gram=config.n_gram,
+        num_perm=config.num_perm,
+        bands=config.bands,
+        rows=config.rows,
+        seed=config.seed,
+        workers=config.workers,
+    )
+    stats = near_dedup(
+        [str(paths.stage_dir("clean_documents") / DOCUMENTS_FILE)], out_dir, stage_config, log=context.log
+    )
+    hist = stats.extra["cluster_size_histogram"]
+    png = bar_chart_png(
+        hist, out_dir / "cluster_sizes.png", "Near-duplicate cluster sizes", "documents in cluster", "clusters"
+    )
+    extra = {
+        "near_duplicate_rate": stats.extra["near_duplicate_rate"],
+        "n_clusters": stats.extra["n_clusters"],
+        "lsh_bands_x_rows": f"{stats.extra['bands']} x {stats.extra['rows']}",
+        "cluster_size_histogram": dg.MetadataValue.md(
+            md_table(("cluster size", "clusters"), list(hist.items())) + "\n\n" + png_md(png, "cluster sizes")
+        ),
+        "clusters_path": dg.MetadataValue.path(str(out_dir / CLUSTERS_FILE)),
+    }
+    return _finish(context, wandb, stats, out_dir, config, extra, images={"cluster_sizes": png})
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_documents, clean_documents, near_dedup_documents])
+def document_ledger(context: dg.AssetExecutionContext, paths: CurationPaths) -> dg.MaterializeResult:
+    """One row per input document per curation stage: kept, or dropped with its reason."""
+    tables = [pq.read_table(paths.stage_dir(stage) / LEDGER_FILE) for stage in CURATION_STAGES]
+    ledger = pa.concat_tables(tables).cast(LEDGER_SCHEMA)
+    out = paths.stage_dir("document_ledger") / LEDGER_FILE
+    write_table(ledger, out)
+    rows = []
+    for stage, table in zip(CURATION_STAGES, tables):
+        kept = pc.sum(pc.equal(table["outcome"], "kept")).as_py() or 0
+        rows.append((stage, table.num_rows, kept, table.num_rows - kept))
+    n_input, n_final = rows[0][1], rows[-1][2]
+    n_dropped = sum(r[3] for r in rows)
+    context.log.info(f"ledger: {n_input} input documents = {n_final} kept + {n_dropped} dropped")
+    return dg.MaterializeResult(
+        metadata={
+            "n_rows": ledger.num_rows,
+            "n_input_documents": n_input,
+            "n_final_documents": n_final,
+            "n_dropped_documents": n_dropped,
+            "stages": dg.MetadataValue.md(md_table(("stage", "in", "kept", "dropped"), rows)),
+            "path": dg.MetadataValue.path(str(out)),
+        }
+    )

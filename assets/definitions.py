@@ -1,0 +1,27 @@
+"""The Frugal Definitions: `dagster dev -m assets.definitions` (or `make ui`) loads these."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from assets.checks import CHECKS
+from assets.curation import clean_documents, document_ledger, near_dedup_documents, raw_documents
+from assets.resources import CurationPaths, WandbResource
+
+curation_job = dg.define_asset_job("curation", selection=dg.AssetSelection.groups("curation"))
+
+defs = dg.Definitions(
+    assets=[raw_documents, clean_documents, near_dedup_documents, document_ledger],
+    asset_checks=CHECKS,
+    jobs=[curation_job],
+    resources={
+        "paths": CurationPaths(data_dir=os.environ.get("FRUGAL_DATA_DIR", "data")),
+        "wandb": WandbResource(
+            project=os.environ.get("WANDB_PROJECT", "frugal"),
+            mode=os.environ.get("FRUGAL_WANDB_MODE", "auto"),
+            dir=os.environ.get("WANDB_DIR", "."),
+        ),
+    },
+)

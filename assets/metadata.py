@@ -1,0 +1,73 @@
+"""Building blocks for asset metadata: Markdown tables, document previews, embedded PNG plots."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from pipelines.stage import StageStats
+
+
+def md_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def drop_reason_rows(stats: StageStats) -> list[tuple[str, int, str]]:
+    n = max(stats.n_in, 1)
+    return [(reason, count, f"{100 * count / n:.1f}%") for reason, count in stats.drop_reasons.items()]
+
+
+def preview_rows(path: Path, n: int = 5, chars: int = 160) -> list[tuple[str, str, str]]:
+    table = pq.ParquetFile(path).read_row_group(0, columns=["id", "source", "text"]) if path.exists() else None
+    if table is None or table.num_rows == 0:
+        return []
+    return [(r["id"], r["source"], r["text"][:chars]) for r in table.slice(0, n).to_pylist()]
+
+
+def png_md(path: Path, alt: str) -> str:
+    """A PNG embedded in Markdown, so the Dagster UI shows the picture itself."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+def bar_chart_png(counts: Mapping[str, int], path: Path, title: str, xlabel: str, ylabel: str = "count") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.bar(list(counts.keys()), list(counts.values()), color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=f"{ylabel} (log)")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def stage_metadata(stats: StageStats, documents: Path) -> dict:
+    """The metadata every curation asset shows: counts, drop reasons, a preview of documents."""
+    return {
+        "n_in": stats.n_in,
+        "n_kept": stats.n_kept,
+        "n_dropped": stats.n_dropped,
+        "mb_kept": round(stats.bytes_kept / 1e6, 3),
+        "seconds": stats.seconds,
+        "docs_per_second": round(stats.n_in / max(stats.seconds, 1e-9), 1),
+        "drop_reasons": dg.MetadataValue.md(
+            md_table(("reason", "documents", "share of input"), drop_reason_rows(stats))
+        ),
+        "preview": dg.MetadataValue.md(md_table(("id", "source", "text"), preview_rows(documents))),
+        "path": dg.MetadataValue.path(str(documents)),
+        "stats": dg.MetadataValue.json(json.loads(json.dumps(stats.extra))) if stats.extra else None,
+    }

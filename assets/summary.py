@@ -1,0 +1,52 @@
+"""What `make demo` prints at the end: each materialized stage, where its outputs are, the ledger.
+
+    python -m assets.summary [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from assets.curation import CURATION_STAGES
+from pipelines.stage import STATS_FILE, StageStats
+
+
+def summary(data_dir: Path) -> str:
+    lines = [f"Frugal outputs under {data_dir.resolve()}", ""]
+    lines.append(f"{'stage':<24}{'in':>9}{'kept':>9}{'dropped':>9}{'seconds':>9}  drop reasons")
+    total_dropped, stages = 0, []
+    for stage in CURATION_STAGES:
+        if not (data_dir / stage / STATS_FILE).exists():
+            continue
+        s = StageStats.load(data_dir / stage)
+        stages.append(s)
+        total_dropped += s.n_dropped
+        reasons = ", ".join(f"{k}={v}" for k, v in s.drop_reasons.items()) or "-"
+        lines.append(f"{stage:<24}{s.n_in:>9}{s.n_kept:>9}{s.n_dropped:>9}{s.seconds:>9.1f}  {reasons}")
+    if stages:
+        balanced = stages[0].n_in == stages[-1].n_kept + total_dropped
+        lines += [
+            "",
+            f"ledger: {stages[0].n_in} input documents = {stages[-1].n_kept} kept + {total_dropped} dropped"
+            f" ({'balanced' if balanced else 'NOT BALANCED'}): {data_dir / 'document_ledger' / 'ledger.parquet'}",
+        ]
+    lines += [
+        "",
+        "Each stage folder holds documents.parquet, ledger.parquet and stats.json;",
+        "near_dedup_documents also clusters.parquet and cluster_sizes.png.",
+        "Open the Dagster UI with `make ui`, then http://127.0.0.1:3000 (runs, metadata, checks).",
+        "W&B runs (offline unless WANDB_API_KEY is set) are under ./wandb: `wandb sync wandb/offline-run-*`.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("FRUGAL_DATA_DIR", "data"))
+    print(summary(Path(parser.parse_args().data_dir)))
+
+
+if __name__ == "__main__":
+    main()
