@@ -1,6 +1,5 @@
 """Asset checks over the real outputs: schemas, unique ids, the near-duplicate rate, the ledger."""
 
-
 import dagster as dg
 import pyarrow.compute as pc
 import pyarrow.parquet as pq

@@ -1,6 +1,5 @@
 """Curation assets: raw_documents -> clean_documents -> near_dedup_documents, and document_ledger."""
 
-
 from pathlib import Path
 
 import dagster as dg

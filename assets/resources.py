@@ -1,6 +1,5 @@
 """Resources: where curated data lives, and Weights & Biases tracking."""
 
-
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path

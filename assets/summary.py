@@ -1,6 +1,6 @@
 """What `make demo` prints at the end: each materialized stage, where its outputs are, the ledger.
 
-    python -m assets.summary [--data-dir DIR]
+python -m assets.summary [--data-dir DIR]
 """
 
 from __future__ import annotations

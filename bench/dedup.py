@@ -132,7 +132,7 @@ def run_datatrove(shards: list[str], work: Path, threshold: float, workers: int)
     stages = [
         (
             LocalPipelineExecutor(
-                [reader(), MinhashDedupSignature(str(work / "sigs"), config, language=SameWords())],
+                [reader(), MinhashDedupSignature(str(work / "sigs"), config=config, language=SameWords())],
                 tasks=len(shards),
                 workers=workers,
                 logging_dir=str(logs / "1"),
@@ -141,7 +141,7 @@ def run_datatrove(shards: list[str], work: Path, threshold: float, workers: int)
         ),
         (
             LocalPipelineExecutor(
-                [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config)],
+                [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config)],
                 tasks=bands,
                 workers=workers,
                 logging_dir=str(logs / "2"),
@@ -150,7 +150,7 @@ def run_datatrove(shards: list[str], work: Path, threshold: float, workers: int)
         ),
         (
             LocalPipelineExecutor(
-                [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config, save_cluster_id=True)],
+                [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config, save_cluster_id=True)],
                 tasks=1,
                 workers=1,
                 logging_dir=str(logs / "3"),

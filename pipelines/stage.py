@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,12 +61,11 @@ def _reason_key(reason: str) -> str:
     return "near_duplicate" if reason.startswith("near_duplicate:") else reason
 
 
-def atomic_path(final: Path):
-    """A temp path beside `final`; the caller renames it over `final` when the write succeeded."""
+def atomic_path(final: Path) -> Path:
+    """A fresh temp path beside `final` (not created, so the file gets the usual umask permissions);
+    the caller renames it over `final` when the write succeeded."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
+    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def write_table(table: pa.Table, path: Path) -> None:

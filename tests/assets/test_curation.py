@@ -113,5 +113,5 @@ def test_failed_check_on_near_duplicate_bounds(tmp_path):
 
 
 def test_missing_input_fails_the_run_naming_the_path(tmp_path):
-    with pytest.raises(Exception, match="nowhere.jsonl"):
+    with pytest.raises(Exception, match=r"nowhere\.jsonl"):
         materialize(tmp_path, {"ops": {"raw_documents": {"config": {"inputs": [str(tmp_path / "nowhere.jsonl")]}}}})

@@ -30,7 +30,9 @@ def test_graph_has_the_curation_assets_in_order():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"raw_documents", "clean_documents", "near_dedup_documents", "document_ledger"} <= keys
-    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    parents = {
+        k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()
+    }
     assert parents["clean_documents"] == {"raw_documents"}
     assert parents["near_dedup_documents"] == {"clean_documents"}
 
