@@ -10,15 +10,16 @@ threshold t: a derived document belongs with its base when that Jaccard is >= t;
 documents that share a cluster.
 
 Each method runs in its own process, from reading the JSONL shards to a cluster per document
-(writing its outputs included); documents/s = documents / that wall time; peak memory = the
-largest resident set of that process and of any worker it started (ru_maxrss).
+(writing its outputs included); documents/s = documents / that wall time; peak memory = the largest
+sum of the resident sets of that process and all its descendants (workers, forkservers), sampled
+every 20 ms from /proc.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import contextlib
 
 from pipelines.minhash import tokenize_words, union_find_clusters  # noqa: E402
 
@@ -197,10 +200,38 @@ def child_main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     labels = METHODS[args.method](args.shards, work, args.threshold, args.workers)
     seconds = time.perf_counter() - started
-    peak_kib = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    )
-    (work / "result.json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak_kib / 1024, "labels": labels}))
+    (work / "result.json").write_text(json.dumps({"seconds": seconds, "labels": labels}))
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def run_measured(cmd: list[str]) -> int:
+    """Run cmd to completion; return the peak resident memory of its process tree in bytes."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_bytes(proc.pid))
+        time.sleep(0.02)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return peak
 
 
 # --- scoring ---------------------------------------------------------------------------------
@@ -311,7 +342,7 @@ def main() -> None:
             "--workers",
             str(args.workers),
         ]
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        peak_bytes = run_measured(cmd)
         result = json.loads((work / "result.json").read_text())
         shutil.rmtree(work, ignore_errors=True)
         precision, recall, f1 = pairwise_scores(truth, result["labels"])
@@ -320,7 +351,7 @@ def main() -> None:
                 "method": method,
                 "docs_per_s": n_docs / result["seconds"],
                 "seconds": result["seconds"],
-                "peak_mib": result["peak_mib"],
+                "peak_mib": peak_bytes / 2**20,
                 "precision": precision,
                 "recall": recall,
                 "f1": f1,
