@@ -18,6 +18,7 @@ every 20 ms from /proc.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -30,12 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.minhash import tokenize_words, union_find_clusters
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import contextlib
-
-from pipelines.minhash import tokenize_words, union_find_clusters  # noqa: E402
 
 NUM_PERM = 128
 N_GRAM = 5
