@@ -1,14 +1,20 @@
 """Asset checks over the real outputs: schemas, unique ids, the near-duplicate rate, the ledger."""
 
+import json
+
 import dagster as dg
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from assets.curation import CURATION_STAGES, document_ledger, near_dedup_documents
+from assets.curation import near_dedup_documents
+from assets.ledger import CURATION_STAGES, document_ledger
 from assets.metadata import md_table
+from assets.quality import curriculum_shards
 from assets.resources import CurationPaths
+from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, sha256_file
 from pipelines.document import DOCUMENT_SCHEMA, LEDGER_SCHEMA
 from pipelines.near_dedup import CLUSTERS_FILE, CLUSTERS_SCHEMA, NEAR_DEDUP_SCHEMA
+from pipelines.quality_score import SCORED_SCHEMA, SCORES_FILE, SCORES_SCHEMA
 from pipelines.stage import DOCUMENTS_FILE, LEDGER_FILE
 
 SCHEMAS = {
@@ -19,22 +25,31 @@ SCHEMAS = {
         CLUSTERS_FILE: CLUSTERS_SCHEMA,
         LEDGER_FILE: LEDGER_SCHEMA,
     },
+    "filtered_documents": {DOCUMENTS_FILE: DOCUMENT_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
+    "scored_documents": {DOCUMENTS_FILE: SCORED_SCHEMA, SCORES_FILE: SCORES_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
+    "curriculum_shards": {"shard-*.parquet": SHARD_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
     "document_ledger": {LEDGER_FILE: LEDGER_SCHEMA},
 }
+DOCUMENT_ASSETS = ("raw_documents", "clean_documents", "near_dedup_documents", "filtered_documents", "scored_documents")
 
 
 def _schema_check(asset_name: str, files: dict) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset_name, name="parquet_schema", description="Every file has the contract's schema.")
     def check(paths: CurationPaths) -> dg.AssetCheckResult:
         problems = []
-        for name, expected in files.items():
-            actual = pq.read_schema(paths.stage_dir(asset_name) / name)
-            if not actual.remove_metadata().equals(expected, check_metadata=False):
-                problems.append((name, str(expected).replace("\n", "; "), str(actual).replace("\n", "; ")))
+        checked = []
+        for pattern, expected in files.items():
+            for path in sorted(paths.stage_dir(asset_name).glob(pattern)):
+                checked.append(path.name)
+                actual = pq.read_schema(path)
+                if not actual.remove_metadata().equals(expected, check_metadata=False):
+                    problems.append((path.name, str(expected).replace("\n", "; "), str(actual).replace("\n", "; ")))
+            if not any(p.match(pattern) for p in paths.stage_dir(asset_name).iterdir()):
+                problems.append((pattern, "a file", "missing"))
         return dg.AssetCheckResult(
             passed=not problems,
             metadata={
-                "files": list(files),
+                "files": checked,
                 "mismatches": dg.MetadataValue.md(md_table(("file", "expected", "actual"), problems)),
             },
         )
@@ -115,9 +130,52 @@ def ledger_balances(paths: CurationPaths) -> dg.AssetCheckResult:
     )
 
 
+@dg.asset_check(asset=curriculum_shards, description="manifest.json matches the shard files (rows, sha256).")
+def manifest_matches_shards(paths: CurationPaths) -> dg.AssetCheckResult:
+    shard_dir = paths.stage_dir("curriculum_shards")
+    manifest = json.loads((shard_dir / MANIFEST_FILE).read_text())
+    problems = []
+    for shard in manifest["shards"]:
+        path = shard_dir / shard["path"]
+        if not path.exists():
+            problems.append(f"{shard['path']}: missing")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            problems.append(f"{shard['path']}: sha256 differs from the manifest")
+        if pq.ParquetFile(path).metadata.num_rows != shard["rows"]:
+            problems.append(f"{shard['path']}: row count differs from the manifest")
+    listed = {s["path"] for s in manifest["shards"]}
+    problems += [f"{p.name}: not in the manifest" for p in shard_dir.glob("shard-*.parquet") if p.name not in listed]
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "n_shards": len(listed),
+            "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none"),
+        },
+    )
+
+
+@dg.asset_check(asset=curriculum_shards, description="Every curriculum bucket holds documents (a warning if not).")
+def no_empty_bucket(paths: CurationPaths) -> dg.AssetCheckResult:
+    manifest = json.loads((paths.stage_dir("curriculum_shards") / MANIFEST_FILE).read_text())
+    empty = [
+        f"bucket {b['bucket']} (quality tier {b['quality_tier']}, difficulty tier {b['difficulty_tier']})"
+        for b in manifest["buckets"]
+        if b["rows"] == 0
+    ]
+    return dg.AssetCheckResult(
+        passed=not empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=("empty: " + ", ".join(empty)) if empty else "every bucket holds documents",
+        metadata={"bucket_rows": {str(b["bucket"]): b["rows"] for b in manifest["buckets"]}},
+    )
+
+
 CHECKS = [
     *(_schema_check(name, files) for name, files in SCHEMAS.items()),
-    *(_unique_ids_check(name) for name in CURATION_STAGES),
+    *(_unique_ids_check(name) for name in DOCUMENT_ASSETS),
     near_duplicate_rate_in_bounds,
     ledger_balances,
+    manifest_matches_shards,
+    no_empty_bucket,
 ]

@@ -1,23 +1,18 @@
-"""Curation assets: raw_documents -> clean_documents -> near_dedup_documents, and document_ledger."""
+"""Curation, first half: raw_documents -> clean_documents -> near_dedup_documents."""
 
 from pathlib import Path
 
 import dagster as dg
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, stage_metadata
 from assets.resources import CurationPaths, WandbResource
 from pipelines.clean import CleanConfig, clean
-from pipelines.document import LEDGER_SCHEMA
 from pipelines.ingest import ingest
 from pipelines.near_dedup import CLUSTERS_FILE, NearDedupConfig, near_dedup
 from pipelines.readers import ReaderConfig
-from pipelines.stage import DOCUMENTS_FILE, LEDGER_FILE, StageStats, write_table
+from pipelines.stage import DOCUMENTS_FILE, StageStats
 
-CURATION_STAGES = ("raw_documents", "clean_documents", "near_dedup_documents")
 GROUP = "curation"
 
 
@@ -53,7 +48,7 @@ class NearDedupDocumentsConfig(dg.Config):
     workers: int = 2
 
 
-def _finish(
+def finish_stage_asset(
     context: dg.AssetExecutionContext,
     wandb: WandbResource,
     stats: StageStats,
@@ -95,7 +90,7 @@ def raw_documents(
         inputs = [str(sample)]
     reader = ReaderConfig(text_key=config.text_key, id_key=config.id_key, max_chars=config.max_chars)
     stats = ingest(inputs, out_dir, reader, log=context.log)
-    return _finish(context, wandb, stats, out_dir, config, {"inputs": dg.MetadataValue.json(inputs)})
+    return finish_stage_asset(context, wandb, stats, out_dir, config, {"inputs": dg.MetadataValue.json(inputs)})
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_documents])
@@ -111,7 +106,7 @@ def clean_documents(
         CleanConfig(workers=config.workers),
         log=context.log,
     )
-    return _finish(context, wandb, stats, out_dir, config)
+    return finish_stage_asset(context, wandb, stats, out_dir, config)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[clean_documents])
@@ -146,30 +141,4 @@ def near_dedup_documents(
         ),
         "clusters_path": dg.MetadataValue.path(str(out_dir / CLUSTERS_FILE)),
     }
-    return _finish(context, wandb, stats, out_dir, config, extra, images={"cluster_sizes": png})
-
-
-@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_documents, clean_documents, near_dedup_documents])
-def document_ledger(context: dg.AssetExecutionContext, paths: CurationPaths) -> dg.MaterializeResult:
-    """One row per input document per curation stage: kept, or dropped with its reason."""
-    tables = [pq.read_table(paths.stage_dir(stage) / LEDGER_FILE) for stage in CURATION_STAGES]
-    ledger = pa.concat_tables(tables).cast(LEDGER_SCHEMA)
-    out = paths.stage_dir("document_ledger") / LEDGER_FILE
-    write_table(ledger, out)
-    rows = []
-    for stage, table in zip(CURATION_STAGES, tables):
-        kept = pc.sum(pc.equal(table["outcome"], "kept")).as_py() or 0
-        rows.append((stage, table.num_rows, kept, table.num_rows - kept))
-    n_input, n_final = rows[0][1], rows[-1][2]
-    n_dropped = sum(r[3] for r in rows)
-    context.log.info(f"ledger: {n_input} input documents = {n_final} kept + {n_dropped} dropped")
-    return dg.MaterializeResult(
-        metadata={
-            "n_rows": ledger.num_rows,
-            "n_input_documents": n_input,
-            "n_final_documents": n_final,
-            "n_dropped_documents": n_dropped,
-            "stages": dg.MetadataValue.md(md_table(("stage", "in", "kept", "dropped"), rows)),
-            "path": dg.MetadataValue.path(str(out)),
-        }
-    )
+    return finish_stage_asset(context, wandb, stats, out_dir, config, extra, images={"cluster_sizes": png})

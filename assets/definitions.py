@@ -7,13 +7,14 @@ import os
 import dagster as dg
 
 from assets.checks import CHECKS
-from assets.curation import clean_documents, document_ledger, near_dedup_documents, raw_documents
+from assets.ledger import CURATION_ASSETS, document_ledger
+from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
 
 curation_job = dg.define_asset_job("curation", selection=dg.AssetSelection.groups("curation"))
 
 defs = dg.Definitions(
-    assets=[raw_documents, clean_documents, near_dedup_documents, document_ledger],
+    assets=[*CURATION_ASSETS, quality_classifier, document_ledger],
     asset_checks=CHECKS,
     jobs=[curation_job],
     resources={

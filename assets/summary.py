@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 from pathlib import Path
 
-from assets.curation import CURATION_STAGES
+from assets.ledger import CURATION_STAGES
 from pipelines.stage import STATS_FILE, StageStats
 
 
@@ -23,7 +24,10 @@ def summary(data_dir: Path) -> str:
         s = StageStats.load(data_dir / stage)
         stages.append(s)
         total_dropped += s.n_dropped
-        reasons = ", ".join(f"{k}={v}" for k, v in s.drop_reasons.items()) or "-"
+        grouped = Counter()  # heuristic:gopher_quality.gopher_short_doc counts as heuristic:gopher_quality
+        for reason, count in s.drop_reasons.items():
+            grouped[reason.split(".", 1)[0]] += count
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(grouped.items())) or "-"
         lines.append(f"{stage:<24}{s.n_in:>9}{s.n_kept:>9}{s.n_dropped:>9}{s.seconds:>9.1f}  {reasons}")
     if stages:
         balanced = stages[0].n_in == stages[-1].n_kept + total_dropped
@@ -35,7 +39,9 @@ def summary(data_dir: Path) -> str:
     lines += [
         "",
         "Each stage folder holds documents.parquet, ledger.parquet and stats.json;",
-        "near_dedup_documents also clusters.parquet and cluster_sizes.png.",
+        "near_dedup_documents also clusters.parquet and cluster_sizes.png; scored_documents scores.parquet and",
+        "score plots; curriculum_shards holds shard-*.parquet and manifest.json (the input of training);",
+        "quality_classifier holds model.bin, config.json and metrics.json.",
         "Open the Dagster UI with `make ui`, then http://127.0.0.1:3000 (runs, metadata, checks).",
         "W&B runs (offline unless WANDB_API_KEY is set) are under ./wandb: `wandb sync wandb/offline-run-*`.",
     ]

@@ -148,7 +148,8 @@ def _stem(path: str) -> str:
 
 
 def _from_mapping(row: object, location: str, fallback_id: str, config: ReaderConfig, source: str):
-    """A JSON object or Parquet row -> Document, or Rejected("malformed") saying which field is wrong."""
+    """A JSON object or Parquet row -> Document, or Rejected("malformed") saying which field is wrong.
+    Fields other than id, text, source and metadata are added to metadata."""
     if not isinstance(row, dict):
         return Rejected(location, "malformed", f"expected a JSON object, got {type(row).__name__}", location)
     raw_id = row.get(config.id_key, fallback_id)
@@ -167,6 +168,10 @@ def _from_mapping(row: object, location: str, fallback_id: str, config: ReaderCo
             metadata = None
     if not isinstance(metadata, dict):
         return Rejected(location, "malformed", f"field 'metadata' must be an object (id {doc_id!r})", location)
+    # Other fields (a stage's extra columns such as cluster_id or quality_score) travel in metadata.
+    extra = {k: v for k, v in row.items() if k not in (config.id_key, config.text_key, "source", "metadata")}
+    if extra:
+        metadata = {**extra, **metadata}
     row_source = row.get("source")
     return Document(
         doc_id, text, row_source if isinstance(row_source, str) and row_source else source, metadata, location

@@ -49,6 +49,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from pipelines.document import Document
 from pipelines.minhash import MinHasher, Shingler, jaccard, lsh_candidate_pairs, lsh_params_for_threshold
 from pipelines.parallel import batched, default_workers, ordered_map
 from pipelines.progress import track
@@ -800,6 +801,14 @@ def _read_base_documents(config: SampleCorpusConfig, n_needed: int) -> tuple[lis
         pool += _read_docstrings(paths["purelib"], "pkg", "package-docs", config)
         bases, n_exact, n_near = _dedup_bases(_unique_ids(pool), config.base_dedup_threshold)
     return bases, n_exact, n_near, use_package_docs
+
+
+def real_documents(config: SampleCorpusConfig | None = None) -> list[Document]:
+    """The deduplicated real documents of sources 1-3 (Python docs, package READMEs and licenses):
+    the text every Python install carries. The quality classifier's embedded reference set."""
+    config = config or SampleCorpusConfig(include_package_docs=False)
+    bases, _, _, _ = _read_base_documents(config, 0)
+    return [Document(b.id, b.text, b.source, {}) for b in bases]
 
 
 def build_sample_corpus(output_path: str | Path, config: SampleCorpusConfig) -> SampleCorpusStats:

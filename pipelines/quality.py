@@ -1,0 +1,275 @@
+"""quality_classifier: a fastText model of "reads like the reference set", trained the DCLM way.
+
+Positives are a high-quality reference set, negatives a random sample of the raw corpus (most of it
+ordinary, some of it junk); the model's probability of the positive label is a document's
+`quality_score`. As in DCLM, text is flattened to one line; we also cut it at `max_chars` so that
+scoring cost does not grow with document length.
+
+The embedded reference set (used when no positives are given) is the edited documentation that ships
+with every Python install: the pydoc topics (the language reference), the standard library's module,
+class and function docstrings, and the READMEs and license texts of the installed packages, each of at
+least 20 words, deduplicated (sources 1-3 of `pipelines.sample_corpus`).
+Documents of the raw sample whose clean text equals a positive's are not used as negatives.
+
+CLI: python -m pipelines.quality --negatives RAW.parquet [--positives REF.jsonl] --output DIR
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.document import Document
+from pipelines.readers import ReaderConfig, read_documents
+from pipelines.stage import atomic_path, logger
+from pipelines.text import normalize_text
+
+MODEL_FILE = "model.bin"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+POSITIVE = "__label__hq"
+NEGATIVE = "__label__cc"
+
+
+@dataclass(kw_only=True, slots=True)
+class QualityModelConfig:
+    """Training of the fastText quality classifier."""
+
+    max_negatives: int = 20_000
+    """Size of the random sample of the raw corpus used as negatives."""
+    negatives_per_positive: float = 1.0
+    """Negatives drawn per positive (capped by max_negatives and what the corpus has)."""
+    min_examples_per_class: int = 50
+    """Fewer positives or negatives than this is an error."""
+    validation_fraction: float = 0.2
+    """Share of each class held out for precision, recall, F1 and ROC-AUC."""
+    max_chars: int = 2000
+    """Characters of a document the model reads (training and scoring)."""
+    epoch: int = 25
+    lr: float = 0.5
+    dim: int = 32
+    word_ngrams: int = 2
+    min_count: int = 2
+    threads: int = 2
+    seed: int = 0
+    """Seeds the negative sample and the split (fastText training itself is seeded by one thread only)."""
+    min_reference_words: int = 20
+
+
+@dataclass(slots=True)
+class ClassifierMetrics:
+    n_train_positive: int
+    n_train_negative: int
+    n_validation_positive: int
+    n_validation_negative: int
+    precision: float
+    recall: float
+    f1: float
+    roc_auc: float
+    threshold: float = 0.5
+    seconds: float = 0.0
+
+
+def fasttext_line(text: str, max_chars: int) -> str:
+    """One line of at most max_chars characters of lower-cased, white-space-normalised text."""
+    return " ".join(text[:max_chars].lower().split())
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties 1/2
+    (the Mann-Whitney U statistic, from average ranks)."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs at least one positive and one negative")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # average rank within ties
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2.0
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def precision_recall_f1(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float]:
+    predicted = scores >= threshold
+    labels = labels.astype(bool)
+    tp = int((predicted & labels).sum())
+    precision = tp / max(int(predicted.sum()), 1)
+    recall = tp / max(int(labels.sum()), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def reference_documents(min_words: int = 20) -> list[Document]:
+    """The embedded reference set: the real documents every Python install carries (see module doc)."""
+    from pipelines.sample_corpus import SampleCorpusConfig, real_documents
+
+    return real_documents(SampleCorpusConfig(min_words=min_words, include_package_docs=False))
+
+
+def _texts(inputs: list[str], reader: ReaderConfig | None = None) -> list[Document]:
+    return [r for r in read_documents(inputs, reader) if isinstance(r, Document)]
+
+
+def train_quality_classifier(
+    negatives: list[str],
+    output_dir: str | Path,
+    positives: list[str] | None = None,
+    config: QualityModelConfig | None = None,
+    log: logging.Logger | None = logger,
+) -> ClassifierMetrics:
+    """Train on positives (files, or the embedded reference set) against a random sample of the
+    documents in `negatives`; write model.bin, config.json and metrics.json into output_dir."""
+    import fasttext
+
+    config = config or QualityModelConfig()
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    if positives:
+        pos_docs = _texts(positives)
+        where = ", ".join(positives)
+    else:
+        pos_docs = reference_documents(config.min_reference_words)
+        where = "the embedded reference set"
+    if not pos_docs:
+        raise ValueError(f"no positive (reference) documents found in {where}")
+    positive_texts = {normalize_text(d.text) for d in pos_docs}
+    pool = [d for d in _texts(negatives) if normalize_text(d.text) not in positive_texts]
+    n_neg = min(len(pool), config.max_negatives, max(1, round(len(pos_docs) * config.negatives_per_positive)))
+    rng = random.Random(config.seed)
+    neg_docs = rng.sample(pool, n_neg) if n_neg < len(pool) else pool
+    if len(pos_docs) < config.min_examples_per_class or len(neg_docs) < config.min_examples_per_class:
+        raise ValueError(
+            f"too few examples to train the quality classifier: {len(pos_docs)} positives ({where}), "
+            f"{len(neg_docs)} negatives (from {', '.join(negatives)}); need {config.min_examples_per_class} of each"
+        )
+
+    def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
+        docs = sorted(docs, key=lambda d: d.id)
+        random.Random(f"{config.seed}:split").shuffle(docs)
+        n_val = max(1, round(len(docs) * config.validation_fraction))
+        return docs[n_val:], docs[:n_val]
+
+    pos_train, pos_val = split(pos_docs)
+    neg_train, neg_val = split(neg_docs)
+    lines = [f"{POSITIVE} {fasttext_line(d.text, config.max_chars)}" for d in pos_train]
+    lines += [f"{NEGATIVE} {fasttext_line(d.text, config.max_chars)}" for d in neg_train]
+    random.Random(f"{config.seed}:order").shuffle(lines)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = Path(tmp) / "train.txt"
+        train_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        model = fasttext.train_supervised(
+            input=str(train_file),
+            epoch=config.epoch,
+            lr=config.lr,
+            dim=config.dim,
+            wordNgrams=config.word_ngrams,
+            minCount=config.min_count,
+            thread=config.threads,
+            seed=config.seed,
+            verbose=0,
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp_model = atomic_path(output_dir / MODEL_FILE)
+    model.save_model(str(tmp_model))
+    os.replace(tmp_model, output_dir / MODEL_FILE)
+
+    scorer = QualityScorer(output_dir / MODEL_FILE, config.max_chars)
+    val_scores = scorer.score([d.text for d in pos_val + neg_val])
+    val_labels = np.array([1] * len(pos_val) + [0] * len(neg_val))
+    precision, recall, f1 = precision_recall_f1(val_scores, val_labels)
+    metrics = ClassifierMetrics(
+        n_train_positive=len(pos_train),
+        n_train_negative=len(neg_train),
+        n_validation_positive=len(pos_val),
+        n_validation_negative=len(neg_val),
+        precision=round(precision, 4),
+        recall=round(recall, 4),
+        f1=round(f1, 4),
+        roc_auc=round(roc_auc(val_scores, val_labels), 4),
+        seconds=round(time.monotonic() - started, 2),
+    )
+    _write_json(
+        output_dir / CONFIG_FILE,
+        {"config": asdict(config), "positives": positives or "embedded", "negatives": negatives},
+    )
+    _write_json(output_dir / METRICS_FILE, asdict(metrics))
+    if log is not None:
+        log.info(f"quality classifier: {metrics}")
+    return metrics
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class QualityScorer:
+    """Loads a trained model; `score(texts)` gives P(high quality) per text as float32."""
+
+    def __init__(self, model_path: str | Path, max_chars: int | None = None):
+        import fasttext
+
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise ValueError(f"{model_path}: quality model file not found")
+        try:
+            self.model = fasttext.load_model(str(model_path))
+        except ValueError as e:
+            raise ValueError(f"{model_path}: not a fastText model ({e})") from e
+        if POSITIVE not in self.model.get_labels():
+            raise ValueError(f"{model_path}: model has no {POSITIVE} label (labels: {self.model.get_labels()})")
+        config_file = model_path.parent / CONFIG_FILE
+        if max_chars is None:
+            saved = json.loads(config_file.read_text())["config"] if config_file.exists() else {}
+            max_chars = saved.get("max_chars", QualityModelConfig().max_chars)
+        self.model_path = model_path
+        self.max_chars = max_chars
+
+    def score(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.empty(0, dtype=np.float32)
+        labels, probs = self.model.predict([fasttext_line(t, self.max_chars) for t in texts], k=2)
+        out = np.empty(len(texts), dtype=np.float32)
+        for i, (lab, p) in enumerate(zip(labels, probs)):
+            # k=2 returns both labels; the positive's probability is wherever its label stands.
+            out[i] = p[0] if lab[0] == POSITIVE else (p[1] if len(p) > 1 else 1.0 - p[0])
+        return np.clip(out, 0.0, 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--negatives", nargs="+", required=True, help="raw corpus to sample negatives from")
+    parser.add_argument("--positives", nargs="*", default=None, help="reference set (default: embedded)")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    try:
+        metrics = train_quality_classifier(
+            args.negatives, args.output, args.positives, QualityModelConfig(seed=args.seed)
+        )
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    print(json.dumps(asdict(metrics), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.quality import QualityModelConfig, QualityScorer, roc_auc, train_quality_classifier
+from pipelines.quality_score import ScoreConfig, keep_mask, score_documents
+from pipelines.readers import InputError
+from tests.conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = QualityModelConfig(epoch=15, min_examples_per_class=20, threads=1)
+
+
+def prose_doc(i: int) -> str:
+    topics = ["river", "library", "garden", "harbour", "museum", "market", "forest", "station"]
+    t = topics[i % len(topics)]
+    return (
+        f"The {t} near the old town was rebuilt in the last century, and it is now one of the places that "
+        f"visitors remember. Local historians describe how the {t} changed after the war, when families "
+        f"returned and shops opened again. Today the {t} is quiet in the morning and busy in the evening."
+    )
+
+
+def junk_doc(i: int) -> str:
+    return f"BUY NOW cheap deal {i} click here $$$ best price free offer " * 5
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("quality")
+    pos = write_jsonl(d / "pos.jsonl", [{"id": f"p{i}", "text": prose_doc(i)} for i in range(60)])
+    raw = write_jsonl(d / "raw.jsonl", [{"id": f"r{i}", "text": junk_doc(i)} for i in range(60)])
+    metrics = train_quality_classifier([str(raw)], d / "model", [str(pos)], FAST, log=None)
+    return d / "model", metrics
+
+
+def test_roc_auc_matches_pair_counting():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=40).astype(float)  # many ties
+    labels = rng.integers(0, 2, size=40)
+    pairs = [(s, t) for (s, a), (t, b) in itertools.product(zip(scores, labels), repeat=2) if a == 1 and b == 0]
+    expected = np.mean([1.0 if s > t else 0.5 if s == t else 0.0 for s, t in pairs])
+    assert roc_auc(scores, labels) == pytest.approx(expected)
+
+
+def test_classifier_separates_and_reports_held_out_metrics(model):
+    model_dir, metrics = model
+    assert metrics.n_validation_positive == 12 and metrics.n_validation_negative == 12
+    assert metrics.roc_auc > 0.95 and metrics.f1 > 0.8
+    scorer = QualityScorer(model_dir / "model.bin")
+    good, bad = scorer.score([prose_doc(100), junk_doc(100)])
+    assert good > 0.5 > bad
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["config"]["max_chars"] == FAST.max_chars
+
+
+def test_too_few_examples_gives_the_counts(tmp_path):
+    pos = write_jsonl(tmp_path / "pos.jsonl", [{"id": f"p{i}", "text": prose_doc(i)} for i in range(5)])
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"id": f"r{i}", "text": junk_doc(i)} for i in range(70)])
+    with pytest.raises(ValueError, match=r"5 positives .* 5 negatives .* need 20"):
+        train_quality_classifier([str(raw)], tmp_path / "m", [str(pos)], FAST, log=None)
+
+
+def test_missing_reference_set_names_the_path(tmp_path):
+    raw = write_jsonl(tmp_path / "raw.jsonl", [{"id": "r", "text": "x"}])
+    with pytest.raises(InputError, match=r"missing_ref\.jsonl"):
+        train_quality_classifier([str(raw)], tmp_path / "m", [str(tmp_path / "missing_ref.jsonl")], FAST, log=None)
+
+
+def test_a_model_file_that_does_not_load_is_named(tmp_path):
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=r"broken\.bin"):
+        QualityScorer(bad)
+    with pytest.raises(ValueError, match=r"nothere\.bin"):
+        QualityScorer(tmp_path / "nothere.bin")
+
+
+def test_keep_modes():
+    scores = np.array([0.9, 0.1, 0.5, 0.5, 0.7], dtype=np.float32)
+    assert keep_mask(scores, ScoreConfig(threshold=0.5)).tolist() == [True, False, True, True, True]
+    # top 40% of 5 = 2 documents: the best two, ties broken by input order
+    assert keep_mask(scores, ScoreConfig(mode="top_fraction", top_fraction=0.6)).tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+
+
+def test_scored_stage_and_cli(model, tmp_path):
+    model_dir, _ = model
+    rows = [{"id": f"g{i}", "text": prose_doc(i + 200)} for i in range(5)] + [
+        {"id": f"j{i}", "text": junk_doc(i + 200)} for i in range(5)
+    ]
+    src = write_jsonl(tmp_path / "docs.jsonl", rows)
+    stats = score_documents([str(src)], tmp_path / "s", model_dir / "model.bin", ScoreConfig(threshold=0.5, workers=1))
+    assert stats.n_kept == 5 and stats.drop_reasons == {"low_quality": 5}
+    kept = pq.read_table(tmp_path / "s" / "documents.parquet")
+    assert sorted(kept["id"].to_pylist()) == [f"g{i}" for i in range(5)]
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "pipelines.quality_score", "--model", str(model_dir / "model.bin")]
+    result = subprocess.run(
+        [*cmd, "--input", str(src), "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    scores = pq.read_table(out / "scores.parquet")
+    assert scores.column_names == ["id", "quality_score"] and scores.num_rows == 10
+    assert scores["quality_score"].type == "float"
