@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui bench-dedup clean-data
+.PHONY: install demo test lint ui bench-dedup bench-quality clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 
 bench-dedup: install
 	$(BIN)/python bench/dedup.py
+
+bench-quality: install
+	$(BIN)/python bench/quality.py
 
 clean-data:
 	rm -rf data .dagster/storage wandb

@@ -36,8 +36,10 @@ class QualityClassifierConfig(dg.Config):
     max_negatives: int = 20_000
     epoch: int = 25
     lr: float = 0.5
-    dim: int = 32
-    max_chars: int = 2000
+    dim: int = 16
+    max_chars: int = 1000
+    reference_package_docs: bool = False
+    """Add installed packages' docstrings to the embedded reference (for sample corpora > ~3,000 documents)."""
     seed: int = 0
 
 
@@ -104,6 +106,7 @@ def quality_classifier(
         lr=config.lr,
         dim=config.dim,
         max_chars=config.max_chars,
+        reference_package_docs=config.reference_package_docs,
         seed=config.seed,
     )
     metrics = train_quality_classifier(

@@ -13,8 +13,8 @@ from pathlib import Path
 import xxhash
 
 from pipelines.cli import reader_config, run_stage, stage_parser
-from pipelines.document import Document, Ledger, Rejected
-from pipelines.parallel import batched, default_workers, ordered_map
+from pipelines.document import Ledger
+from pipelines.parallel import default_workers, map_documents
 from pipelines.progress import track
 from pipelines.readers import ReaderConfig, count_records, read_documents
 from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger
@@ -52,32 +52,21 @@ def clean(
     first_with_hash: dict[bytes, str] = {}
     bytes_in = 0
     records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
-    batches = ordered_map(
-        normalize_texts,
-        batched(records, config.batch_docs),
-        payload=lambda batch: [r.text for r in batch if isinstance(r, Document)],
-        workers=config.workers,
-    )
+    results = map_documents(normalize_texts, records, ledger.rejected, config.workers, config.batch_docs)
     with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
-        for batch, clean_texts in batches:
-            clean_iter = iter(clean_texts)
-            for record in batch:
-                if isinstance(record, Rejected):
-                    ledger.rejected(record)
-                    continue
-                bytes_in += len(record.text.encode("utf-8"))
-                text = next(clean_iter)
-                if not text:
-                    ledger.dropped(record.id, "empty", "nothing left after normalisation", record.location)
-                    continue
-                digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
-                first = first_with_hash.setdefault(digest, record.id)
-                if first != record.id:
-                    ledger.dropped(record.id, "exact_duplicate", f"same clean text as {first}", record.location)
-                    continue
-                record.text = text
-                writer.write(record)
-                ledger.kept(record)
+        for record, text in results:
+            bytes_in += len(record.text.encode("utf-8"))
+            if not text:
+                ledger.dropped(record.id, "empty", "nothing left after normalisation", record.location)
+                continue
+            digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
+            first = first_with_hash.setdefault(digest, record.id)
+            if first != record.id:
+                ledger.dropped(record.id, "exact_duplicate", f"same clean text as {first}", record.location)
+                continue
+            record.text = text
+            writer.write(record)
+            ledger.kept(record)
     return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes)
 
 

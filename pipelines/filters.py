@@ -14,9 +14,11 @@ with an alphabetic character), which also needs no spaCy and is ~20x faster.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+import pickle
 import re
 import time
 from collections.abc import Callable
@@ -27,8 +29,8 @@ from datatrove.data import Document as DatatroveDocument
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from pipelines.cli import reader_config, run_stage, stage_parser
-from pipelines.document import Document, Ledger, Rejected
-from pipelines.parallel import batched, default_workers, ordered_map
+from pipelines.document import Ledger
+from pipelines.parallel import default_workers, map_documents
 from pipelines.progress import track
 from pipelines.readers import ReaderConfig, count_records, read_documents
 from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger
@@ -161,23 +163,21 @@ class DocumentFilter:
         return out
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded_filter(config_pickle: bytes) -> DocumentFilter:
+    """One DocumentFilter per process and config: worker tasks arrive pickled, so an attribute would
+    not survive from one task to the next."""
+    return DocumentFilter(pickle.loads(config_pickle))
+
+
+@dataclass(frozen=True, slots=True)
 class _FilterTask:
-    """Picklable task: builds the DocumentFilter once per worker process, on first use."""
+    """Picklable task for worker processes: filter a batch of texts."""
 
-    def __init__(self, config: FilterConfig):
-        self.config = config
-        self._filter: DocumentFilter | None = None
-
-    def __getstate__(self):
-        return {"config": self.config, "_filter": None}
-
-    def __setstate__(self, state):
-        self.config, self._filter = state["config"], None
+    config_pickle: bytes
 
     def __call__(self, texts: list[str]):
-        if self._filter is None:
-            self._filter = DocumentFilter(self.config)
-        return self._filter(texts)
+        return _loaded_filter(self.config_pickle)(texts)
 
 
 def filter_documents(
@@ -192,28 +192,19 @@ def filter_documents(
     ledger = Ledger(STAGE)
     bytes_in = 0
     records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
-    batches = ordered_map(
-        _FilterTask(config),
-        batched(records, config.batch_docs),
-        payload=lambda batch: [r.text for r in batch if isinstance(r, Document)],
-        workers=config.workers,
+    results = map_documents(
+        _FilterTask(pickle.dumps(config)), records, ledger.rejected, config.workers, config.batch_docs
     )
     with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
-        for batch, results in batches:
-            result_iter = iter(results)
-            for record in batch:
-                if isinstance(record, Rejected):
-                    ledger.rejected(record)
-                    continue
-                bytes_in += len(record.text.encode("utf-8"))
-                reason, text, meta = next(result_iter)
-                if reason is not None:
-                    ledger.dropped(record.id, reason, f"{meta['language']} p={meta['language_score']}", record.location)
-                    continue
-                record.text = text
-                record.metadata.update(meta)
-                writer.write(record)
-                ledger.kept(record)
+        for record, (reason, text, meta) in results:
+            bytes_in += len(record.text.encode("utf-8"))
+            if reason is not None:
+                ledger.dropped(record.id, reason, f"{meta['language']} p={meta['language_score']}", record.location)
+                continue
+            record.text = text
+            record.metadata.update(meta)
+            writer.write(record)
+            ledger.kept(record)
     return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes)
 
 

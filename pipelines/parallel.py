@@ -51,6 +51,32 @@ def ordered_map(
             yield done, result.get()
 
 
+def map_documents(
+    fn: Callable[[list[str]], list[R]],
+    records: Iterable,
+    on_rejected: Callable,
+    workers: int,
+    batch_docs: int,
+) -> Iterator[tuple]:
+    """Yield (document, result) in input order, where results come from fn over batches of document
+    texts run in `workers` processes; records that are not Documents go to `on_rejected` instead."""
+    from pipelines.document import Document
+
+    batches = ordered_map(
+        fn,
+        batched(records, batch_docs),
+        payload=lambda batch: [r.text for r in batch if isinstance(r, Document)],
+        workers=workers,
+    )
+    for batch, results in batches:
+        result_iter = iter(results)
+        for record in batch:
+            if isinstance(record, Document):
+                yield record, next(result_iter)
+            else:
+                on_rejected(record)
+
+
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     batch: list[T] = []
     for item in items:

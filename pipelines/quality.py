@@ -8,7 +8,8 @@ scoring cost does not grow with document length.
 The embedded reference set (used when no positives are given) is the edited documentation that ships
 with every Python install: the pydoc topics (the language reference), the standard library's module,
 class and function docstrings, and the READMEs and license texts of the installed packages, each of at
-least 20 words, deduplicated (sources 1-3 of `pipelines.sample_corpus`).
+least 20 words, deduplicated (sources 1-3 of `pipelines.sample_corpus`); with `reference_package_docs`,
+also the installed packages' docstrings (source 4).
 Documents of the raw sample whose clean text equals a positive's are not used as negatives.
 
 CLI: python -m pipelines.quality --negatives RAW.parquet [--positives REF.jsonl] --output DIR
@@ -51,17 +52,28 @@ class QualityModelConfig:
     """Fewer positives or negatives than this is an error."""
     validation_fraction: float = 0.2
     """Share of each class held out for precision, recall, F1 and ROC-AUC."""
-    max_chars: int = 2000
+    max_chars: int = 1000
     """Characters of a document the model reads (training and scoring)."""
     epoch: int = 25
     lr: float = 0.5
-    dim: int = 32
+    dim: int = 16
     word_ngrams: int = 2
+    """Word n-grams (DCLM: bigrams)."""
+    char_ngrams: tuple[int, int] = (2, 4)
+    """Sub-word character n-gram lengths (fastText minn, maxn): they let the model judge words it never
+    saw, e.g. gibberish, which word features alone score near the class prior."""
+    bucket: int = 200_000
+    """Hash buckets for n-gram features (fastText's 2M default makes a 260 MB model)."""
     min_count: int = 2
     threads: int = 2
     seed: int = 0
     """Seeds the negative sample and the split (fastText training itself is seeded by one thread only)."""
     min_reference_words: int = 20
+    """Reference documents need at least this many words."""
+    reference_package_docs: bool = False
+    """Add the installed packages' docstrings to the embedded reference set (~1 min to read). Right when
+    the corpus holds such docstrings too, as the sample corpus does beyond ~3,000 documents: otherwise
+    they dominate the negatives and the classifier learns to rank them below the reference."""
 
 
 @dataclass(slots=True)
@@ -112,11 +124,11 @@ def precision_recall_f1(scores: np.ndarray, labels: np.ndarray, threshold: float
     return precision, recall, f1
 
 
-def reference_documents(min_words: int = 20) -> list[Document]:
+def reference_documents(min_words: int = 20, include_package_docs: bool = False) -> list[Document]:
     """The embedded reference set: the real documents every Python install carries (see module doc)."""
     from pipelines.sample_corpus import SampleCorpusConfig, real_documents
 
-    return real_documents(SampleCorpusConfig(min_words=min_words, include_package_docs=False))
+    return real_documents(SampleCorpusConfig(min_words=min_words, include_package_docs=include_package_docs))
 
 
 def _texts(inputs: list[str], reader: ReaderConfig | None = None) -> list[Document]:
@@ -141,7 +153,7 @@ def train_quality_classifier(
         pos_docs = _texts(positives)
         where = ", ".join(positives)
     else:
-        pos_docs = reference_documents(config.min_reference_words)
+        pos_docs = reference_documents(config.min_reference_words, config.reference_package_docs)
         where = "the embedded reference set"
     if not pos_docs:
         raise ValueError(f"no positive (reference) documents found in {where}")
@@ -176,6 +188,9 @@ def train_quality_classifier(
             lr=config.lr,
             dim=config.dim,
             wordNgrams=config.word_ngrams,
+            minn=config.char_ngrams[0],
+            maxn=config.char_ngrams[1],
+            bucket=config.bucket,
             minCount=config.min_count,
             thread=config.threads,
             seed=config.seed,
@@ -242,11 +257,11 @@ class QualityScorer:
     def score(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.empty(0, dtype=np.float32)
-        labels, probs = self.model.predict([fasttext_line(t, self.max_chars) for t in texts], k=2)
-        out = np.empty(len(texts), dtype=np.float32)
-        for i, (lab, p) in enumerate(zip(labels, probs)):
-            # k=2 returns both labels; the positive's probability is wherever its label stands.
-            out[i] = p[0] if lab[0] == POSITIVE else (p[1] if len(p) > 1 else 1.0 - p[0])
+        labels, probs = self.model.predict([fasttext_line(t, self.max_chars) for t in texts], k=1)
+        # Two classes: P(positive) is the top probability when the top label is positive, else 1 - it.
+        top_is_positive = np.fromiter((lab[0] == POSITIVE for lab in labels), dtype=bool, count=len(texts))
+        top_prob = np.fromiter((p[0] for p in probs), dtype=np.float32, count=len(texts))
+        out = np.where(top_is_positive, top_prob, 1.0 - top_prob).astype(np.float32)
         return np.clip(out, 0.0, 1.0)
 
 

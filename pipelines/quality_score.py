@@ -12,6 +12,7 @@ Memory: one float32 score per document; texts are streamed twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -57,23 +58,20 @@ class ScoreConfig:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded_scorer(model_path: str) -> QualityScorer:
+    """One loaded model per process: worker tasks arrive pickled, so an attribute would not survive."""
+    return QualityScorer(model_path)
+
+
+@dataclass(frozen=True, slots=True)
 class _ScoreTask:
-    """Picklable: loads the model once per worker process."""
+    """Picklable task for worker processes: score a batch of texts."""
 
-    def __init__(self, model_path: str):
-        self.model_path = model_path
-        self._scorer: QualityScorer | None = None
-
-    def __getstate__(self):
-        return {"model_path": self.model_path}
-
-    def __setstate__(self, state):
-        self.model_path, self._scorer = state["model_path"], None
+    model_path: str
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        if self._scorer is None:
-            self._scorer = QualityScorer(self.model_path)
-        return self._scorer.score(texts)
+        return _loaded_scorer(self.model_path).score(texts)
 
 
 def keep_mask(scores: np.ndarray, config: ScoreConfig) -> np.ndarray:

@@ -807,7 +807,7 @@ def real_documents(config: SampleCorpusConfig | None = None) -> list[Document]:
     """The deduplicated real documents of sources 1-3 (Python docs, package READMEs and licenses):
     the text every Python install carries. The quality classifier's embedded reference set."""
     config = config or SampleCorpusConfig(include_package_docs=False)
-    bases, _, _, _ = _read_base_documents(config, 0)
+    bases, _, _, _ = _read_base_documents(config, 0)  # needing 0 bases reads source 4 only when asked
     return [Document(b.id, b.text, b.source, {}) for b in bases]
 
 
