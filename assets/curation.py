@@ -37,6 +37,8 @@ class CleanDocumentsConfig(dg.Config):
 
 
 class NearDedupDocumentsConfig(dg.Config):
+    """See pipelines.near_dedup.NearDedupConfig: the fields have the same names and meaning."""
+
     threshold: float = 0.8
     """Jaccard similarity of word n-gram sets above which documents are near-duplicates."""
     n_gram: int = 5
@@ -116,15 +118,7 @@ def near_dedup_documents(
     """One representative per MinHash-LSH near-duplicate cluster; every document keeps its cluster_id
     (clusters.parquet)."""
     out_dir = paths.stage_dir("near_dedup_documents")
-    stage_config = NearDedupConfig(
-        threshold=config.threshold,
-        n_gram=config.n_gram,
-        num_perm=config.num_perm,
-        bands=config.bands,
-        rows=config.rows,
-        seed=config.seed,
-        workers=config.workers,
-    )
+    stage_config = NearDedupConfig(**config.model_dump())  # the fields share their names
     stats = near_dedup(
         [str(paths.stage_dir("clean_documents") / DOCUMENTS_FILE)], out_dir, stage_config, log=context.log
     )

@@ -100,15 +100,7 @@ def quality_classifier(
     """A fastText classifier of reference-quality text, trained on the reference set against a random
     sample of raw_documents (the DCLM recipe); held-out precision, recall, F1 and ROC-AUC."""
     out_dir = paths.stage_dir("quality_classifier")
-    model_config = QualityModelConfig(
-        max_negatives=config.max_negatives,
-        epoch=config.epoch,
-        lr=config.lr,
-        dim=config.dim,
-        max_chars=config.max_chars,
-        reference_package_docs=config.reference_package_docs,
-        seed=config.seed,
-    )
+    model_config = QualityModelConfig(**config.model_dump(exclude={"positives"}))  # same field names
     metrics = train_quality_classifier(
         [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
         out_dir,
