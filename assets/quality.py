@@ -33,6 +33,8 @@ class FilteredDocumentsConfig(dg.Config):
 class QualityClassifierConfig(dg.Config):
     positives: list[str] = Field(default_factory=list)
     """Reference (high-quality) documents; empty uses the embedded reference set."""
+    negatives: list[str] = Field(default_factory=list)
+    """Documents to sample negatives from; empty uses raw_documents."""
     max_negatives: int = 20_000
     epoch: int = 25
     lr: float = 0.5
@@ -100,9 +102,9 @@ def quality_classifier(
     """A fastText classifier of reference-quality text, trained on the reference set against a random
     sample of raw_documents (the DCLM recipe); held-out precision, recall, F1 and ROC-AUC."""
     out_dir = paths.stage_dir("quality_classifier")
-    model_config = QualityModelConfig(**config.model_dump(exclude={"positives"}))  # same field names
+    model_config = QualityModelConfig(**config.model_dump(exclude={"positives", "negatives"}))  # same names
     metrics = train_quality_classifier(
-        [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
+        list(config.negatives) or [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
         out_dir,
         list(config.positives) or None,
         model_config,

@@ -41,12 +41,6 @@ SEED = 1
 N_SHARDS = 2  # one per core, so datatrove's file-level tasks can use both cores
 
 
-def datasketch_lsh_params(threshold: float) -> tuple[int, int]:
-    from datasketch.lsh import _optimal_param
-
-    return _optimal_param(threshold, NUM_PERM, 0.5, 0.5)
-
-
 # --- the methods, each run in a fresh process -------------------------------------------------
 
 
@@ -83,101 +77,12 @@ def run_datasketch(shards: list[str], work: Path, threshold: float, workers: int
 
 
 def run_datatrove(shards: list[str], work: Path, threshold: float, workers: int) -> dict[str, int]:
-    from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (
-        MinhashConfig,
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-        MinhashDedupSignature,
-    )
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.hashing import HashConfig
-    from datatrove.utils.text import TextNormConfig
-    from datatrove.utils.word_tokenizers import WordTokenizer
+    """pipelines.near_dedup_datatrove on the local executor: datatrove's four MinHash stages."""
+    from pipelines.near_dedup import NearDedupConfig
+    from pipelines.near_dedup_datatrove import run
 
-    class SameWords(WordTokenizer):
-        """Our words (lower-cased \\w+ runs), so all three methods shingle identically."""
-
-        def word_tokenize(self, text):
-            return tokenize_words(text)
-
-        def sent_tokenize(self, text):
-            return [text]
-
-        def span_tokenize(self, text):
-            return [(0, len(text))]
-
-    bands, rows = datasketch_lsh_params(threshold)
-    config = MinhashConfig(
-        hash_config=HashConfig(precision=64),
-        num_buckets=bands,
-        hashes_per_bucket=rows,
-        n_grams=N_GRAM,
-        seed=SEED,
-        norm_config=TextNormConfig(
-            lowercase=True,
-            norm_whitespace=True,
-            remove_punctuation=False,
-            norm_unicode_diacritics=False,
-            norm_numbers=False,
-        ),
-    )
-    data = str(Path(shards[0]).parent)
-
-    def reader():
-        return JsonlReader(data, glob_pattern="*.jsonl", compression=None)
-
-    logs = work / "logs"
-    stages = [
-        (
-            LocalPipelineExecutor(
-                [reader(), MinhashDedupSignature(str(work / "sigs"), config=config, language=SameWords())],
-                tasks=len(shards),
-                workers=workers,
-                logging_dir=str(logs / "1"),
-            ),
-            "sig",
-        ),
-        (
-            LocalPipelineExecutor(
-                [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config)],
-                tasks=bands,
-                workers=workers,
-                logging_dir=str(logs / "2"),
-            ),
-            "buckets",
-        ),
-        (
-            LocalPipelineExecutor(
-                [MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config, save_cluster_id=True)],
-                tasks=1,
-                workers=1,
-                logging_dir=str(logs / "3"),
-            ),
-            "cluster",
-        ),
-        (
-            LocalPipelineExecutor(
-                [
-                    reader(),
-                    MinhashDedupFilter(
-                        str(work / "remove"),
-                        exclusion_writer=JsonlWriter(str(work / "removed"), compression=None),
-                        load_cluster_ids=True,
-                    ),
-                    JsonlWriter(str(work / "kept"), compression=None),
-                ],
-                tasks=len(shards),
-                workers=workers,
-                logging_dir=str(logs / "4"),
-            ),
-            "filter",
-        ),
-    ]
-    for executor, _ in stages:
-        executor.run()
+    config = NearDedupConfig(threshold=threshold, n_gram=N_GRAM, num_perm=NUM_PERM, seed=SEED)
+    run(str(Path(shards[0]).parent), work, config, tasks=len(shards), workers=workers, glob_pattern="*.jsonl")
     labels, next_singleton = {}, -1
     for folder in ("kept", "removed"):
         for path in sorted((work / folder).glob("*.jsonl")):
