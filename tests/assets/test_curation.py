@@ -14,16 +14,17 @@ from assets.curation import clean_documents, near_dedup_documents, raw_documents
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
+from assets.training import tokenizer, tokenizer_round_trips
 from tests.conftest import prose, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRST_HALF = [raw_documents, clean_documents, near_dedup_documents]
-ALL_ASSETS = [*CURATION_ASSETS, quality_classifier, document_ledger]
+ALL_ASSETS = [*CURATION_ASSETS, quality_classifier, document_ledger, tokenizer]
 
 
 def checks_for(assets) -> list:
     keys = {a.key for a in assets}
-    return [c for c in CHECKS if all(k.asset_key in keys for k in c.check_keys)]
+    return [c for c in [*CHECKS, tokenizer_round_trips] if all(k.asset_key in keys for k in c.check_keys)]
 
 
 def corpus(tmp_path: Path) -> Path:
@@ -135,13 +136,14 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
                 "raw_documents": {"config": {"sample_documents": 300}},
                 "quality_classifier": {"config": {"epoch": 10}},
                 "curriculum_shards": {"config": {"target_shard_mb": 0.05}},
+                "tokenizer": {"config": {"vocab_size": 1000}},
             }
         },
         assets=ALL_ASSETS,
     )
     assert result.success
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
-    assert len(checks) == len(CHECKS)
+    assert len(checks) == len(CHECKS) + 1
     failed = {k: c.metadata for k, c in checks.items() if not c.passed}
     assert not failed, failed
 
@@ -163,6 +165,7 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
     assert "data:image/png;base64," in scored["score_by_source"].value
     classifier = metadata_of(result, "quality_classifier")
     assert 0.5 < classifier["roc_auc"].value <= 1.0
+    assert metadata_of(result, "tokenizer")["vocab_size"].value == 1000
     buckets = metadata_of(result, "curriculum_shards")["bucket_examples"].value
     assert "| 0 | top |" in buckets and "| 0 | bottom |" in buckets
 
