@@ -1,0 +1,118 @@
+"""Model configuration: one dataclass, presets as functions (debug_tiny for tests, small_cpu for the demo,
+moe_1b for GPUs), and the dense baseline with the same active parameters per token."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """A decoder-only transformer whose feed-forward is DeepSeekMoE after the first dense layers."""
+
+    vocab_size: int = 8192
+    """Tokenizer vocabulary size (must equal the tokenizer's)."""
+    d_model: int = 256
+    """Residual stream width."""
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention); None = n_heads."""
+    max_seq_len: int = 512
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    d_ff: int = 1024
+    """Hidden width of the dense SwiGLU feed-forward (dense layers and the dense baseline)."""
+    n_dense_layers: int = 1
+    """The first layers keep a dense feed-forward (DeepSeek keeps its first layers dense)."""
+    n_routed_experts: int = 8
+    """Fine-grained routed experts per MoE layer; 0 makes every layer dense."""
+    n_shared_experts: int = 1
+    """Always-on experts per MoE layer."""
+    top_k: int = 2
+    """Routed experts per token (the cap k_max when routing is dynamic)."""
+    d_expert: int = 256
+    """Hidden width of one expert's SwiGLU."""
+    score_func: str = "softmax"
+    """Router scores: softmax over experts, or sigmoid per expert (DeepSeek-V3), then normalised over the chosen."""
+    top_p: float | None = None
+    """Dynamic routing: the fewest experts whose probability mass reaches top_p, at most top_k. None = fixed top-k."""
+    bias_update_rate: float = 1e-3
+    """gamma of auxiliary-loss-free balancing: each step a bias moves by -/+gamma for over/under-loaded experts."""
+    seq_aux_loss_coef: float = 0.0
+    """Weight of the optional sequence-level balance loss."""
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        kv = self.n_kv_heads or self.n_heads
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {kv}")
+        if self.n_routed_experts and not 1 <= self.top_k <= self.n_routed_experts:
+            raise ValueError(f"top_k {self.top_k} must be in [1, n_routed_experts={self.n_routed_experts}]")
+        if self.score_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_func must be softmax or sigmoid, not {self.score_func!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.n_dense_layers
+
+    def active_ffn_params(self, layer: int) -> int:
+        """Feed-forward weights a token uses in `layer` (3 matrices per SwiGLU; the router is ignored)."""
+        if not self.is_moe_layer(layer):
+            return 3 * self.d_model * self.d_ff
+        return 3 * self.d_model * self.d_expert * (self.n_shared_experts + self.top_k)
+
+    def active_params(self) -> int:
+        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * (self.n_kv_heads or self.n_heads))
+        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        layers = sum(attn + self.active_ffn_params(i) + 2 * self.d_model for i in range(self.n_layers))
+        return embed + layers + self.d_model  # + the final norm
+
+    def total_params(self) -> int:
+        experts = self.n_shared_experts + self.n_routed_experts
+        moe = 3 * self.d_model * self.d_expert * experts + self.d_model * self.n_routed_experts
+        dense = 3 * self.d_model * self.d_ff
+        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * (self.n_kv_heads or self.n_heads))
+        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        ffn = sum(moe if self.is_moe_layer(i) else dense for i in range(self.n_layers))
+        return embed + self.n_layers * (attn + 2 * self.d_model) + ffn + self.d_model  # + the final norm
+
+
+def debug_tiny() -> ModelConfig:
+    """Seconds per step on a CPU: what the tests train."""
+    return ModelConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, d_ff=128, n_dense_layers=1,
+        n_routed_experts=4, n_shared_experts=1, top_k=2, d_expert=32,
+    )  # fmt: skip
+
+
+def small_cpu() -> ModelConfig:
+    """The demo model: trains in a few minutes on 2 cores."""
+    return ModelConfig(
+        vocab_size=8192, d_model=192, n_layers=4, n_heads=6, max_seq_len=256, d_ff=768, n_dense_layers=1,
+        n_routed_experts=8, n_shared_experts=1, top_k=2, d_expert=128,
+    )  # fmt: skip
+
+
+def moe_1b() -> ModelConfig:
+    """About 1B total parameters (about 0.3B active) for GPU users."""
+    return ModelConfig(
+        vocab_size=32_768, d_model=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=2048, d_ff=4096,
+        n_dense_layers=1, n_routed_experts=32, n_shared_experts=2, top_k=4, d_expert=512,
+    )  # fmt: skip
+
+
+def dense_baseline(config: ModelConfig) -> ModelConfig:
+    """The same model with dense feed-forwards in every layer, one width chosen so that the active
+    parameters per token equal the MoE model's (up to rounding)."""
+    active_ffn = sum(config.active_ffn_params(i) for i in range(config.n_layers))
+    d_ff = max(1, round(active_ffn / (3 * config.d_model * config.n_layers)))
+    return dataclasses.replace(config, n_routed_experts=0, n_dense_layers=config.n_layers, d_ff=d_ff)

@@ -1,0 +1,238 @@
+"""The Frugal transformer in plain torch: RMSNorm, RoPE, grouped-query causal attention with a KV cache,
+SwiGLU feed-forwards, and a DeepSeekMoE feed-forward (shared + fine-grained routed experts) whose router
+does auxiliary-loss-free balancing and optional top-p dynamic routing.
+
+This module is the reference: the DeepSpeed training path swaps the routed experts for DeepSpeed's MoE
+layer and must match it. Shape legend: B batch, T new positions, S cached + new positions, D d_model,
+H query heads, G key/value heads, Dh head dim, N tokens (B*T), E routed experts, K experts per token,
+F expert hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim / 2): rotation angle pos * theta^(-2i / head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHTDh: torch.Tensor, cos_TDh2: torch.Tensor, sin_TDh2: torch.Tensor) -> torch.Tensor:
+    """Rotate each (even, odd) pair of features by its position's angle."""
+    x1, x2 = x_BHTDh[..., 0::2].float(), x_BHTDh[..., 1::2].float()
+    out = torch.stack((x1 * cos_TDh2 - x2 * sin_TDh2, x1 * sin_TDh2 + x2 * cos_TDh2), dim=-1)
+    return out.flatten(-2).type_as(x_BHTDh)
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of the positions seen so far, for incremental decoding."""
+
+    k_BGSDh: torch.Tensor
+    v_BGSDh: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv = config.n_heads, config.n_kv_heads or config.n_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, self.n_kv * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, self.n_kv * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
+
+    def forward(self, x_BTD, cos, sin, start_pos: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k_BGSDh[:, :, start_pos : start_pos + T] = k
+            cache.v_BGSDh[:, :, start_pos : start_pos + T] = v
+            k, v = cache.k_BGSDh[:, :, : start_pos + T], cache.v_BGSDh[:, :, : start_pos + T]
+        repeat = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if start_pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
+            allowed_TS = torch.ones(T, start_pos + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=start_pos)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_TS)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class Routing:
+    """Which experts each token uses: indices, combine weights, and a mask of used slots."""
+
+    expert_NK: torch.Tensor  # int64
+    weight_NK: torch.Tensor  # combine weights, zero on unused slots, each row sums to 1
+    used_NK: torch.Tensor  # bool: dynamic routing leaves slots unused
+    scores_NE: torch.Tensor  # router scores (softmax or sigmoid), before the selection bias
+
+    def load_E(self, n_experts: int) -> torch.Tensor:
+        """Tokens routed to each expert."""
+        return torch.bincount(self.expert_NK[self.used_NK], minlength=n_experts).float()
+
+
+class Router(nn.Module):
+    """DeepSeek-style router.
+
+    Selection uses score + bias; combination uses the unbiased scores of the chosen experts, normalised
+    to sum to 1. The bias is not trained by gradients: after each step, `update_bias(load)` moves it by
+    -gamma for experts above the mean load and +gamma below (auxiliary-loss-free balancing, DeepSeek-V3).
+    Dynamic routing (top_p): a token uses the fewest experts whose normalised scores, largest first, sum
+    to at least top_p, capped at top_k, so confident tokens use fewer experts.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.randn(config.n_routed_experts, config.d_model) * config.d_model**-0.5)
+        self.register_buffer("bias", torch.zeros(config.n_routed_experts), persistent=True)
+
+    def forward(self, x_ND: torch.Tensor) -> Routing:
+        cfg = self.config
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        scores_NE = logits_NE.softmax(-1) if cfg.score_func == "softmax" else logits_NE.sigmoid()
+        _, expert_NK = (scores_NE + self.bias).topk(cfg.top_k, dim=-1)
+        used_NK = torch.ones_like(expert_NK, dtype=torch.bool)
+        if cfg.top_p is not None:
+            probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
+            sorted_NK = probs_NE.sort(-1, descending=True).values[:, : cfg.top_k]
+            # slot j is used when the mass of the slots before it is still below top_p
+            before_NK = sorted_NK.cumsum(-1) - sorted_NK
+            used_NK = before_NK < cfg.top_p
+        chosen_NK = scores_NE.gather(-1, expert_NK) * used_NK
+        weight_NK = chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+        return Routing(expert_NK, weight_NK, used_NK, scores_NE)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """One balancing step: load_E is the tokens per expert seen this step (summed over ranks)."""
+        self.bias += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
+
+
+class MoE(nn.Module):
+    """Shared experts (always on) plus routed fine-grained experts, computed expert by expert."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        E, F_, D = config.n_routed_experts, config.d_expert, config.d_model
+        self.w1_EFD = nn.Parameter(torch.randn(E, F_, D) * D**-0.5)
+        self.w3_EFD = nn.Parameter(torch.randn(E, F_, D) * D**-0.5)
+        self.w2_EDF = nn.Parameter(torch.randn(E, D, F_) * F_**-0.5)
+        self.shared = SwiGLU(D, F_ * config.n_shared_experts) if config.n_shared_experts else None
+        self.last_routing: Routing | None = None
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, D)
+        routing = self.router(x_ND)
+        out_ND = torch.zeros_like(x_ND)
+        for e in range(self.config.n_routed_experts):
+            token_idx, slot = torch.nonzero((routing.expert_NK == e) & routing.used_NK, as_tuple=True)
+            if token_idx.numel() == 0:
+                continue
+            h = x_ND[token_idx]
+            y = F.linear(F.silu(F.linear(h, self.w1_EFD[e])) * F.linear(h, self.w3_EFD[e]), self.w2_EDF[e])
+            out_ND.index_add_(0, token_idx, y * routing.weight_NK[token_idx, slot, None].type_as(y))
+        if self.shared is not None:
+            out_ND = out_ND + self.shared(x_ND)
+        self.last_routing = routing
+        self.aux_loss = self._sequence_balance_loss(routing, B, T) if self.config.seq_aux_loss_coef else torch.zeros(())
+        return out_ND.view(B, T, D)
+
+    def _sequence_balance_loss(self, routing: Routing, B: int, T: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise loss: alpha * sum_i f_i * P_i per sequence, averaged, where f_i is
+        E/(K T) times the tokens routed to expert i and P_i the mean normalised score of expert i."""
+        E, K = self.config.n_routed_experts, self.config.top_k
+        chosen_BTE = torch.zeros(B * T, E).scatter_(1, routing.expert_NK, routing.used_NK.float()).view(B, T, E)
+        f_BE = chosen_BTE.sum(1) * E / (K * T)
+        probs_BTE = (routing.scores_NE / routing.scores_NE.sum(-1, keepdim=True)).view(B, T, E)
+        return self.config.seq_aux_loss_coef * (f_BE * probs_BTE.mean(1)).sum(-1).mean()
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32) -> list[LayerCache]:
+        n_kv = self.config.n_kv_heads or self.config.n_heads
+        shape = (batch, n_kv, max_len or self.config.max_seq_len, self.config.head_dim)
+        return [LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
+
+    def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None):
+        """Logits (B, T, V) for tokens at positions start_pos .. start_pos + T - 1."""
+        T = tokens_BT.shape[1]
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        x = self.embed(tokens_BT)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, start_pos, None if cache is None else cache[i])
+        return self.lm_head(self.norm(x))
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        return sum((m.aux_loss for m in self.moe_layers()), torch.zeros(()))
