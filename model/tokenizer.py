@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipelines.cli import run_stage
 from pipelines.curriculum import MANIFEST_FILE
 from pipelines.stage import atomic_path
 
@@ -151,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--vocab-size", type=int, default=TokenizerConfig().vocab_size)
     args = parser.parse_args(argv)
-    try:
-        stats = train_tokenizer(args.shards, args.output, TokenizerConfig(vocab_size=args.vocab_size))
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    print(json.dumps(asdict(stats), indent=2))
-    return 0
+    return run_stage(train_tokenizer, args.shards, args.output, TokenizerConfig(vocab_size=args.vocab_size))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def reader_config(args: argparse.Namespace) -> ReaderConfig:
 
 
 def run_stage(fn, *args, **kwargs) -> int:
-    """Run a stage function from a CLI: log to stderr, print its stats as JSON, exit 2 on bad input."""
+    """Run a stage function from a CLI: log to stderr, print the dataclass it returns (its stats or
+    metrics) as JSON, exit 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         stats: StageStats = fn(*args, **kwargs)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.cli import run_stage
 from pipelines.document import Document
 from pipelines.readers import ReaderConfig, read_documents
 from pipelines.stage import atomic_path, logger
@@ -274,16 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    try:
-        metrics = train_quality_classifier(
-            args.negatives, args.output, args.positives, QualityModelConfig(seed=args.seed)
-        )
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    print(json.dumps(asdict(metrics), indent=2))
-    return 0
+    config = QualityModelConfig(seed=args.seed)
+    return run_stage(train_quality_classifier, args.negatives, args.output, args.positives, config)
 
 
 if __name__ == "__main__":
