@@ -1,5 +1,6 @@
 """Curation, second half: filtered_documents -> (quality_classifier) -> scored_documents -> curriculum_shards."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -110,17 +111,13 @@ def quality_classifier(
         model_config,
         log=context.log,
     )
-    summary = {k: v for k, v in vars_of(metrics).items()}
+    summary = dataclasses.asdict(metrics)
     run_dir = wandb.log_run(context, "quality_classifier", summary, config=config.model_dump())
     metadata = {**summary, "model_path": dg.MetadataValue.path(str(out_dir / MODEL_FILE))}
     metadata["positives"] = "embedded reference set" if not config.positives else ", ".join(config.positives)
     if run_dir:
         metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
     return dg.MaterializeResult(metadata=metadata)
-
-
-def vars_of(obj) -> dict:
-    return {name: getattr(obj, name) for name in obj.__slots__} if hasattr(obj, "__slots__") else dict(vars(obj))
 
 
 def score_plots(out_dir: Path) -> tuple[Path, Path, dict[str, int]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -40,7 +40,6 @@ class DataConfig:
     """Share of each bucket held out for validation (by a hash of the id)."""
     encode_batch_docs: int = 256
     """Documents tokenized together."""
-    extra: dict = field(default_factory=dict)
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
