@@ -66,9 +66,11 @@ class QualityModelConfig:
     bucket: int = 200_000
     """Hash buckets for n-gram features (fastText's 2M default makes a 260 MB model)."""
     min_count: int = 2
-    threads: int = 2
+    threads: int = 1
+    """fastText training threads. One thread makes training reproducible (the same model bytes on a rerun);
+    more threads are faster but update the weights in a racy order."""
     seed: int = 0
-    """Seeds the negative sample and the split (fastText training itself is seeded by one thread only)."""
+    """Seeds the negative sample, the split and fastText."""
     min_reference_words: int = 20
     """Reference documents need at least this many words."""
     reference_package_docs: bool = False

@@ -115,3 +115,11 @@ def test_scored_stage_and_cli(model, tmp_path):
     scores = pq.read_table(out / "scores.parquet")
     assert scores.column_names == ["id", "quality_score"] and scores.num_rows == 10
     assert scores["quality_score"].type == "float"
+
+
+def test_training_is_reproducible(model, tmp_path):
+    model_dir, _ = model
+    pos = model_dir.parent / "pos.jsonl"
+    raw = model_dir.parent / "raw.jsonl"
+    train_quality_classifier([str(raw)], tmp_path / "again", [str(pos)], FAST, log=None)
+    assert (tmp_path / "again" / "model.bin").read_bytes() == (model_dir / "model.bin").read_bytes()
