@@ -1,0 +1,54 @@
+import dataclasses
+import itertools
+import math
+
+import pytest
+
+from model.config import debug_tiny
+from training.config import TrainConfig
+from training.data import DataConfig
+
+
+def config(**changes) -> TrainConfig:
+    base = TrainConfig(model=debug_tiny(), data=DataConfig(seq_len=32, batch_size=2), max_steps=100, warmup_steps=10)
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"zero_stage": 3}, "zero_stage=3 cannot train DeepSpeed MoE"),
+        (
+            {"world_size": 2, "ep_size": 2, "model": dataclasses.replace(debug_tiny(), n_routed_experts=3)},
+            "not divisible by ep_size=2",
+        ),
+        ({"world_size": 3, "ep_size": 2}, "must divide world_size=3"),
+        ({"precision": "fp8"}, "precision"),
+        ({"warmup_steps": 100}, "warmup_steps"),
+        ({"data": DataConfig(seq_len=128)}, "exceeds model.max_seq_len"),
+    ],
+)
+def test_bad_settings_are_refused_before_launch(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config(**changes).check()
+
+
+def test_dense_models_may_use_zero3_and_good_settings_pass():
+    config(zero_stage=3, model=dataclasses.replace(debug_tiny(), n_routed_experts=0)).check()
+    config(world_size=2, ep_size=2).check()
+
+
+def test_warmup_then_cosine():
+    c = config(lr=1.0, min_lr=0.1)
+    assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(9) == pytest.approx(1.0)
+    assert c.lr_at(10) == pytest.approx(1.0)
+    assert c.lr_at(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert c.lr_at(100) == pytest.approx(0.1) and c.lr_at(500) == pytest.approx(0.1)
+    lrs = [c.lr_at(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_deepspeed_config():
+    ds = config(zero_stage=2, precision="bf16").deepspeed_config()
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == 1.0
