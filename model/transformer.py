@@ -10,6 +10,7 @@ F expert hidden width, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +215,19 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style: weights ~ N(0, 0.02), and the projections that write into the residual stream
+        (attention wo, SwiGLU w2, expert w2) scaled by 1/sqrt(2 n_layers) so the stream's variance stays
+        ~1 with depth; the untrained model then predicts near-uniformly (loss ~ ln V)."""
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or name.endswith("router.weight"):
+                continue  # norms stay at 1; the router keeps its own init
+            is_output = name.endswith(("wo.weight", "w2.weight", "w2_EDF"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32) -> list[LayerCache]:
         n_kv = self.config.n_kv_heads or self.config.n_heads
