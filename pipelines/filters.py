@@ -186,15 +186,15 @@ def filter_documents(
     """Keep documents in the configured languages that pass every enabled heuristic filter.
     Kept documents get `language` and `language_score` in their metadata. Streams."""
     config = config or FilterConfig()
-    DocumentFilter(config)  # bad model paths and filter arguments fail before any work
+    task = _FilterTask(pickle.dumps(config))
+    _loaded_filter(task.config_pickle)  # bad model paths and filter arguments fail before any work (and
+    # the inline path, workers=1, reuses this instance instead of loading lid.176 a second time)
     started = time.monotonic()
     output_dir = Path(output_dir)
     ledger = Ledger(STAGE)
     bytes_in = 0
     records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
-    results = map_documents(
-        _FilterTask(pickle.dumps(config)), records, ledger.rejected, config.workers, config.batch_docs
-    )
+    results = map_documents(task, records, ledger.rejected, config.workers, config.batch_docs)
     with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
         for record, (reason, text, meta) in results:
             bytes_in += len(record.text.encode("utf-8"))

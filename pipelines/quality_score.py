@@ -110,7 +110,7 @@ def score_documents(
 ) -> StageStats:
     config = config or ScoreConfig()
     config.check()
-    QualityScorer(model_path)  # a model that does not load fails before any work
+    _loaded_scorer(str(model_path))  # a bad model fails before any work; inline scoring reuses this load
     started = time.monotonic()
     output_dir = Path(output_dir)
     ids, scores = score_texts(inputs, model_path, config, log)
