@@ -42,6 +42,10 @@ class ModelConfig:
     """gamma of auxiliary-loss-free balancing: each step a bias moves by -/+gamma for over/under-loaded experts."""
     seq_aux_loss_coef: float = 0.0
     """Weight of the optional sequence-level balance loss."""
+    capacity_factor: float | None = None
+    """Training-time expert capacity (DeepSpeed MoE layer): each expert takes at most
+    ceil(capacity_factor * top_k * tokens / n_routed_experts) tokens per step and the routes beyond it are
+    dropped (counted in the metrics). None = never drop, as DeepSeek-V3 does. Evaluation never drops."""
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
@@ -54,6 +58,8 @@ class ModelConfig:
             raise ValueError(f"top_k {self.top_k} must be in [1, n_routed_experts={self.n_routed_experts}]")
         if self.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func must be softmax or sigmoid, not {self.score_func!r}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

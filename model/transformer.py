@@ -11,6 +11,7 @@ F expert hidden width, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,43 @@ class Routing:
         return torch.bincount(self.expert_NK[self.used_NK], minlength=n_experts).float()
 
 
+def route(logits_NE: torch.Tensor, bias_E: torch.Tensor, config: ModelConfig) -> Routing:
+    """The routing rule shared by the reference router and the DeepSpeed gate (model.moe_deepspeed).
+
+    Selection uses score + bias; combination uses the unbiased scores of the chosen experts, normalised
+    to sum to 1. With top_p, slot j (largest score first) is used only while the normalised mass of the
+    slots before it is still below top_p, so a token uses between 1 and top_k experts.
+    """
+    logits_NE = logits_NE.float()
+    scores_NE = logits_NE.softmax(-1) if config.score_func == "softmax" else logits_NE.sigmoid()
+    _, expert_NK = (scores_NE + bias_E).topk(config.top_k, dim=-1)
+    used_NK = torch.ones_like(expert_NK, dtype=torch.bool)
+    if config.top_p is not None:
+        probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
+        sorted_NK = probs_NE.sort(-1, descending=True).values[:, : config.top_k]
+        before_NK = sorted_NK.cumsum(-1) - sorted_NK
+        used_NK = before_NK < config.top_p
+    chosen_NK = scores_NE.gather(-1, expert_NK) * used_NK
+    weight_NK = chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return Routing(expert_NK, weight_NK, used_NK, scores_NE)
+
+
+def balance_step(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
+    """One auxiliary-loss-free balancing step, in place: -rate for experts above the mean load, +rate below."""
+    bias_E += rate * torch.sign(load_E.mean() - load_E)
+
+
+def sequence_balance_loss(routing: Routing, B: int, T: int, config: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise loss: alpha * sum_i f_i * P_i per sequence, averaged, where f_i is
+    E/(K T) times the tokens routed to expert i and P_i the mean normalised score of expert i."""
+    E, K = config.n_routed_experts, config.top_k
+    chosen = torch.zeros(B * T, E, device=routing.scores_NE.device)
+    chosen_BTE = chosen.scatter_(1, routing.expert_NK, routing.used_NK.float()).view(B, T, E)
+    f_BE = chosen_BTE.sum(1) * E / (K * T)
+    probs_BTE = (routing.scores_NE / routing.scores_NE.sum(-1, keepdim=True)).view(B, T, E)
+    return config.seq_aux_loss_coef * (f_BE * probs_BTE.mean(1)).sum(-1).mean()
+
+
 class Router(nn.Module):
     """DeepSeek-style router.
 
@@ -125,25 +163,13 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(config.n_routed_experts), persistent=True)
 
     def forward(self, x_ND: torch.Tensor) -> Routing:
-        cfg = self.config
         logits_NE = F.linear(x_ND.float(), self.weight.float())
-        scores_NE = logits_NE.softmax(-1) if cfg.score_func == "softmax" else logits_NE.sigmoid()
-        _, expert_NK = (scores_NE + self.bias).topk(cfg.top_k, dim=-1)
-        used_NK = torch.ones_like(expert_NK, dtype=torch.bool)
-        if cfg.top_p is not None:
-            probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
-            sorted_NK = probs_NE.sort(-1, descending=True).values[:, : cfg.top_k]
-            # slot j is used when the mass of the slots before it is still below top_p
-            before_NK = sorted_NK.cumsum(-1) - sorted_NK
-            used_NK = before_NK < cfg.top_p
-        chosen_NK = scores_NE.gather(-1, expert_NK) * used_NK
-        weight_NK = chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-20)
-        return Routing(expert_NK, weight_NK, used_NK, scores_NE)
+        return route(logits_NE, self.bias, self.config)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:
         """One balancing step: load_E is the tokens per expert seen this step (summed over ranks)."""
-        self.bias += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        balance_step(self.bias, load_E, self.config.bias_update_rate)
 
 
 class MoE(nn.Module):
@@ -176,26 +202,25 @@ class MoE(nn.Module):
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
         self.last_routing = routing
-        self.aux_loss = self._sequence_balance_loss(routing, B, T) if self.config.seq_aux_loss_coef else torch.zeros(())
+        cfg = self.config
+        self.aux_loss = sequence_balance_loss(routing, B, T, cfg) if cfg.seq_aux_loss_coef else torch.zeros(())
         return out_ND.view(B, T, D)
 
-    def _sequence_balance_loss(self, routing: Routing, B: int, T: int) -> torch.Tensor:
-        """DeepSeek-V3's sequence-wise loss: alpha * sum_i f_i * P_i per sequence, averaged, where f_i is
-        E/(K T) times the tokens routed to expert i and P_i the mean normalised score of expert i."""
-        E, K = self.config.n_routed_experts, self.config.top_k
-        chosen_BTE = torch.zeros(B * T, E).scatter_(1, routing.expert_NK, routing.used_NK.float()).view(B, T, E)
-        f_BE = chosen_BTE.sum(1) * E / (K * T)
-        probs_BTE = (routing.scores_NE / routing.scores_NE.sum(-1, keepdim=True)).view(B, T, E)
-        return self.config.seq_aux_loss_coef * (f_BE * probs_BTE.mean(1)).sum(-1).mean()
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.router.bias
+
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        self.router.update_bias(load_E)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, moe_layer: Callable[[ModelConfig], nn.Module] = MoE):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn = MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.d_model, config.d_ff)
+        self.ffn = moe_layer(config) if config.is_moe_layer(layer) else SwiGLU(config.d_model, config.d_ff)
 
     def forward(self, x, cos, sin, start_pos=0, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
@@ -203,11 +228,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """`moe_layer` builds the MoE feed-forwards: the plain-torch `MoE` (reference, inference) or
+    `model.moe_deepspeed.DeepSpeedMoE` (training with DeepSpeed); both keep the same interface."""
+
+    def __init__(self, config: ModelConfig, moe_layer: Callable[[ModelConfig], nn.Module] = MoE):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i, moe_layer) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -245,8 +273,9 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, start_pos, None if cache is None else cache[i])
         return self.lm_head(self.norm(x))
 
-    def moe_layers(self) -> list[MoE]:
-        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE feed-forwards, each with last_routing, aux_loss, bias and update_bias(load_E)."""
+        return [layer.ffn for layer in self.layers if not isinstance(layer.ffn, SwiGLU)]
 
     def aux_loss(self) -> torch.Tensor:
         return sum((m.aux_loss for m in self.moe_layers()), torch.zeros(()))

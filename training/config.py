@@ -7,11 +7,18 @@ The learning rate warms up linearly for `warmup_steps`, then follows a cosine fr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from model.config import ModelConfig, small_cpu
+from model import config as model_presets
+from model.config import ModelConfig, dense_baseline, small_cpu
 from training.data import DataConfig
+
+PRESETS = ("debug_tiny", "small_cpu", "moe_1b")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -20,6 +27,12 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=small_cpu)
     data: DataConfig = field(default_factory=DataConfig)
+    """data.batch_size is the global batch: each of the world_size ranks trains batch_size / world_size rows."""
+    shard_dir: str = "data/curriculum_shards"
+    tokenizer_path: str = "data/tokenizer/tokenizer.json"
+    run_dir: str = "runs/moe_model"
+    """Checkpoints, metrics.jsonl, rank logs and the exported model."""
+    name: str = "moe_model"
     max_steps: int = 300
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -40,6 +53,17 @@ class TrainConfig:
     seed: int = 0
     price_per_device_hour: float = 0.05
     """$ per device-hour, for the spend meter (a CPU core-hour by default)."""
+    keep_checkpoints: int = 2
+    """Older checkpoints are deleted."""
+    log_every: int = 10
+    """Steps between progress lines (every step goes to metrics.jsonl and W&B)."""
+    val_tokens_per_bucket: int = 16_384
+    """Held-out tokens evaluated per curriculum bucket."""
+    threads_per_rank: int | None = None
+    """torch threads per rank; None = the machine's cores divided among the ranks."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for the MFU estimate; None = measured with a matmul at start-up."""
+    wandb_project: str = "frugal"
 
     def check(self) -> None:
         """Every mistake a launch would only find later, found now (ValueError naming the field)."""
@@ -50,6 +74,10 @@ class TrainConfig:
             raise ValueError("zero_stage=3 cannot train DeepSpeed MoE layers: use zero_stage 1 or 2")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+        if self.world_size < 1 or self.data.batch_size % self.world_size:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} must divide evenly over world_size={self.world_size}"
+            )
         if self.ep_size < 1 or self.world_size % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide world_size={self.world_size}")
         if moe and self.model.n_routed_experts % self.ep_size:
@@ -70,7 +98,8 @@ class TrainConfig:
     def deepspeed_config(self) -> dict:
         """The DeepSpeed JSON config for this run (the optimizer and schedule are passed as objects)."""
         return {
-            "train_micro_batch_size_per_gpu": self.data.batch_size,
+            "train_batch_size": self.data.batch_size,
+            "train_micro_batch_size_per_gpu": self.data.batch_size // self.world_size,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.grad_clip,
             "zero_optimization": {"stage": self.zero_stage},
@@ -78,3 +107,46 @@ class TrainConfig:
             "steps_per_print": 10**9,  # progress is ours to report
             "wall_clock_breakdown": False,
         }
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> TrainConfig:
+        """From a config file's contents. `model` may name a preset and override fields, e.g.
+        {"preset": "small_cpu", "dense_baseline": true, "top_p": 0.7}; unknown keys are errors."""
+        doc = dict(doc)
+        model_doc = dict(doc.pop("model", {}) or {})
+        preset = model_doc.pop("preset", None)
+        dense = model_doc.pop("dense_baseline", False)
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"model.preset must be one of {PRESETS}, not {preset!r}")
+        base = dataclasses.asdict(getattr(model_presets, preset)()) if preset else {}
+        model = _build(ModelConfig, {**base, **model_doc}, "model")
+        if dense:
+            model = dense_baseline(model)
+        data = _build(DataConfig, doc.pop("data", {}) or {}, "data")
+        return _build(cls, {**doc, "model": model, "data": data}, "")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """JSON or TOML."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"{path}: config file not found")
+        try:
+            doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
+        try:
+            return cls.from_dict(doc)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def _build(kind, doc: dict, where: str):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(doc) - names)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join((where + '.' if where else '') + u for u in unknown)}")
+    return kind(**doc)

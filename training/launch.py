@@ -1,0 +1,80 @@
+"""Starting a training run: checks that fail before anything is launched, the run folder (resume or
+start fresh), the launcher command (torchrun for several ranks) and the rank logs a failure shows.
+
+Resume rule: a run folder whose checkpoints were written by the same config and which has no
+summary.json (the run did not finish) is resumed from its last checkpoint. A finished run, or one made
+by a different config, is cleared and started again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from model.tokenizer import load_tokenizer
+from training.config import TrainConfig
+from training.data import ShardReader, check_compatible
+
+CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Config, shards and tokenizer: a ValueError naming what is wrong, before any rank starts."""
+    cfg.check()
+    ShardReader(cfg.shard_dir)  # missing manifest, missing or empty shards
+    if not Path(cfg.tokenizer_path).exists():
+        raise ValueError(f"{cfg.tokenizer_path}: tokenizer not found: materialize the tokenizer asset first")
+    check_compatible(load_tokenizer(cfg.tokenizer_path), cfg.model)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> bool:
+    """Make the run folder ready; True when an interrupted run will be resumed."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / CONFIG_FILE
+    resumable = (
+        (run_dir / CHECKPOINT_DIR / "latest").exists()
+        and not (run_dir / SUMMARY_FILE).exists()
+        and saved.exists()
+        and json.loads(saved.read_text()) == cfg.to_dict()
+    )
+    if not resumable and run_dir.exists():
+        for name in (CHECKPOINT_DIR, LOG_DIR, SUMMARY_FILE, "metrics.jsonl", "loss_curve.png"):
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return resumable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(cfg: TrainConfig) -> list[str]:
+    """The command that trains the run whose config was saved by prepare_run_dir."""
+    config_path = str(Path(cfg.run_dir) / CONFIG_FILE)
+    if cfg.world_size == 1:
+        return [sys.executable, "-m", "training.train", "--config", config_path]
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.world_size}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "training.train", "--config", config_path,
+    ]  # fmt: skip
+
+
+def rank_log_tails(run_dir: str | Path, lines: int = 25) -> str:
+    """The end of every rank's log, failing ranks (those with a traceback) first."""
+    logs = sorted((Path(run_dir) / LOG_DIR).glob("rank*.log"))
+    tails = []
+    for log in logs:
+        text = log.read_text(errors="replace").splitlines()
+        failed = any("Traceback" in line for line in text)
+        tails.append((not failed, f"--- {log} {'(failed)' if failed else ''}\n" + "\n".join(text[-lines:])))
+    return "\n".join(t for _, t in sorted(tails, key=lambda t: t[0])) or f"no rank logs in {run_dir}/{LOG_DIR}"

@@ -1,0 +1,427 @@
+"""Train a Frugal model with DeepSpeed over the curriculum shards.
+
+CLI: python -m training.train --config FILE (JSON or TOML, see training.config.TrainConfig)
+
+Run by hand, it checks the inputs, prepares the run folder (resuming an interrupted run) and trains:
+in this process for one rank, under torchrun for several. Each rank runs `train_rank`:
+
+- every rank builds the same initial weights from the seed; MoE layers run on DeepSpeed's MoE layer
+  (model.moe_deepspeed) and each rank keeps its share of the experts when ep_size > 1;
+- the DeepSpeed engine does ZeRO-1/2, fp32 or bf16 and gradient clipping; the learning rate (warmup then
+  cosine) is set on the optimizer each step, so a resumed run follows the same schedule;
+- each rank trains its slice of the global batch (the same global batch whatever the number of ranks);
+- after each step the router biases move toward balance by the expert loads summed over all ranks;
+- checkpoints (engine, optimizer, data position, spend) every `checkpoint_every` steps, on SIGTERM and at
+  the end; a restarted run continues exactly where the last checkpoint left off;
+- metrics.jsonl and W&B get every step; a validation loss per curriculum bucket every `eval_every` steps;
+- at the end, model.safetensors, config.json and tokenizer.json (the reference layout inference loads).
+
+Under Dagster Pipes (the moe_model and dense_baseline_model assets), rank 0 streams its progress lines
+to the Dagster event log and reports the final metrics as materialization metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.io import save_model
+from model.tokenizer import TOKENIZER_FILE, load_tokenizer
+from model.transformer import Transformer
+from training.config import TrainConfig
+from training.data import PackedLoader, check_compatible
+from training.launch import (
+    CHECKPOINT_DIR,
+    LOG_DIR,
+    SUMMARY_FILE,
+    check_inputs,
+    free_port,
+    launch_command,
+    prepare_run_dir,
+    rank_log_tails,
+)
+from training.metrics import MetricsSink, SpendMeter, flops_per_token, measure_peak_flops, plot_curves, read_metrics
+
+log = logging.getLogger("frugal.train")
+
+
+class Stop(Exception):
+    """SIGTERM arrived: the run checkpointed and stops (exit status 143, like a terminated process)."""
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / LOG_DIR / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    log.handlers.clear()
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices decay; norms, biases and router weights do not. Named groups, as DeepSpeed's MoE split needs."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_router = name.endswith(("router.weight", "gate.wg.weight"))
+        (decay if p.dim() >= 2 and not is_router else no_decay).append(p)
+    return [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _validation_rows(loader: PackedLoader, cfg: TrainConfig) -> dict[int, torch.Tensor]:
+    """Held-out documents of each bucket, packed into rows of seq_len + 1 tokens, capped per bucket."""
+    row = cfg.data.seq_len + 1
+    n_rows = max(1, cfg.val_tokens_per_bucket // row)
+    out = {}
+    for bucket, texts in loader.validation_texts().items():
+        ids: list[int] = []
+        for enc in loader.tokenizer.encode_batch(texts):
+            ids += [*enc.ids, loader.eos]
+            if len(ids) >= n_rows * row:
+                break
+        usable = min(n_rows, len(ids) // row) * row
+        if usable:
+            out[bucket] = torch.tensor(ids[:usable], dtype=torch.int64).view(-1, row)
+    if not out:
+        raise ValueError(
+            f"{cfg.shard_dir}: no held-out validation rows (validation_fraction={cfg.data.validation_fraction}): "
+            "raise it or give more documents"
+        )
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int, world: int):
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.run_dir = Path(cfg.run_dir)
+        self.moe = cfg.model.n_routed_experts > 0
+        torch.manual_seed(cfg.seed)
+        reference = Transformer(cfg.model)  # identical initial weights on every rank
+        if self.moe:
+            from model.moe_deepspeed import deepspeed_transformer, load_reference_state
+
+            model = deepspeed_transformer(cfg.model, cfg.ep_size)
+            load_reference_state(model, reference.state_dict(), ep_rank=rank % cfg.ep_size)
+        else:
+            model = reference
+        groups = _param_groups(model, cfg.weight_decay)
+        if self.moe:
+            groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr_at(0), betas=(0.9, 0.95), eps=1e-8)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=cfg.deepspeed_config()
+        )
+        self.ep_group = None
+        if self.moe and cfg.ep_size > 1:
+            from deepspeed.utils import groups as ds_groups
+
+            self.ep_group = ds_groups._get_expert_parallel_group(f"ep_size_{cfg.ep_size}")
+            if dist.get_rank(self.ep_group) != rank % cfg.ep_size:
+                raise RuntimeError("DeepSpeed laid out the expert-parallel groups differently than expected")
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path)
+        check_compatible(self.tokenizer, cfg.model)
+        self.loader = PackedLoader(cfg.shard_dir, self.tokenizer, cfg.data)
+        self.val_rows = _validation_rows(self.loader, cfg)
+        self.micro = cfg.data.batch_size // world
+        self.step, self.tokens = 0, 0
+        self.meter = SpendMeter(world, cfg.price_per_device_hour)
+        self.stop_requested = False
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = cfg.peak_flops or measure_peak_flops()
+        self._resume()
+        self.sink = MetricsSink(
+            self.run_dir, config=cfg.to_dict(), project=cfg.wandb_project, group=cfg.name,
+            name=f"{cfg.name}-from-step{self.step}", enabled=rank == 0,
+        )  # fmt: skip
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        if not (ckpt / "latest").exists():
+            return
+        path, client = self.engine.load_checkpoint(str(ckpt))
+        if path is None:
+            raise RuntimeError(f"{ckpt}: the latest checkpoint could not be loaded")
+        self.step, self.tokens = client["step"], client["tokens"]
+        self.loader.load_state_dict(client["loader"])
+        self.meter.device_seconds = client["device_seconds"]
+        if self.rank == 0:  # metrics logged after that checkpoint are about to be recomputed
+            kept = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step]
+            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        log.info(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
+
+    def save_checkpoint(self) -> None:
+        self.meter.tick()
+        ckpt = self.run_dir / CHECKPOINT_DIR
+        client = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loader": self.loader.state_dict(),
+            "device_seconds": self.meter.device_seconds,
+        }
+        self.engine.save_checkpoint(str(ckpt), tag=f"step_{self.step:07d}", client_state=client)
+        dist.barrier()
+        if self.rank == 0:
+            tags = sorted(p for p in ckpt.glob("step_*") if p.is_dir())
+            for old in tags[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        log.info(f"checkpoint step {self.step} -> {ckpt}")
+
+    # -- steps -------------------------------------------------------------------------------------------
+
+    def _moe_layers(self) -> list:
+        return self.engine.module.moe_layers() if self.moe else []
+
+    def train_step(self, batch_BT: torch.Tensor) -> dict:
+        cfg = self.cfg
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local = batch_BT[self.rank * self.micro : (self.rank + 1) * self.micro]
+        x, y = local[:, :-1], local[:, 1:]
+        start = time.perf_counter()
+        logits = self.engine(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.model.vocab_size), y.reshape(-1))
+        aux = self.engine.module.aux_loss() if self.moe else torch.zeros(())
+        self.engine.backward(loss + aux.to(loss.dtype))
+        self.engine.step()
+        self.step += 1
+        self.tokens += batch_BT.shape[0] * cfg.data.seq_len
+
+        # one all-reduce: loss, expert loads, routed and dropped routes, and the stop flag
+        layers = self._moe_layers()
+        E = cfg.model.n_routed_experts
+        parts = [loss.detach().float().view(1), torch.tensor([float(self.stop_requested)])]
+        for layer in layers:
+            gate_routing = layer.last_routing
+            parts.append(gate_routing.load_E(E))
+            gate = getattr(layer, "gate", None)
+            routed = gate.routed if gate is not None else int(gate_routing.used_NK.sum())
+            dropped = gate.dropped_routes if gate is not None else 0
+            parts.append(torch.tensor([float(routed), float(dropped)]))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        self.stop_requested = flat[1].item() > 0
+        record = {"step": self.step, "loss": flat[0].item() / self.world, "lr": lr, "tokens": self.tokens}
+        n_tokens = batch_BT.shape[0] * cfg.data.seq_len
+        loads, routed_total, dropped_total = [], 0.0, 0.0
+        offset = 2
+        for i, layer in enumerate(layers):
+            load_E = flat[offset : offset + E]
+            routed, dropped = flat[offset + E].item(), flat[offset + E + 1].item()
+            offset += E + 2
+            layer.update_bias(load_E)
+            loads.append((load_E.max() / load_E.mean().clamp_min(1e-9)).item())
+            record[f"expert_load_max_over_mean/layer{i}"] = loads[-1]
+            record[f"router_bias_norm/layer{i}"] = layer.bias.norm().item()
+            routed_total += routed
+            dropped_total += dropped
+        if layers:
+            record["expert_load_max_over_mean"] = max(loads)
+            record["active_experts_per_token"] = routed_total / (n_tokens * len(layers))
+            record["dropped_route_fraction"] = dropped_total / max(1.0, routed_total)
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        seconds = time.perf_counter() - start
+        self.meter.tick()
+        record["tokens_per_s"] = n_tokens / seconds
+        record["mfu"] = self.flops_per_token * record["tokens_per_s"] / (self.peak_flops * self.world)
+        record["device_hours"] = self.meter.device_hours
+        record["spend_usd"] = self.meter.spend
+        record["usd_per_1m_tokens"] = self.meter.per_million(self.tokens)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean held-out loss per bucket (every rank runs the same rows: expert-parallel forwards stay in step)."""
+        self.engine.eval()
+        out, total, count = {}, 0.0, 0
+        for bucket, rows in self.val_rows.items():
+            losses = []
+            for batch in rows.split(self.micro):
+                logits = self.engine(batch[:, :-1])
+                losses.append(
+                    F.cross_entropy(logits.float().reshape(-1, self.cfg.model.vocab_size), batch[:, 1:].reshape(-1))
+                    * batch[:, 1:].numel()
+                )
+            n = rows[:, 1:].numel()
+            out[f"val_loss/bucket{bucket}"] = (sum(losses) / n).item()
+            total, count = total + sum(losses).item(), count + n
+        out["val_loss"] = total / count
+        self.engine.train()
+        return out
+
+    def _batches(self):
+        while True:
+            yield from self.loader
+
+    def _progress(self, record: dict) -> str:
+        cfg = self.cfg
+        parts = [f"step {record['step']}/{cfg.max_steps}", f"loss {record['loss']:.3f}"]
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.3f}")
+        parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s", f"mfu {record['mfu']:.1%}"]
+        if "expert_load_max_over_mean" in record:
+            parts.append(f"load max/mean {record['expert_load_max_over_mean']:.2f}")
+            parts.append(f"experts/token {record['active_experts_per_token']:.2f}")
+        parts.append(f"${record['spend_usd']:.4f}")
+        return " | ".join(parts)
+
+    def run(self, pipes=None) -> dict:
+        cfg = self.cfg
+        batches = self._batches()
+        record: dict = {}
+        while self.step < cfg.max_steps:
+            record = self.train_step(next(batches))
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                record.update(self.evaluate())
+            self.sink.log(record)
+            due = self.step % cfg.log_every == 0 or self.step == cfg.max_steps or "val_loss" in record
+            if self.rank == 0 and due:
+                line = self._progress(record)
+                log.info(line)
+                if pipes is not None:
+                    pipes.log.info(line)
+            if self.stop_requested:
+                self.save_checkpoint()
+                raise Stop(f"stopped by SIGTERM at step {self.step}; rerun to resume")
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        return self.finish(record)
+
+    def finish(self, record: dict) -> dict:
+        """Export the model in the reference layout and write summary.json (which marks the run done)."""
+        from model.moe_deepspeed import reference_state
+
+        module = self.engine.module
+        state = reference_state(module, self.ep_group) if self.moe else module.state_dict()
+        summary = {
+            "step": self.step,
+            "tokens": self.tokens,
+            **{k: v for k, v in record.items() if k.startswith(("loss", "val_loss", "expert_load", "active_"))},
+            "tokens_per_s": _mean_recent(self.run_dir, "tokens_per_s") if self.rank == 0 else None,
+            "mfu": _mean_recent(self.run_dir, "mfu") if self.rank == 0 else None,
+            "device_hours": self.meter.device_hours,
+            "spend_usd": self.meter.spend,
+            "usd_per_1m_tokens": self.meter.per_million(self.tokens),
+            "total_params": self.cfg.model.total_params(),
+            "active_params": self.cfg.model.active_params(),
+        }
+        if self.rank == 0:
+            save_model(
+                {k: v.float() for k, v in state.items()}, self.cfg.model, self.run_dir,
+                extra={"trained": {"name": self.cfg.name, "step": self.step, "tokens": self.tokens}},
+            )  # fmt: skip
+            shutil.copyfile(self.cfg.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+            png = plot_curves(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", self.cfg.name)
+            self.sink.log_image("loss_curve", png)
+            summary["wandb_run"] = self.sink.finish(summary)
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            log.info(f"done: {self.run_dir} ({json.dumps({k: summary[k] for k in ('step', 'tokens', 'val_loss')})})")
+        dist.barrier()
+        return summary
+
+
+def _mean_recent(run_dir: Path, key: str, last: int = 50) -> float | None:
+    values = [r[key] for r in read_metrics(run_dir) if key in r][-last:]
+    return sum(values) / len(values) if values else None
+
+
+def train_rank(cfg: TrainConfig) -> dict:
+    """One rank of a run (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the launcher)."""
+    import deepspeed
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != cfg.world_size:
+        raise ValueError(f"launched with {world} ranks but the config says world_size={cfg.world_size}")
+    run_dir = Path(cfg.run_dir)
+    _setup_logging(run_dir, rank)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cfg.threads_per_rank or max(1, cores // world))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo", verbose=False)
+    pipes_cm = None
+    try:
+        trainer = Trainer(cfg, rank, world)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        pipes = None
+        if rank == 0:
+            from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+
+            if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ:  # launched by a Dagster asset
+                pipes_cm = open_dagster_pipes()
+                pipes = pipes_cm.__enter__()
+        summary = trainer.run(pipes)
+        if pipes is not None:
+            pipes.report_asset_materialization(metadata={k: v for k, v in summary.items() if v is not None})
+        return summary
+    except Stop as e:
+        log.warning(str(e))
+        raise
+    except Exception:
+        log.exception("training failed")
+        raise
+    finally:
+        if pipes_cm is not None:
+            pipes_cm.__exit__(*sys.exc_info())
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="training config (JSON or TOML)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig.from_file(args.config)
+        if "RANK" not in os.environ:  # started by hand: check, prepare, then launch
+            check_inputs(cfg)
+            resumed = prepare_run_dir(cfg)
+            print(f"{'resuming' if resumed else 'starting'} {cfg.name} in {cfg.run_dir} ({cfg.world_size} rank(s))")
+            if cfg.world_size > 1:
+                rc = subprocess.call(launch_command(cfg))
+                if rc:
+                    print(f"training failed (exit {rc}); rank logs:\n{rank_log_tails(cfg.run_dir)}", file=sys.stderr)
+                return rc
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ["MASTER_PORT"] = str(free_port())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train_rank(cfg)
+    except Stop:
+        return 143
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
