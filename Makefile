@@ -10,6 +10,8 @@ export DAGSTER_HOME := $(CURDIR)/.dagster
 export FRUGAL_DATA_DIR ?= $(CURDIR)/data
 export WANDB_DIR ?= $(CURDIR)
 export PYTHONUNBUFFERED := 1
+# DeepSpeed's JIT-compiled ops are built once per checkout
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 

@@ -10,15 +10,16 @@ from assets.checks import CHECKS
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
-from assets.training import tokenizer, tokenizer_round_trips
+from assets.training import dense_baseline_model, moe_model, tokenizer, tokenizer_round_trips
 
 curation_job = dg.define_asset_job("curation", selection=dg.AssetSelection.groups("curation"))
 
 defs = dg.Definitions(
-    assets=[*CURATION_ASSETS, quality_classifier, document_ledger, tokenizer],
+    assets=[*CURATION_ASSETS, quality_classifier, document_ledger, tokenizer, moe_model, dense_baseline_model],
     asset_checks=[*CHECKS, tokenizer_round_trips],
     jobs=[curation_job],
     resources={
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "paths": CurationPaths(data_dir=os.environ.get("FRUGAL_DATA_DIR", "data")),
         "wandb": WandbResource(
             project=os.environ.get("WANDB_PROJECT", "frugal"),

@@ -1,11 +1,23 @@
-"""Training assets. So far: the byte-level BPE tokenizer trained on the curriculum shards."""
+"""Training assets: the byte-level BPE tokenizer, and the MoE and dense-baseline models trained with
+DeepSpeed in a subprocess (torchrun for several ranks) through Dagster Pipes.
+
+The training process streams its progress lines into the Dagster event log and reports its final
+metrics; the asset adds the loss curve and a summary table. A run that failed or was terminated
+(Dagster sends SIGTERM, the ranks checkpoint) resumes from its last checkpoint when materialized again
+with the same config; a failure shows the tail of each rank's log.
+"""
+
+import json
+from pathlib import Path
 
 import dagster as dg
 
-from assets.metadata import md_table
+from assets.metadata import md_table, png_md
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths, WandbResource
 from model.tokenizer import TOKENIZER_FILE, TokenizerConfig, iter_texts, load_tokenizer, shard_paths, train_tokenizer
+from training.config import TrainConfig
+from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_run_dir, rank_log_tails
 
 GROUP = "training"
 
@@ -59,3 +71,128 @@ def tokenizer_round_trips(paths: CurationPaths) -> dg.AssetCheckResult:
             "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures) or "none"),
         },
     )
+
+
+class TrainAssetConfig(dg.Config):
+    """A training run (the main knobs of training.config.TrainConfig; the rest keep their defaults)."""
+
+    preset: str = "small_cpu"
+    """Model preset: debug_tiny, small_cpu or moe_1b."""
+    max_steps: int = 300
+    batch_size: int = 8
+    """Global batch (sequences per step over all ranks)."""
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    world_size: int = 1
+    """Ranks the launcher starts (torchrun when more than 1)."""
+    ep_size: int = 1
+    """Expert-parallel group size."""
+    zero_stage: int = 1
+    precision: str = "fp32"
+    top_p: float | None = None
+    """Dynamic routing (MoE only); unset = fixed top-k."""
+    bias_update_rate: float | None = None
+    """Balancing step gamma (MoE only); unset = the preset's."""
+    capacity_factor: float | None = None
+    checkpoint_every: int = 100
+    eval_every: int = 50
+    bucket_schedule: list[int] | None = None
+    price_per_device_hour: float = 0.05
+    seed: int = 0
+
+
+def train_config(config: TrainAssetConfig, paths: CurationPaths, name: str, dense: bool) -> TrainConfig:
+    model: dict = {"preset": config.preset, "dense_baseline": dense}
+    for key in ("top_p", "bias_update_rate", "capacity_factor"):
+        value = getattr(config, key)
+        if value is not None and not dense:
+            model[key] = value
+    cfg = {
+        "name": name,
+        "model": model,
+        "data": {"seq_len": config.seq_len, "batch_size": config.batch_size, "bucket_schedule": config.bucket_schedule},
+        "shard_dir": str(paths.stage_dir("curriculum_shards")),
+        "tokenizer_path": str(paths.stage_dir("tokenizer") / TOKENIZER_FILE),
+        "run_dir": str(paths.stage_dir(name)),
+        **{k: getattr(config, k) for k in ("max_steps", "lr", "warmup_steps", "world_size", "zero_stage", "precision")},
+        **{k: getattr(config, k) for k in ("checkpoint_every", "eval_every", "price_per_device_hour", "seed")},
+        "ep_size": 1 if dense else config.ep_size,
+    }
+    return TrainConfig.from_dict(cfg)
+
+
+def train_model(
+    context: dg.AssetExecutionContext,
+    config: TrainAssetConfig,
+    paths: CurationPaths,
+    wandb: WandbResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+    dense: bool,
+) -> dg.MaterializeResult:
+    name = context.asset_key.to_user_string()
+    try:
+        cfg = train_config(config, paths, name, dense)
+        check_inputs(cfg)
+    except ValueError as e:
+        raise dg.Failure(description=f"{name}: {e}") from e
+    resumed = prepare_run_dir(cfg)
+    context.log.info(
+        f"{'resuming' if resumed else 'starting'} {name}: {cfg.model.total_params():,} parameters "
+        f"({cfg.model.active_params():,} active), {cfg.world_size} rank(s), run folder {cfg.run_dir}"
+    )
+    env = {
+        "WANDB_RUN_GROUP": f"dagster-{context.run_id}",
+        "WANDB_PROJECT": wandb.project,
+        "WANDB_DIR": str(Path(wandb.dir).resolve()),
+        "WANDB_MODE": wandb._mode(),
+    }
+    try:
+        reported = pipes_subprocess_client.run(
+            command=launch_command(cfg), context=context, env={k: v for k, v in env.items() if v}
+        ).get_materialize_result()
+    except Exception as e:  # the process failed or was terminated: show why, from the ranks' own logs
+        tails = rank_log_tails(cfg.run_dir)
+        context.log.error(tails)
+        raise dg.Failure(
+            description=f"{name}: training failed ({type(e).__name__}); materialize again to resume from the last "
+            f"checkpoint. Rank logs:\n{tails}",
+            metadata={"rank_logs": dg.MetadataValue.text(tails), "run_dir": dg.MetadataValue.path(cfg.run_dir)},
+        ) from e
+    run_dir = Path(cfg.run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items() if v is not None]
+    metadata = {
+        **reported.metadata,
+        "resumed": resumed,
+        "summary": dg.MetadataValue.md(md_table(("metric", "value"), rows)),
+        "loss_curve": dg.MetadataValue.md(png_md(run_dir / "loss_curve.png", f"{name} loss")),
+        "run_dir": dg.MetadataValue.path(str(run_dir)),
+    }
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer])
+def moe_model(
+    context: dg.AssetExecutionContext,
+    config: TrainAssetConfig,
+    paths: CurationPaths,
+    wandb: WandbResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """The DeepSeekMoE model (shared + fine-grained routed experts on DeepSpeed's MoE layer) trained on
+    curriculum_shards: model.safetensors, config.json, tokenizer.json, metrics.jsonl, checkpoints."""
+    return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=False)
+
+
+@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer])
+def dense_baseline_model(
+    context: dg.AssetExecutionContext,
+    config: TrainAssetConfig,
+    paths: CurationPaths,
+    wandb: WandbResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """The dense baseline: the same model with dense feed-forwards of equal active parameters per token,
+    trained on the same tokens."""
+    return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=True)

@@ -96,15 +96,16 @@ def debug_tiny() -> ModelConfig:
     """Seconds per step on a CPU: what the tests train."""
     return ModelConfig(
         vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, d_ff=128, n_dense_layers=1,
-        n_routed_experts=4, n_shared_experts=1, top_k=2, d_expert=32,
+        n_routed_experts=4, n_shared_experts=1, top_k=2, d_expert=32, score_func="sigmoid", bias_update_rate=0.01,
     )  # fmt: skip
 
 
 def small_cpu() -> ModelConfig:
-    """The demo model: trains in a few minutes on 2 cores."""
+    """The demo model: trains in a few minutes on 2 cores. Short runs need a faster balancing step than
+    DeepSeek-V3's gamma = 0.001 (measured: bench/train.py, BENCHMARKS.md)."""
     return ModelConfig(
         vocab_size=8192, d_model=192, n_layers=4, n_heads=6, max_seq_len=256, d_ff=768, n_dense_layers=1,
-        n_routed_experts=8, n_shared_experts=1, top_k=2, d_expert=128,
+        n_routed_experts=8, n_shared_experts=1, top_k=2, d_expert=128, score_func="sigmoid", bias_update_rate=0.01,
     )  # fmt: skip
 
 
@@ -112,7 +113,7 @@ def moe_1b() -> ModelConfig:
     """About 1B total parameters (about 0.3B active) for GPU users."""
     return ModelConfig(
         vocab_size=32_768, d_model=1024, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=2048, d_ff=4096,
-        n_dense_layers=1, n_routed_experts=32, n_shared_experts=2, top_k=4, d_expert=512,
+        n_dense_layers=1, n_routed_experts=32, n_shared_experts=2, top_k=4, d_expert=512, score_func="sigmoid",
     )  # fmt: skip
 
 

@@ -252,8 +252,8 @@ class Transformer(nn.Module):
         ~1 with depth; the untrained model then predicts near-uniformly (loss ~ ln V)."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() < 2 or name.endswith("router.weight"):
-                continue  # norms stay at 1; the router keeps its own init
+            if p.dim() < 2:
+                continue  # norms stay at 1
             is_output = name.endswith(("wo.weight", "w2.weight", "w2_EDF"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# DeepSpeed compiles its CPU communication op on first use (~40 s): once per checkout, not per test.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

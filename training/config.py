@@ -38,6 +38,8 @@ class TrainConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 30
     weight_decay: float = 0.1
+    router_lr_scale: float = 0.1
+    """The routers learn at lr x this: a fast-moving router outruns the balancing bias (measured on small_cpu)."""
     grad_clip: float = 1.0
     precision: str = "fp32"
     """fp32 or bf16."""

@@ -71,8 +71,9 @@ class SpendMeter:
 class MetricsSink:
     """Appends one JSON line per record to metrics.jsonl and logs the same values to W&B (rank 0 only).
 
-    W&B is offline unless WANDB_API_KEY is set (then online unless WANDB_MODE says otherwise); runs of
-    one training run share its name as their group, so a resumed run shows up beside the first attempt.
+    W&B is offline unless WANDB_API_KEY is set (then online unless WANDB_MODE says otherwise). The
+    attempts of one training run share a group (WANDB_RUN_GROUP, else the run's name), so a resumed
+    run shows up beside the first attempt.
     """
 
     def __init__(self, run_dir: Path, *, config: dict, project: str, group: str, name: str, enabled: bool = True):
@@ -85,9 +86,12 @@ class MetricsSink:
 
         os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
         self.wandb_run = wandb.init(
-            project=project, group=group, name=name, config=config, job_type="train",
-            dir=os.environ.get("WANDB_DIR") or str(run_dir), reinit="finish_previous",
+            project=os.environ.get("WANDB_PROJECT", project), group=os.environ.get("WANDB_RUN_GROUP", group),
+            name=name, config=config, job_type="train", dir=str(wandb_dir), reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
         )  # fmt: skip
 
     def log(self, record: dict) -> None:

@@ -23,6 +23,7 @@ to the Dagster event log and reports the final metrics as materialization metada
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -55,6 +56,9 @@ from training.launch import (
 from training.metrics import MetricsSink, SpendMeter, flops_per_token, measure_peak_flops, plot_curves, read_metrics
 
 log = logging.getLogger("frugal.train")
+BALANCE_WINDOW = 50
+"""Steps whose expert loads are summed for the windowed balance metric: one small batch holds a few
+documents, and experts specialise by document, so a single step's max/mean overstates the imbalance."""
 
 
 class Stop(Exception):
@@ -77,16 +81,22 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; norms, biases and router weights do not. Named groups, as DeepSpeed's MoE split needs."""
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, router_lr_scale: float) -> list[dict]:
+    """Matrices decay; norms and routers do not, and routers learn at lr x router_lr_scale. Named groups,
+    as DeepSpeed's MoE split needs; `lr_scale` is applied each step with the schedule."""
+    decay, no_decay, router = [], [], []
     for name, p in model.named_parameters():
-        is_router = name.endswith(("router.weight", "gate.wg.weight"))
-        (decay if p.dim() >= 2 and not is_router else no_decay).append(p)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        if name.endswith(("router.weight", "gate.wg.weight")):
+            router.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
     ]
+    if router:
+        groups.append({"name": "router", "params": router, "weight_decay": 0.0, "lr_scale": router_lr_scale})
+    return groups
 
 
 def _validation_rows(loader: PackedLoader, cfg: TrainConfig) -> dict[int, torch.Tensor]:
@@ -128,7 +138,7 @@ class Trainer:
             load_reference_state(model, reference.state_dict(), ep_rank=rank % cfg.ep_size)
         else:
             model = reference
-        groups = _param_groups(model, cfg.weight_decay)
+        groups = _param_groups(model, cfg.weight_decay, cfg.router_lr_scale)
         if self.moe:
             groups = split_params_into_different_moe_groups_for_optimizer(groups)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr_at(0), betas=(0.9, 0.95), eps=1e-8)
@@ -151,6 +161,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.meter = SpendMeter(world, cfg.price_per_device_hour)
         self.stop_requested = False
+        self.load_window: collections.deque = collections.deque(maxlen=BALANCE_WINDOW)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = cfg.peak_flops or measure_peak_flops()
         self._resume()
@@ -171,6 +182,7 @@ class Trainer:
         self.step, self.tokens = client["step"], client["tokens"]
         self.loader.load_state_dict(client["loader"])
         self.meter.device_seconds = client["device_seconds"]
+        self.load_window.extend(torch.tensor(w) for w in client["load_window"])
         if self.rank == 0:  # metrics logged after that checkpoint are about to be recomputed
             kept = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step]
             (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -184,6 +196,7 @@ class Trainer:
             "tokens": self.tokens,
             "loader": self.loader.state_dict(),
             "device_seconds": self.meter.device_seconds,
+            "load_window": [w.tolist() for w in self.load_window],
         }
         self.engine.save_checkpoint(str(ckpt), tag=f"step_{self.step:07d}", client_state=client)
         dist.barrier()
@@ -202,7 +215,7 @@ class Trainer:
         cfg = self.cfg
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         local = batch_BT[self.rank * self.micro : (self.rank + 1) * self.micro]
         x, y = local[:, :-1], local[:, 1:]
         start = time.perf_counter()
@@ -230,19 +243,23 @@ class Trainer:
         self.stop_requested = flat[1].item() > 0
         record = {"step": self.step, "loss": flat[0].item() / self.world, "lr": lr, "tokens": self.tokens}
         n_tokens = batch_BT.shape[0] * cfg.data.seq_len
-        loads, routed_total, dropped_total = [], 0.0, 0.0
+        loads, layer_loads, routed_total, dropped_total = [], [], 0.0, 0.0
         offset = 2
         for i, layer in enumerate(layers):
             load_E = flat[offset : offset + E]
             routed, dropped = flat[offset + E].item(), flat[offset + E + 1].item()
             offset += E + 2
             layer.update_bias(load_E)
+            layer_loads.append(load_E)
             loads.append((load_E.max() / load_E.mean().clamp_min(1e-9)).item())
             record[f"expert_load_max_over_mean/layer{i}"] = loads[-1]
             record[f"router_bias_norm/layer{i}"] = layer.bias.norm().item()
             routed_total += routed
             dropped_total += dropped
         if layers:
+            self.load_window.append(torch.stack(layer_loads))
+            window_LE = torch.stack(list(self.load_window)).sum(0)
+            record["expert_load_max_over_mean_window"] = (window_LE.max(-1).values / window_LE.mean(-1)).max().item()
             record["expert_load_max_over_mean"] = max(loads)
             record["active_experts_per_token"] = routed_total / (n_tokens * len(layers))
             record["dropped_route_fraction"] = dropped_total / max(1.0, routed_total)
@@ -263,10 +280,14 @@ class Trainer:
         """Mean held-out loss per bucket (every rank runs the same rows: expert-parallel forwards stay in step)."""
         self.engine.eval()
         out, total, count = {}, 0.0, 0
+        layers = self._moe_layers()
+        loads = [torch.zeros(self.cfg.model.n_routed_experts) for _ in layers]
         for bucket, rows in self.val_rows.items():
             losses = []
             for batch in rows.split(self.micro):
                 logits = self.engine(batch[:, :-1])
+                for load, layer in zip(loads, layers):
+                    load += layer.last_routing.load_E(self.cfg.model.n_routed_experts)
                 losses.append(
                     F.cross_entropy(logits.float().reshape(-1, self.cfg.model.vocab_size), batch[:, 1:].reshape(-1))
                     * batch[:, 1:].numel()
@@ -275,6 +296,10 @@ class Trainer:
             out[f"val_loss/bucket{bucket}"] = (sum(losses) / n).item()
             total, count = total + sum(losses).item(), count + n
         out["val_loss"] = total / count
+        if layers:  # balance over every held-out token: many documents, unlike one training batch
+            ratios = [(load.max() / load.mean().clamp_min(1e-9)).item() for load in loads]
+            out.update({f"val_expert_load_max_over_mean/layer{i}": r for i, r in enumerate(ratios)})
+            out["val_expert_load_max_over_mean"] = max(ratios)
         self.engine.train()
         return out
 
@@ -326,7 +351,7 @@ class Trainer:
         summary = {
             "step": self.step,
             "tokens": self.tokens,
-            **{k: v for k, v in record.items() if k.startswith(("loss", "val_loss", "expert_load", "active_"))},
+            **{k: v for k, v in record.items() if k.startswith(("loss", "val_", "expert_load", "active_", "dropped"))},
             "tokens_per_s": _mean_recent(self.run_dir, "tokens_per_s") if self.rank == 0 else None,
             "mfu": _mean_recent(self.run_dir, "mfu") if self.rank == 0 else None,
             "device_hours": self.meter.device_hours,
@@ -407,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             resumed = prepare_run_dir(cfg)
             print(f"{'resuming' if resumed else 'starting'} {cfg.name} in {cfg.run_dir} ({cfg.world_size} rank(s))")
             if cfg.world_size > 1:
-                rc = subprocess.call(launch_command(cfg))
+                proc = subprocess.Popen(launch_command(cfg))
+                signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))  # ranks checkpoint
+                rc = proc.wait()
                 if rc:
                     print(f"training failed (exit {rc}); rank logs:\n{rank_log_tails(cfg.run_dir)}", file=sys.stderr)
                 return rc

@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import json
 import math
 
 import pytest
@@ -22,7 +23,8 @@ def config(**changes) -> TrainConfig:
             {"world_size": 2, "ep_size": 2, "model": dataclasses.replace(debug_tiny(), n_routed_experts=3)},
             "not divisible by ep_size=2",
         ),
-        ({"world_size": 3, "ep_size": 2}, "must divide world_size=3"),
+        ({"world_size": 3, "ep_size": 2, "data": DataConfig(seq_len=32, batch_size=6)}, "must divide world_size=3"),
+        ({"world_size": 2, "data": DataConfig(seq_len=32, batch_size=3)}, "batch_size=3 must divide evenly"),
         ({"precision": "fp8"}, "precision"),
         ({"warmup_steps": 100}, "warmup_steps"),
         ({"data": DataConfig(seq_len=128)}, "exceeds model.max_seq_len"),
@@ -36,6 +38,7 @@ def test_bad_settings_are_refused_before_launch(changes, message):
 def test_dense_models_may_use_zero3_and_good_settings_pass():
     config(zero_stage=3, model=dataclasses.replace(debug_tiny(), n_routed_experts=0)).check()
     config(world_size=2, ep_size=2).check()
+    config(world_size=2, ep_size=1, data=DataConfig(seq_len=32, batch_size=4)).check()
 
 
 def test_warmup_then_cosine():
@@ -52,3 +55,27 @@ def test_deepspeed_config():
     ds = config(zero_stage=2, precision="bf16").deepspeed_config()
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_clipping"] == 1.0
+    two_ranks = config(world_size=2, data=DataConfig(seq_len=32, batch_size=8)).deepspeed_config()
+    assert two_ranks["train_batch_size"] == 8 and two_ranks["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_config_files_round_trip_and_name_their_mistakes(tmp_path):
+    c = config(world_size=2, data=DataConfig(seq_len=32, batch_size=4))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(c.to_dict()))
+    assert TrainConfig.from_file(path) == c
+    toml = tmp_path / "run.toml"
+    toml.write_text('max_steps = 7\n[model]\npreset = "debug_tiny"\ndense_baseline = true\n[data]\nseq_len = 16\n')
+    t = TrainConfig.from_file(toml)
+    assert t.max_steps == 7 and t.data.seq_len == 16 and t.model.n_routed_experts == 0
+    assert t.model.active_params() == pytest.approx(debug_tiny().active_params(), rel=1e-2)
+    for text, message in [
+        ('{"max_stepz": 3}', "unknown field.*max_stepz"),
+        ('{"model": {"preset": "huge"}}', "model.preset must be one of"),
+        ('{"model": {"top_kk": 1}}', "model.top_kk"),
+        ('{"max_steps": ', "not valid json"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message) as e:
+            TrainConfig.from_file(path)
+        assert str(path) in str(e.value)

@@ -1,0 +1,201 @@
+"""Training runs on the tiny preset, each a real `python -m training.train` process (DeepSpeed, gloo)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.io import load_model
+from model.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+from pipelines.curriculum import CurriculumConfig, build_curriculum
+from tests.conftest import prose, write_jsonl
+from training.config import TrainConfig
+from training.data import PackedLoader
+from training.metrics import read_metrics
+from training.train import _validation_rows, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Curriculum shards (several buckets) and a 512-token tokenizer."""
+    d = tmp_path_factory.mktemp("train")
+    rows = [{"id": f"d{i:03d}", "text": prose(i % 37, 30 + i % 50), "quality_score": (i % 10) / 10} for i in range(300)]
+    build_curriculum(
+        [str(write_jsonl(d / "scored.jsonl", rows))], d / "shards", CurriculumConfig(target_shard_bytes=8000)
+    )
+    train_tokenizer(d / "shards", d / "tok", TokenizerConfig(vocab_size=512))
+    return d
+
+
+def write_config(inputs: Path, run_dir: Path, **changes) -> Path:
+    doc = {
+        "model": {"preset": "debug_tiny"},
+        "data": {"seq_len": 32, "batch_size": 8, "validation_fraction": 0.1},
+        "shard_dir": str(inputs / "shards"),
+        "tokenizer_path": str(inputs / "tok" / "tokenizer.json"),
+        "run_dir": str(run_dir),
+        "max_steps": 12, "warmup_steps": 2, "checkpoint_every": 5, "eval_every": 6, "log_every": 5,
+        "val_tokens_per_bucket": 1024, "peak_flops": 1e10, "threads_per_rank": 1,
+    }  # fmt: skip
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    path = run_dir.parent / f"{run_dir.name}.json"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def start(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.train", "--config", str(config)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def train(config: Path, timeout: float = 240) -> str:
+    proc = start(config)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def test_training_lowers_the_loss_and_exports_a_model_that_reloads(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    out = train(write_config(inputs, run_dir, max_steps=40, eval_every=20, checkpoint_every=10))
+    assert "step 40/40" in out and "val" in out
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert abs(records[0]["loss"] - math.log(512)) < 0.5
+    assert sum(losses(run_dir)[-5:]) / 5 < records[0]["loss"] - 1.0
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [20, 40] and val[1]["val_loss"] < val[0]["val_loss"] < math.log(512)
+    last = records[-1]
+    assert last["tokens"] == 40 * 8 * 32 and last["active_experts_per_token"] == 2.0  # fixed top-2
+    assert last["dropped_route_fraction"] == 0.0  # no capacity limit
+    assert last["tokens_per_s"] > 0 and last["mfu"] > 0 and last["device_hours"] > 0
+    assert last["spend_usd"] == pytest.approx(last["device_hours"] * 0.05)
+    assert last["usd_per_1m_tokens"] == pytest.approx(last["spend_usd"] / last["tokens"] * 1e6)
+    assert last["expert_load_max_over_mean/layer0"] >= 1.0 and last["router_bias_norm/layer0"] > 0
+    buckets = [k for k in last if k.startswith("val_loss/bucket")]
+    assert len(buckets) == len(json.loads((inputs / "shards" / "manifest.json").read_text())["buckets"]) > 1
+    assert last["val_expert_load_max_over_mean"] >= 1.0 and last["expert_load_max_over_mean_window"] >= 1.0
+
+    # only the last two checkpoints are kept; the exported model is complete
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_0000030", "step_0000040"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "summary.json", "loss_curve.png"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+
+    # the exported weights, loaded into the plain-torch model, give the validation losses DeepSpeed reported
+    model = load_model(run_dir)
+    cfg = TrainConfig.from_file(run_dir / "train_config.json")
+    rows = _validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / "tokenizer.json"), cfg.data), cfg)
+    with torch.no_grad():
+        for bucket, batch in rows.items():
+            loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+            assert loss == pytest.approx(last[f"val_loss/bucket{bucket}"], rel=1e-4)
+
+    # W&B recorded the same run (offline), read back from its transaction log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    [log] = Path(summary["wandb_run"]).glob("*.wandb")
+    inspect = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "wandb"), "leet", "inspect", "--summary", "--json", str(log)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(inspect.stdout)["summary"]["val_loss"] == pytest.approx(last["val_loss"])
+
+
+def test_resume_after_sigterm_gives_the_losses_of_an_uninterrupted_run(inputs, tmp_path):
+    steps = 60
+    train(write_config(inputs, tmp_path / "whole", max_steps=steps, checkpoint_every=1000))
+    config = write_config(inputs, tmp_path / "cut", max_steps=steps, checkpoint_every=1000)
+    proc = start(config)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped by SIGTERM" in out
+    stopped_at = len(losses(tmp_path / "cut"))
+    assert 3 <= stopped_at < steps and (tmp_path / "cut" / "checkpoints" / f"step_{stopped_at:07d}").exists()
+    out = train(config)
+    assert "resumed from" in out and f"at step {stopped_at}" in out
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bit-exact, every step
+
+
+def test_expert_parallel_ranks_match_data_parallel_ranks_and_one_rank(inputs, tmp_path):
+    runs = {
+        "one": {},
+        "dp2": {"world_size": 2},
+        "ep2": {"world_size": 2, "ep_size": 2},
+    }
+    for name, changes in runs.items():
+        train(write_config(inputs, tmp_path / name, **changes))
+    one, dp2, ep2 = (losses(tmp_path / name) for name in runs)
+    assert len(one) == 12
+    assert ep2 == pytest.approx(dp2, rel=1e-5) and dp2 == pytest.approx(one, rel=1e-5)
+    # both ep ranks' experts were gathered into one exported model
+    ep_model, one_model = load_model(tmp_path / "ep2"), load_model(tmp_path / "one")
+    torch.testing.assert_close(ep_model.state_dict(), one_model.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_killed_rank_fails_the_run_and_shows_the_rank_logs(inputs, tmp_path):
+    config = write_config(inputs, tmp_path / "run", world_size=2, max_steps=100000, checkpoint_every=100000)
+    proc = start(config)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "training.train" in " ".join(p.cmdline())]
+    victim = max(ranks, key=lambda p: p.pid)  # a rank process (torchrun starts them last)
+    victim.kill()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "training failed" in out and "rank logs" in out and "rank0.log" in out and "rank1.log" in out
+    assert not psutil.pid_exists(victim.pid) or psutil.Process(victim.pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"shard_dir": "/nowhere/shards"}, "no manifest"),
+        ({"model": {"vocab_size": 1024}}, "vocab_size=1024"),
+        ({"zero_stage": 3}, "zero_stage=3 cannot train DeepSpeed MoE"),
+        ({"world_size": 2, "ep_size": 2, "model": {"n_routed_experts": 3, "top_k": 2}}, "not divisible by ep_size"),
+        ({"tokenizer_path": "/nowhere/tokenizer.json"}, "tokenizer not found"),
+    ],
+)
+def test_bad_inputs_are_refused_before_anything_starts(inputs, tmp_path, capsys, changes, message):
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(write_config(inputs, run_dir, **changes))]) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()  # nothing was launched or written
+
+
+def test_empty_shards_are_refused(inputs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = json.loads((inputs / "shards" / "manifest.json").read_text())
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "n_rows": 0}))
+    assert main(["--config", str(write_config(inputs, tmp_path / "run", shard_dir=str(empty)))]) == 2
+    assert "hold no documents" in capsys.readouterr().err
