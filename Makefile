@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui bench-dedup bench-quality clean-data
+.PHONY: install demo test lint ui bench-dedup bench-quality bench-train clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,5 +52,11 @@ bench-dedup: install
 bench-quality: install
 	$(BIN)/python bench/quality.py
 
+# trains on the demo's shards and tokenizer (materialized first when missing)
+bench-train: install $(DAGSTER_HOME)/dagster.yaml
+	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
+		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer'
+	$(BIN)/python bench/train.py
+
 clean-data:
-	rm -rf data .dagster/storage wandb
+	rm -rf data .dagster/storage wandb runs

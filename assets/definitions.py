@@ -10,13 +10,13 @@ from assets.checks import CHECKS
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
-from assets.training import dense_baseline_model, moe_model, tokenizer, tokenizer_round_trips
+from assets.training import TRAINING_CHECKS, dense_baseline_model, moe_model, tokenizer
 
 curation_job = dg.define_asset_job("curation", selection=dg.AssetSelection.groups("curation"))
 
 defs = dg.Definitions(
     assets=[*CURATION_ASSETS, quality_classifier, document_ledger, tokenizer, moe_model, dense_baseline_model],
-    asset_checks=[*CHECKS, tokenizer_round_trips],
+    asset_checks=[*CHECKS, *TRAINING_CHECKS],
     jobs=[curation_job],
     resources={
         "pipes_subprocess_client": dg.PipesSubprocessClient(),

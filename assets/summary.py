@@ -6,12 +6,15 @@ python -m assets.summary [--data-dir DIR]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections import Counter
 from pathlib import Path
 
 from assets.ledger import CURATION_STAGES
 from pipelines.stage import STATS_FILE, StageStats
+
+MODELS = ("moe_model", "dense_baseline_model")
 
 
 def summary(data_dir: Path) -> str:
@@ -36,12 +39,22 @@ def summary(data_dir: Path) -> str:
             f"ledger: {stages[0].n_in} input documents = {stages[-1].n_kept} kept + {total_dropped} dropped"
             f" ({'balanced' if balanced else 'NOT BALANCED'}): {data_dir / 'document_ledger' / 'ledger.parquet'}",
         ]
+    models = [name for name in MODELS if (data_dir / name / "summary.json").exists()]
+    if models:
+        lines += ["", f"{'model':<24}{'params':>12}{'active':>12}{'tokens':>10}{'val loss':>10}{'tok/s':>8}{'$':>9}"]
+        for name in models:
+            s = json.loads((data_dir / name / "summary.json").read_text())
+            lines.append(
+                f"{name:<24}{s['total_params']:>12,}{s['active_params']:>12,}{s['tokens']:>10,}"
+                f"{s['val_loss']:>10.3f}{s['tokens_per_s'] or 0:>8,.0f}{s['spend_usd']:>9.4f}"
+            )
     lines += [
         "",
         "Each stage folder holds documents.parquet, ledger.parquet and stats.json;",
         "near_dedup_documents also clusters.parquet and cluster_sizes.png; scored_documents scores.parquet and",
         "score plots; curriculum_shards holds shard-*.parquet and manifest.json (the input of training);",
-        "quality_classifier holds model.bin, config.json and metrics.json.",
+        "quality_classifier holds model.bin, config.json and metrics.json; each model folder holds",
+        "model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss_curve.png and checkpoints/.",
         "Open the Dagster UI with `make ui`, then http://127.0.0.1:3000 (runs, metadata, checks).",
         "W&B runs (offline unless WANDB_API_KEY is set) are under ./wandb: `wandb sync wandb/offline-run-*`.",
     ]

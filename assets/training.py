@@ -196,3 +196,50 @@ def dense_baseline_model(
     """The dense baseline: the same model with dense feed-forwards of equal active parameters per token,
     trained on the same tokens."""
     return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=True)
+
+
+def _reload_check(asset) -> dg.AssetChecksDefinition:
+    name = asset.key.to_user_string()
+
+    @dg.asset_check(
+        asset=asset,
+        name="exported_model_reproduces_validation_loss",
+        description="model.safetensors, loaded into the plain-torch model, gives the validation loss the "
+        "DeepSpeed run reported (first curriculum bucket).",
+    )
+    def check(paths: CurationPaths) -> dg.AssetCheckResult:
+        run_dir = paths.stage_dir(name)
+        reported = json.loads((run_dir / SUMMARY_FILE).read_text())
+        loss, bucket = reload_validation_loss(run_dir)
+        expected = reported[f"val_loss/bucket{bucket}"]
+        return dg.AssetCheckResult(
+            passed=abs(loss - expected) <= 1e-3 * abs(expected),
+            metadata={"bucket": bucket, "reloaded_val_loss": loss, "reported_val_loss": expected},
+        )
+
+    return check
+
+
+def reload_validation_loss(run_dir: Path) -> tuple[float, int]:
+    """Validation loss of the exported model on the first bucket's held-out rows, as training built them."""
+    import torch
+    import torch.nn.functional as F
+
+    from model.io import load_model
+    from training.data import PackedLoader
+    from training.launch import CONFIG_FILE
+    from training.train import _validation_rows
+
+    cfg = TrainConfig.from_file(run_dir / CONFIG_FILE)
+    model = load_model(run_dir)
+    rows = _validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / TOKENIZER_FILE), cfg.data), cfg)
+    bucket, batch = next(iter(rows.items()))
+    with torch.no_grad():
+        total = sum(
+            F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
+            for b in batch.split(8)
+        )
+    return total / batch[:, 1:].numel(), bucket
+
+
+TRAINING_CHECKS = [tokenizer_round_trips, _reload_check(moe_model), _reload_check(dense_baseline_model)]

@@ -107,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--speed-steps", type=int, default=60, help="steps of the plain-torch timing loops")
-    parser.add_argument("--top-p", type=float, default=0.25, help="p of the dynamic-routing run (k_max = top_k)")
+    parser.add_argument("--top-p", type=float, default=0.53, help="p of the dynamic-routing run (k_max = top_k)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FRUGAL_DATA_DIR", ROOT / "data")))
     args = parser.parse_args()
     if not (args.data_dir / "curriculum_shards" / "manifest.json").exists():

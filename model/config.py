@@ -37,7 +37,8 @@ class ModelConfig:
     score_func: str = "softmax"
     """Router scores: softmax over experts, or sigmoid per expert (DeepSeek-V3), then normalised over the chosen."""
     top_p: float | None = None
-    """Dynamic routing: the fewest experts whose probability mass reaches top_p, at most top_k. None = fixed top-k."""
+    """Dynamic routing: of the top_k selected experts, the fewest whose gating weights (normalised over the
+    top_k) reach top_p; top_k is then the cap k_max. None = fixed top-k."""
     bias_update_rate: float = 1e-3
     """gamma of auxiliary-loss-free balancing: each step a bias moves by -/+gamma for over/under-loaded experts."""
     seq_aux_loss_coef: float = 0.0

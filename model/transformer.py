@@ -113,19 +113,22 @@ def route(logits_NE: torch.Tensor, bias_E: torch.Tensor, config: ModelConfig) ->
     """The routing rule shared by the reference router and the DeepSpeed gate (model.moe_deepspeed).
 
     Selection uses score + bias; combination uses the unbiased scores of the chosen experts, normalised
-    to sum to 1. With top_p, slot j (largest score first) is used only while the normalised mass of the
-    slots before it is still below top_p, so a token uses between 1 and top_k experts.
+    to sum to 1 (the gating weights). With top_p, the top_k selected experts are candidates: taking them
+    by gating weight, largest first, a token uses the fewest whose weights sum to at least top_p, so a
+    token whose first expert carries most of the weight uses fewer experts. (Over the candidates, not all
+    experts: with sigmoid scores spread over many experts no single one would ever reach p.)
     """
     logits_NE = logits_NE.float()
     scores_NE = logits_NE.softmax(-1) if config.score_func == "softmax" else logits_NE.sigmoid()
     _, expert_NK = (scores_NE + bias_E).topk(config.top_k, dim=-1)
+    chosen_NK = scores_NE.gather(-1, expert_NK)
     used_NK = torch.ones_like(expert_NK, dtype=torch.bool)
     if config.top_p is not None:
-        probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
-        sorted_NK = probs_NE.sort(-1, descending=True).values[:, : config.top_k]
-        before_NK = sorted_NK.cumsum(-1) - sorted_NK
-        used_NK = before_NK < config.top_p
-    chosen_NK = scores_NE.gather(-1, expert_NK) * used_NK
+        probs_NK = chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+        sorted_NK, order_NK = probs_NK.sort(-1, descending=True)
+        before_NK = sorted_NK.cumsum(-1) - sorted_NK  # mass of the larger candidates
+        used_NK = torch.zeros_like(used_NK).scatter(-1, order_NK, before_NK < config.top_p)
+    chosen_NK = chosen_NK * used_NK
     weight_NK = chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-20)
     return Routing(expert_NK, weight_NK, used_NK, scores_NE)
 
@@ -152,8 +155,8 @@ class Router(nn.Module):
     Selection uses score + bias; combination uses the unbiased scores of the chosen experts, normalised
     to sum to 1. The bias is not trained by gradients: after each step, `update_bias(load)` moves it by
     -gamma for experts above the mean load and +gamma below (auxiliary-loss-free balancing, DeepSeek-V3).
-    Dynamic routing (top_p): a token uses the fewest experts whose normalised scores, largest first, sum
-    to at least top_p, capped at top_k, so confident tokens use fewer experts.
+    Dynamic routing (top_p): of its top_k candidates, a token uses the fewest whose gating weights,
+    largest first, sum to at least top_p, so confident tokens use fewer experts (see `route`).
     """
 
     def __init__(self, config: ModelConfig):

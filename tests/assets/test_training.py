@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from assets.resources import CurationPaths, WandbResource
-from assets.training import TrainAssetConfig, dense_baseline_model, moe_model, train_config
+from assets.training import TRAINING_CHECKS, TrainAssetConfig, dense_baseline_model, moe_model, train_config
 from model.tokenizer import TokenizerConfig, train_tokenizer
 from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
@@ -35,9 +35,9 @@ def data_dir(tmp_path) -> Path:
     return data
 
 
-def materialize(data_dir: Path, assets: list, config: dict, raise_on_error: bool = True, instance=None):
+def materialize(data_dir: Path, assets: list, config: dict, raise_on_error: bool = True, instance=None, checks=()):
     return dg.materialize(
-        assets,
+        [*assets, *checks],
         instance=instance,
         resources={
             "paths": CurationPaths(data_dir=str(data_dir)),
@@ -56,8 +56,11 @@ def metadata_of(result, asset: str) -> dict:
 
 def test_both_models_train_through_pipes_and_report_metrics(data_dir):
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize(data_dir, [moe_model, dense_baseline_model], TINY, instance=instance)
+    checks = TRAINING_CHECKS[1:]  # the exported model, reloaded, reproduces the reported validation loss
+    result = materialize(data_dir, [moe_model, dense_baseline_model], TINY, instance=instance, checks=checks)
     assert result.success
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 2 and all(e.passed for e in evaluations), [e.metadata for e in evaluations]
     moe, dense = metadata_of(result, "moe_model"), metadata_of(result, "dense_baseline_model")
     for meta, name in ((moe, "moe_model"), (dense, "dense_baseline_model")):
         records = read_metrics(data_dir / name)
