@@ -1,7 +1,7 @@
 """Training benchmark: the DeepSpeed engine against a plain-torch loop, MoE against the dense baseline,
 top-p dynamic routing against fixed top-k, and expert balance with and without bias balancing.
 
-Usage: python bench/train.py [--steps 300] [--data-dir data]   (or `make bench-train`)
+Usage: python bench/train.py [--steps 400] [--data-dir data]   (or `make bench-train`)
 
 Everything is trained on the curriculum shards and tokenizer that `make demo` builds (FRUGAL_DATA_DIR),
 with the small_cpu preset, the same seed and the same tokens, in one run on this machine; each
@@ -105,7 +105,7 @@ def table(columns: list[str], rows: list[list]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--speed-steps", type=int, default=60, help="steps of the plain-torch timing loops")
     parser.add_argument("--top-p", type=float, default=0.53, help="p of the dynamic-routing run (k_max = top_k)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FRUGAL_DATA_DIR", ROOT / "data")))

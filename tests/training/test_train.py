@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from model.io import load_model
 from model.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
@@ -199,3 +200,14 @@ def test_empty_shards_are_refused(inputs, tmp_path, capsys):
     (empty / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "n_rows": 0}))
     assert main(["--config", str(write_config(inputs, tmp_path / "run", shard_dir=str(empty)))]) == 2
     assert "hold no documents" in capsys.readouterr().err
+
+
+def test_zero2_and_bf16_train_like_zero1_fp32(inputs, tmp_path):
+    runs = {"zero1": {}, "zero2": {"zero_stage": 2}, "bf16": {"precision": "bf16"}}
+    for name, changes in runs.items():
+        train(write_config(inputs, tmp_path / name, **changes))
+    zero1, zero2, bf16 = (losses(tmp_path / name) for name in runs)
+    assert zero2 == pytest.approx(zero1, rel=1e-4)  # one rank: partitioning changes nothing in the maths
+    assert bf16 == pytest.approx(zero1, rel=2e-2) and bf16 != zero1  # bf16 compute: close, not identical
+    exported = load_file(str(tmp_path / "bf16" / "model.safetensors"))  # exported in fp32 whatever the training
+    assert {t.dtype for t in exported.values()} == {torch.float32}
