@@ -20,6 +20,8 @@ from training.config import TrainConfig
 from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_run_dir, rank_log_tails
 
 GROUP = "training"
+TRAINING_TAGS = {"frugal/compute": "training"}
+"""Training runs use every core: Definitions' executor runs one op with this tag at a time."""
 
 
 class TokenizerAssetConfig(dg.Config):
@@ -172,7 +174,7 @@ def train_model(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer])
+@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
 def moe_model(
     context: dg.AssetExecutionContext,
     config: TrainAssetConfig,
@@ -185,7 +187,7 @@ def moe_model(
     return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=False)
 
 
-@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer])
+@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
 def dense_baseline_model(
     context: dg.AssetExecutionContext,
     config: TrainAssetConfig,
