@@ -1,0 +1,1 @@
+"""Inference runtime: generation, speculative decoding (and, next, quantization and the package)."""
