@@ -1,0 +1,69 @@
+"""Weight-only INT8 and INT4: error bounds, the native kernels against dequantized references, and a
+quantized model's logits against fp32."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inference.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_linears
+from model.config import debug_tiny, dense_baseline
+from model.transformer import Transformer
+
+
+def test_int8_error_is_at_most_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 3  # rows of different scales
+    q = quantize_int8(w)
+    assert q.q_NK.dtype == torch.int8
+    assert ((q.dequantize() - w).abs() <= q.scale_N[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_error_is_at_most_half_a_step_per_group(group_size, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) + torch.linspace(-1, 1, 256)  # groups with offsets: asymmetric helps
+    q = quantize_int4(w, group_size, symmetric)
+    assert int(q.q_NK.max()) <= 15 and q.scale_NG.shape == (16, 256 // group_size)
+    step = q.scale_NG.repeat_interleave(group_size, 1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-5).all()
+
+
+def test_asymmetric_int4_is_closer_on_offset_groups():
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * 0.1 + 1.0  # every group far from zero
+    err = {s: (quantize_int4(w, 32, s).dequantize() - w).pow(2).mean() for s in (False, True)}
+    assert err[False] < err[True] / 4
+
+
+def test_unsupported_group_sizes_are_refused():
+    with pytest.raises(ValueError, match="unsupported INT4 group size 48"):
+        quantize_int4(torch.randn(8, 96), 48)
+
+
+def test_native_kernels_match_the_dequantized_weights():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(5, 128)
+    q8 = quantize_int8(w)
+    torch.testing.assert_close(Int8Linear(q8)(x), x @ q8.dequantize().T, rtol=1e-4, atol=1e-4)
+    q4 = quantize_int4(w, 32)
+    reference = x @ q4.dequantize().T
+    assert (Int4Linear(q4)(x) - reference).abs().max() < 0.05 * reference.abs().max()  # bf16 activations
+
+
+@pytest.mark.parametrize(("scheme", "min_cos", "max_kl"), [("int8", 0.9999, 1e-3), ("int4", 0.98, 0.05)])
+def test_quantized_dense_model_logits_stay_close(scheme, min_cos, max_kl):
+    torch.manual_seed(0)
+    config = dataclasses.replace(dense_baseline(debug_tiny()), d_model=128, d_ff=256, n_heads=4)
+    model = Transformer(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (2, 32))
+    with torch.no_grad():
+        ref = model(tokens)
+        n = quantize_linears(model, scheme, group_size=32)
+        out = model(tokens)
+    assert n == config.n_layers * 7 + 1  # q k v o, w1 w2 w3 per layer, and the lm_head
+    cos = F.cosine_similarity(out.flatten(0, 1), ref.flatten(0, 1), dim=-1).min().item()
+    kl = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    assert cos > min_cos and kl < max_kl, (cos, kl)
