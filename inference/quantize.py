@@ -98,20 +98,29 @@ class Int4Linear(nn.Module):
 
 
 def quantize_linears(model: nn.Module, scheme: str, group_size: int = 64, symmetric: bool = False) -> int:
-    """Replace every nn.Linear (bias-free) in place by its INT8 or INT4 version; returns how many.
-    A tied lm_head is quantized too (the embedding table stays in full precision for the lookup)."""
+    """Replace, in place, every bias-free nn.Linear and every routed expert's three matrices by their
+    INT8 or INT4 versions; returns how many matrices were quantized. A tied lm_head is quantized too
+    (the embedding table stays in full precision for the lookup); routers and norms stay fp32."""
+    from model.transformer import MoE
+
     if scheme not in ("int8", "int4"):
         raise ValueError(f"scheme must be int8 or int4, not {scheme!r}")
+
+    def quantized(w: torch.Tensor) -> nn.Module:
+        return Int8Linear(quantize_int8(w)) if scheme == "int8" else Int4Linear(quantize_int4(w, group_size, symmetric))
+
     replaced = 0
     for parent in list(model.modules()):
+        if isinstance(parent, MoE) and parent.quantized is None:
+            experts = nn.ModuleList(
+                nn.ModuleList([quantized(parent.w1_EFD[e]), quantized(parent.w3_EFD[e]), quantized(parent.w2_EDF[e])])
+                for e in range(parent.config.n_routed_experts)
+            )
+            del parent.w1_EFD, parent.w3_EFD, parent.w2_EDF
+            parent.quantized = experts
+            replaced += 3 * len(experts)
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child.bias is not None:
-                continue
-            w = child.weight
-            if scheme == "int8":
-                new = Int8Linear(quantize_int8(w))
-            else:
-                new = Int4Linear(quantize_int4(w, group_size, symmetric))
-            setattr(parent, name, new)
-            replaced += 1
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(parent, name, quantized(child.weight))
+                replaced += 1
     return replaced

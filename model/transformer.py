@@ -53,6 +53,13 @@ class LayerCache:
     k_BGSDh: torch.Tensor
     v_BGSDh: torch.Tensor
 
+    def store(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions start .. start + T - 1; return keys and values of positions 0 .. start + T - 1."""
+        end = start + k.shape[2]
+        self.k_BGSDh[:, :, start:end] = k
+        self.v_BGSDh[:, :, start:end] = v
+        return self.k_BGSDh[:, :, :end], self.v_BGSDh[:, :, :end]
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -71,9 +78,7 @@ class Attention(nn.Module):
         v = self.wv(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            cache.k_BGSDh[:, :, start_pos : start_pos + T] = k
-            cache.v_BGSDh[:, :, start_pos : start_pos + T] = v
-            k, v = cache.k_BGSDh[:, :, : start_pos + T], cache.v_BGSDh[:, :, : start_pos + T]
+            k, v = cache.store(start_pos, k, v)
         repeat = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if start_pos == 0:
@@ -189,6 +194,8 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, F_ * config.n_shared_experts) if config.n_shared_experts else None
         self.last_routing: Routing | None = None
         self.aux_loss = torch.zeros(())
+        self.quantized: nn.ModuleList | None = None
+        """Set by inference.quantize: per expert, quantized (w1, w3, w2) replacing the weight stacks."""
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -199,8 +206,7 @@ class MoE(nn.Module):
             token_idx, slot = torch.nonzero((routing.expert_NK == e) & routing.used_NK, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
-            h = x_ND[token_idx]
-            y = F.linear(F.silu(F.linear(h, self.w1_EFD[e])) * F.linear(h, self.w3_EFD[e]), self.w2_EDF[e])
+            y = self._expert(e, x_ND[token_idx])
             out_ND.index_add_(0, token_idx, y * routing.weight_NK[token_idx, slot, None].type_as(y))
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
@@ -208,6 +214,12 @@ class MoE(nn.Module):
         cfg = self.config
         self.aux_loss = sequence_balance_loss(routing, B, T, cfg) if cfg.seq_aux_loss_coef else torch.zeros(())
         return out_ND.view(B, T, D)
+
+    def _expert(self, e: int, h_ND: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            w1, w3, w2 = self.quantized[e]
+            return w2(F.silu(w1(h_ND)) * w3(h_ND))
+        return F.linear(F.silu(F.linear(h_ND, self.w1_EFD[e])) * F.linear(h_ND, self.w3_EFD[e]), self.w2_EDF[e])
 
     @property
     def bias(self) -> torch.Tensor:
@@ -261,8 +273,12 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32) -> list[LayerCache]:
+        """One cache per layer; a model may set `cache_factory` (e.g. inference.kv_cache's INT8 cache)."""
         n_kv = self.config.n_kv_heads or self.config.n_heads
         shape = (batch, n_kv, max_len or self.config.max_seq_len, self.config.head_dim)
+        factory = getattr(self, "cache_factory", None)
+        if factory is not None:
+            return [factory(shape) for _ in self.layers]
         return [LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
 
     def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None):
