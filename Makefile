@@ -35,6 +35,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster asset materialize -m assets.definitions --select '*'
 	@$(BIN)/python -m assets.summary
+	@$(BIN)/python -m inference.demo
 
 test: install
 	$(BIN)/ruff check .

@@ -10,12 +10,20 @@ from assets.checks import CHECKS
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
-from assets.training import TRAINING_CHECKS, TRAINING_TAGS, dense_baseline_model, moe_model, tokenizer
+from assets.training import TRAINING_CHECKS, TRAINING_TAGS, dense_baseline_model, draft_model, moe_model, tokenizer
 
 curation_job = dg.define_asset_job("curation", selection=dg.AssetSelection.groups("curation"))
 
 defs = dg.Definitions(
-    assets=[*CURATION_ASSETS, quality_classifier, document_ledger, tokenizer, moe_model, dense_baseline_model],
+    assets=[
+        *CURATION_ASSETS,
+        quality_classifier,
+        document_ledger,
+        tokenizer,
+        moe_model,
+        dense_baseline_model,
+        draft_model,
+    ],
     asset_checks=[*CHECKS, *TRAINING_CHECKS],
     jobs=[curation_job],
     # steps run in parallel processes, but only one training run at a time: each one uses every core

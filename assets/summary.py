@@ -14,7 +14,7 @@ from pathlib import Path
 from assets.ledger import CURATION_STAGES
 from pipelines.stage import STATS_FILE, StageStats
 
-MODELS = ("moe_model", "dense_baseline_model")
+MODELS = ("moe_model", "dense_baseline_model", "draft_model")
 
 
 def summary(data_dir: Path) -> str:

@@ -187,6 +187,24 @@ def moe_model(
     return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=False)
 
 
+class DraftAssetConfig(TrainAssetConfig):
+    preset: str = "small_cpu_draft"
+    """A small dense model with the target's vocabulary (small_cpu_draft, or debug_tiny for tests)."""
+
+
+@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
+def draft_model(
+    context: dg.AssetExecutionContext,
+    config: DraftAssetConfig,
+    paths: CurationPaths,
+    wandb: WandbResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    """The speculative-decoding draft: a small dense model trained on the same shards and tokens with
+    the same tokenizer (inference.speculative checks that the tokenizers are identical)."""
+    return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=True)
+
+
 @dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
 def dense_baseline_model(
     context: dg.AssetExecutionContext,
@@ -244,4 +262,9 @@ def reload_validation_loss(run_dir: Path) -> tuple[float, int]:
     return total / batch[:, 1:].numel(), bucket
 
 
-TRAINING_CHECKS = [tokenizer_round_trips, _reload_check(moe_model), _reload_check(dense_baseline_model)]
+TRAINING_CHECKS = [
+    tokenizer_round_trips,
+    _reload_check(moe_model),
+    _reload_check(dense_baseline_model),
+    _reload_check(draft_model),
+]

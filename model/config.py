@@ -110,6 +110,14 @@ def small_cpu() -> ModelConfig:
     )  # fmt: skip
 
 
+def small_cpu_draft() -> ModelConfig:
+    """The speculative-decoding draft for small_cpu: dense, 2 layers, the same vocabulary and context."""
+    return ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=2, n_heads=4, max_seq_len=256, d_ff=512, n_routed_experts=0,
+        n_dense_layers=2,
+    )  # fmt: skip
+
+
 def moe_1b() -> ModelConfig:
     """About 1B total parameters (about 0.3B active) for GPU users."""
     return ModelConfig(

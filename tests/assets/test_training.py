@@ -13,7 +13,15 @@ import psutil
 import pytest
 
 from assets.resources import CurationPaths, WandbResource
-from assets.training import TRAINING_CHECKS, TrainAssetConfig, dense_baseline_model, moe_model, train_config
+from assets.training import (
+    TRAINING_CHECKS,
+    TrainAssetConfig,
+    dense_baseline_model,
+    draft_model,
+    moe_model,
+    train_config,
+)
+from inference import demo
 from model.tokenizer import TokenizerConfig, train_tokenizer
 from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
@@ -54,13 +62,14 @@ def metadata_of(result, asset: str) -> dict:
     return event.materialization.metadata
 
 
-def test_both_models_train_through_pipes_and_report_metrics(data_dir):
+def test_the_models_train_through_pipes_and_report_metrics(data_dir, capsys):
     instance = dg.DagsterInstance.ephemeral()
     checks = TRAINING_CHECKS[1:]  # the exported model, reloaded, reproduces the reported validation loss
-    result = materialize(data_dir, [moe_model, dense_baseline_model], TINY, instance=instance, checks=checks)
+    assets = [moe_model, dense_baseline_model, draft_model]
+    result = materialize(data_dir, assets, TINY, instance=instance, checks=checks)
     assert result.success
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 2 and all(e.passed for e in evaluations), [e.metadata for e in evaluations]
+    assert len(evaluations) == 3 and all(e.passed for e in evaluations), [e.metadata for e in evaluations]
     moe, dense = metadata_of(result, "moe_model"), metadata_of(result, "dense_baseline_model")
     for meta, name in ((moe, "moe_model"), (dense, "dense_baseline_model")):
         records = read_metrics(data_dir / name)
@@ -76,6 +85,11 @@ def test_both_models_train_through_pipes_and_report_metrics(data_dir):
     # progress lines from the training process reached the Dagster event log
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any("step 8/16" in m and "loss" in m for m in messages)
+
+    # the demo's ending: the INT4 target decodes the same greedy text with and without the draft
+    demo.main(["--target", str(data_dir / "moe_model"), "--draft", str(data_dir / "draft_model"), "--scheme", "int4"])
+    out = capsys.readouterr().out
+    assert out.count("identical: True") == len(demo.PROMPTS) and "acceptance rate" in out
 
 
 def test_a_terminated_run_resumes_from_its_checkpoint(data_dir):
