@@ -174,48 +174,55 @@ def train_model(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
-def moe_model(
-    context: dg.AssetExecutionContext,
-    config: TrainAssetConfig,
-    paths: CurationPaths,
-    wandb: WandbResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
-    """The DeepSeekMoE model (shared + fine-grained routed experts on DeepSpeed's MoE layer) trained on
-    curriculum_shards: model.safetensors, config.json, tokenizer.json, metrics.jsonl, checkpoints."""
-    return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=False)
-
-
 class DraftAssetConfig(TrainAssetConfig):
     preset: str = "small_cpu_draft"
     """A small dense model with the target's vocabulary (small_cpu_draft, or debug_tiny for tests)."""
 
 
-@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
-def draft_model(
-    context: dg.AssetExecutionContext,
-    config: DraftAssetConfig,
-    paths: CurationPaths,
-    wandb: WandbResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
-    """The speculative-decoding draft: a small dense model trained on the same shards and tokens with
-    the same tokenizer (inference.speculative checks that the tokenizers are identical)."""
-    return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=True)
+def _training_asset(name: str, config_type: type[TrainAssetConfig], dense: bool, description: str):
+    """One model trained by `train_model`; the three training assets differ only in these arguments."""
+
+    @dg.asset(
+        name=name,
+        description=description,
+        group_name=GROUP,
+        kinds={"deepspeed", "pytorch"},
+        deps=[curriculum_shards, tokenizer],
+        op_tags=TRAINING_TAGS,
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: config_type,
+        paths: CurationPaths,
+        wandb: WandbResource,
+        pipes_subprocess_client: dg.PipesSubprocessClient,
+    ) -> dg.MaterializeResult:
+        return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=dense)
+
+    return _asset
 
 
-@dg.asset(group_name=GROUP, kinds={"deepspeed", "pytorch"}, deps=[curriculum_shards, tokenizer], op_tags=TRAINING_TAGS)
-def dense_baseline_model(
-    context: dg.AssetExecutionContext,
-    config: TrainAssetConfig,
-    paths: CurationPaths,
-    wandb: WandbResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
-) -> dg.MaterializeResult:
-    """The dense baseline: the same model with dense feed-forwards of equal active parameters per token,
-    trained on the same tokens."""
-    return train_model(context, config, paths, wandb, pipes_subprocess_client, dense=True)
+moe_model = _training_asset(
+    "moe_model",
+    TrainAssetConfig,
+    dense=False,
+    description="The DeepSeekMoE model (shared + fine-grained routed experts on DeepSpeed's MoE layer) trained "
+    "on curriculum_shards: model.safetensors, config.json, tokenizer.json, metrics.jsonl, checkpoints.",
+)
+dense_baseline_model = _training_asset(
+    "dense_baseline_model",
+    TrainAssetConfig,
+    dense=True,
+    description="The dense baseline: the same model with dense feed-forwards of equal active parameters per "
+    "token, trained on the same tokens.",
+)
+draft_model = _training_asset(
+    "draft_model",
+    DraftAssetConfig,
+    dense=True,
+    description="The speculative-decoding draft: a small dense model trained on the same shards and tokens "
+    "with the same tokenizer (inference.speculative checks that the tokenizers are identical).",
+)
 
 
 def _reload_check(asset) -> dg.AssetChecksDefinition:
