@@ -255,11 +255,11 @@ def reload_validation_loss(run_dir: Path) -> tuple[float, int]:
     from model.io import load_model
     from training.data import PackedLoader
     from training.launch import CONFIG_FILE
-    from training.train import _validation_rows
+    from training.train import validation_rows
 
     cfg = TrainConfig.from_file(run_dir / CONFIG_FILE)
     model = load_model(run_dir)
-    rows = _validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / TOKENIZER_FILE), cfg.data), cfg)
+    rows = validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / TOKENIZER_FILE), cfg.data), cfg)
     bucket, batch = next(iter(rows.items()))
     with torch.no_grad():
         total = sum(

@@ -99,7 +99,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, router_lr_scale: 
     return groups
 
 
-def _validation_rows(loader: PackedLoader, cfg: TrainConfig) -> dict[int, torch.Tensor]:
+def validation_rows(loader: PackedLoader, cfg: TrainConfig) -> dict[int, torch.Tensor]:
     """Held-out documents of each bucket, packed into rows of seq_len + 1 tokens, capped per bucket."""
     row = cfg.data.seq_len + 1
     n_rows = max(1, cfg.val_tokens_per_bucket // row)
@@ -156,7 +156,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.tokenizer_path)
         check_compatible(self.tokenizer, cfg.model)
         self.loader = PackedLoader(cfg.shard_dir, self.tokenizer, cfg.data)
-        self.val_rows = _validation_rows(self.loader, cfg)
+        self.val_rows = validation_rows(self.loader, cfg)
         self.micro = cfg.data.batch_size // world
         self.step, self.tokens = 0, 0
         self.meter = SpendMeter(world, cfg.price_per_device_hour)
@@ -227,42 +227,35 @@ class Trainer:
         self.step += 1
         self.tokens += batch_BT.shape[0] * cfg.data.seq_len
 
-        # one all-reduce: loss, expert loads, routed and dropped routes, and the stop flag
         layers = self._moe_layers()
         E = cfg.model.n_routed_experts
+        # one all-reduce: loss, stop flag, and per MoE layer its expert loads, routed and dropped routes
         parts = [loss.detach().float().view(1), torch.tensor([float(self.stop_requested)])]
-        for layer in layers:
-            gate_routing = layer.last_routing
-            parts.append(gate_routing.load_E(E))
-            gate = getattr(layer, "gate", None)
-            routed = gate.routed if gate is not None else int(gate_routing.used_NK.sum())
-            dropped = gate.dropped_routes if gate is not None else 0
-            parts.append(torch.tensor([float(routed), float(dropped)]))
+        for layer in layers:  # DeepSpeedMoE layers: their gate counts routes
+            parts += [
+                layer.last_routing.load_E(E),
+                torch.tensor([layer.gate.routed, layer.gate.dropped_routes], dtype=torch.float32),
+            ]
         flat = torch.cat(parts)
         dist.all_reduce(flat)
         self.stop_requested = flat[1].item() > 0
         record = {"step": self.step, "loss": flat[0].item() / self.world, "lr": lr, "tokens": self.tokens}
         n_tokens = batch_BT.shape[0] * cfg.data.seq_len
-        loads, layer_loads, routed_total, dropped_total = [], [], 0.0, 0.0
-        offset = 2
-        for i, layer in enumerate(layers):
-            load_E = flat[offset : offset + E]
-            routed, dropped = flat[offset + E].item(), flat[offset + E + 1].item()
-            offset += E + 2
-            layer.update_bias(load_E)
-            layer_loads.append(load_E)
-            loads.append((load_E.max() / load_E.mean().clamp_min(1e-9)).item())
-            record[f"expert_load_max_over_mean/layer{i}"] = loads[-1]
-            record[f"router_bias_norm/layer{i}"] = layer.bias.norm().item()
-            routed_total += routed
-            dropped_total += dropped
         if layers:
-            self.load_window.append(torch.stack(layer_loads))
+            per_layer = flat[2:].view(len(layers), E + 2)
+            load_LE, routed_L, dropped_L = per_layer[:, :E], per_layer[:, E], per_layer[:, E + 1]
+            for layer, load_E in zip(layers, load_LE):
+                layer.update_bias(load_E)
+            ratio_L = load_LE.max(-1).values / load_LE.mean(-1).clamp_min(1e-9)
+            for i, layer in enumerate(layers):
+                record[f"expert_load_max_over_mean/layer{i}"] = ratio_L[i].item()
+                record[f"router_bias_norm/layer{i}"] = layer.bias.norm().item()
+            self.load_window.append(load_LE.clone())
             window_LE = torch.stack(list(self.load_window)).sum(0)
             record["expert_load_max_over_mean_window"] = (window_LE.max(-1).values / window_LE.mean(-1)).max().item()
-            record["expert_load_max_over_mean"] = max(loads)
-            record["active_experts_per_token"] = routed_total / (n_tokens * len(layers))
-            record["dropped_route_fraction"] = dropped_total / max(1.0, routed_total)
+            record["expert_load_max_over_mean"] = ratio_L.max().item()
+            record["active_experts_per_token"] = routed_L.sum().item() / (n_tokens * len(layers))
+            record["dropped_route_fraction"] = dropped_L.sum().item() / max(1.0, routed_L.sum().item())
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -348,12 +341,13 @@ class Trainer:
 
         module = self.engine.module
         state = reference_state(module, self.ep_group) if self.moe else module.state_dict()
+        records = read_metrics(self.run_dir) if self.rank == 0 else []  # rank 0 writes metrics.jsonl
         summary = {
             "step": self.step,
             "tokens": self.tokens,
             **{k: v for k, v in record.items() if k.startswith(("loss", "val_", "expert_load", "active_", "dropped"))},
-            "tokens_per_s": _mean_recent(self.run_dir, "tokens_per_s") if self.rank == 0 else None,
-            "mfu": _mean_recent(self.run_dir, "mfu") if self.rank == 0 else None,
+            "tokens_per_s": _mean_recent(records, "tokens_per_s"),
+            "mfu": _mean_recent(records, "mfu"),
             "device_hours": self.meter.device_hours,
             "spend_usd": self.meter.spend,
             "usd_per_1m_tokens": self.meter.per_million(self.tokens),
@@ -366,7 +360,7 @@ class Trainer:
                 extra={"trained": {"name": self.cfg.name, "step": self.step, "tokens": self.tokens}},
             )  # fmt: skip
             shutil.copyfile(self.cfg.tokenizer_path, self.run_dir / TOKENIZER_FILE)
-            png = plot_curves(read_metrics(self.run_dir), self.run_dir / "loss_curve.png", self.cfg.name)
+            png = plot_curves(records, self.run_dir / "loss_curve.png", self.cfg.name)
             self.sink.log_image("loss_curve", png)
             summary["wandb_run"] = self.sink.finish(summary)
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -375,8 +369,8 @@ class Trainer:
         return summary
 
 
-def _mean_recent(run_dir: Path, key: str, last: int = 50) -> float | None:
-    values = [r[key] for r in read_metrics(run_dir) if key in r][-last:]
+def _mean_recent(records: list[dict], key: str, last: int = 50) -> float | None:
+    values = [r[key] for r in records if key in r][-last:]
     return sum(values) / len(values) if values else None
 
 

@@ -22,7 +22,7 @@ from tests.conftest import prose, write_jsonl
 from training.config import TrainConfig
 from training.data import PackedLoader
 from training.metrics import read_metrics
-from training.train import _validation_rows, main
+from training.train import main, validation_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -108,7 +108,7 @@ def test_training_lowers_the_loss_and_exports_a_model_that_reloads(inputs, tmp_p
     # the exported weights, loaded into the plain-torch model, give the validation losses DeepSpeed reported
     model = load_model(run_dir)
     cfg = TrainConfig.from_file(run_dir / "train_config.json")
-    rows = _validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / "tokenizer.json"), cfg.data), cfg)
+    rows = validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / "tokenizer.json"), cfg.data), cfg)
     with torch.no_grad():
         for bucket, batch in rows.items():
             loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
