@@ -1,0 +1,1 @@
+"""Triton GPU kernels for quantized inference, each next to its plain-torch reference and a CPU path."""
