@@ -47,7 +47,8 @@ def test_native_kernels_match_the_dequantized_weights():
     torch.manual_seed(0)
     w, x = torch.randn(64, 128), torch.randn(5, 128)
     q8 = quantize_int8(w)
-    torch.testing.assert_close(Int8Linear(q8)(x), x @ q8.dequantize().T, rtol=1e-4, atol=1e-4)
+    reference = x @ q8.dequantize().T
+    assert (Int8Linear(q8)(x) - reference).abs().max() < 0.02 * reference.abs().max()  # bf16 activations
     q4 = quantize_int4(w, 32)
     reference = x @ q4.dequantize().T
     assert (Int4Linear(q4)(x) - reference).abs().max() < 0.05 * reference.abs().max()  # bf16 activations
@@ -86,30 +87,3 @@ def test_every_expert_of_an_moe_model_is_quantized(scheme, min_cos):
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     cos = F.cosine_similarity(out.flatten(0, 1), ref.flatten(0, 1), dim=-1).min().item()
     assert cos > min_cos
-
-
-def test_int8_kv_cache_decodes_like_the_fp32_cache():
-    from inference.kv_cache import Int8LayerCache, quantize_per_token, use_int8_kv_cache
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 10, 16) * 4
-    q, s = quantize_per_token(x)
-    assert ((q.float() * s - x).abs() <= s / 2 + 1e-6).all()
-
-    model = Transformer(debug_tiny()).eval()
-    tokens = torch.randint(0, 512, (1, 40))
-    with torch.no_grad():
-        cache = model.new_cache(1)
-        ref = torch.cat(
-            [model(tokens[:, :8], 0, cache)] + [model(tokens[:, t : t + 1], t, cache) for t in range(8, 40)], 1
-        )
-        use_int8_kv_cache(model)
-        cache8 = model.new_cache(1)
-        assert isinstance(cache8[0], Int8LayerCache)
-        out = torch.cat(
-            [model(tokens[:, :8], 0, cache8)] + [model(tokens[:, t : t + 1], t, cache8) for t in range(8, 40)], 1
-        )
-    kl = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
-    assert kl < 1e-3 and (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
-    fp32_bytes = sum(c.k_BGSDh.nbytes + c.v_BGSDh.nbytes for c in cache)
-    assert cache8[0].nbytes() * len(cache8) < 0.4 * fp32_bytes  # Dh=16: (16 + 4) / 64 bytes
