@@ -14,7 +14,7 @@ import torch
 from model.io import load_model
 from model.transformer import Transformer
 
-EOS_TOKEN = "<|eos|>"
+EOS_TOKEN, PAD_TOKEN = "<|eos|>", "<|pad|>"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,6 +63,13 @@ def sample(probs_BV: torch.Tensor, generator: torch.Generator | None) -> torch.T
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
+def next_tokens(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: the argmax when greedy (no distribution built), else a sample."""
+    if cfg.temperature == 0:
+        return logits_BV.argmax(-1)
+    return sample(probabilities(logits_BV, cfg), generator)
+
+
 class Generator:
     """A model and its tokenizer, ready to generate."""
 
@@ -72,53 +79,87 @@ class Generator:
         self.eos = tokenizer.token_to_id(EOS_TOKEN) if tokenizer is not None else None
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> Generator:
+    def from_run(cls, run_dir: str | Path, kv_cache: str = "fp32") -> Generator:
+        """A trained run folder, or a quantized one (with quantization.json, see inference.quantize);
+        kv_cache: fp32, int8 (per-token scales) or int8-channel (the folder's calibrated kv_scales)."""
         from tokenizers import Tokenizer
 
+        from inference.kv_cache import KV_CACHES, KV_SCALES_FILE, load_kv_scales, use_int8_kv_cache
+        from inference.quantize import QUANT_CONFIG_FILE, load_quantized
+
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, not {kv_cache!r}")
         run_dir = Path(run_dir)
         path = run_dir / "tokenizer.json"
         if not path.exists():
             raise ValueError(f"{path}: missing")
         tokenizer = Tokenizer.from_file(str(path))
-        model = load_model(run_dir)
+        model = load_quantized(run_dir) if (run_dir / QUANT_CONFIG_FILE).exists() else load_model(run_dir)
         if tokenizer.get_vocab_size() != model.config.vocab_size:
             raise ValueError(
                 f"{path}: {tokenizer.get_vocab_size()} tokens, but config.json says "
                 f"vocab_size={model.config.vocab_size}"
             )
+        if kv_cache == "int8":
+            use_int8_kv_cache(model)
+        elif kv_cache == "int8-channel":
+            scales_path = run_dir / KV_SCALES_FILE
+            if not scales_path.exists():
+                raise ValueError(f"{scales_path}: missing (per-channel KV scales come from inference.quantized_model)")
+            use_int8_kv_cache(model, load_kv_scales(scales_path, model.config.n_layers))
         return cls(model, tokenizer)
 
     def _stops(self, cfg: SamplingConfig) -> set[int]:
         return set(cfg.stop_ids) | ({self.eos} if self.eos is not None else set())
 
-    @torch.no_grad()
     def generate_ids(self, prompt: list[int], cfg: SamplingConfig) -> list[int]:
         """New token ids after `prompt` (a stop token ends generation and is not returned)."""
+        return self.generate_batch([prompt], cfg)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
+        """New token ids after each prompt, decoded together: the prompts are left-padded to one length
+        and the padding is masked out of attention, so each row is what it would be alone (greedy
+        output is identical; sampled rows draw from one random stream). A row stops at its own stop
+        token; decoding stops when every row has stopped or max_new_tokens is reached."""
         cfg.check()
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        limit = self.model.config.max_seq_len
-        if len(prompt) + cfg.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(prompt)}) + max_new_tokens ({cfg.max_new_tokens}) exceed the context {limit}"
-            )
+        if not prompts:
+            raise ValueError("no prompts")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+        longest, limit = max(map(len, prompts)), self.model.config.max_seq_len
+        if longest + cfg.max_new_tokens > limit:
+            raise ValueError(f"prompt ({longest}) + max_new_tokens ({cfg.max_new_tokens}) exceed the context {limit}")
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         stops = self._stops(cfg)
-        cache = self.model.new_cache(batch=1, max_len=len(prompt) + cfg.max_new_tokens)
-        logits = self.model(torch.tensor([prompt]), 0, cache)[:, -1]
-        out: list[int] = []
-        pos = len(prompt)
-        for _ in range(cfg.max_new_tokens):
-            token = int(sample(probabilities(logits, cfg), generator)[0])
-            if token in stops:
+        B, total = len(prompts), longest + cfg.max_new_tokens
+        pad = self.tokenizer.token_to_id(PAD_TOKEN) if self.tokenizer is not None else 0  # masked anyway
+        tokens_BT = torch.tensor([[pad] * (longest - len(p)) + list(p) for p in prompts])
+        key_mask_BS = None
+        if any(len(p) < longest for p in prompts):
+            key_mask_BS = torch.ones(B, total, dtype=torch.bool)
+            for b, p in enumerate(prompts):
+                key_mask_BS[b, : longest - len(p)] = False
+        cache = self.model.new_cache(batch=B, max_len=total)
+        logits_BV = self.model(tokens_BT, 0, cache, key_mask_BS)[:, -1]
+        out: list[list[int]] = [[] for _ in prompts]
+        running = [True] * B
+        for step in range(cfg.max_new_tokens):
+            token_B = next_tokens(logits_BV, cfg, generator)
+            for b, token in enumerate(token_B.tolist()):
+                if running[b] and token in stops:
+                    running[b] = False
+                elif running[b]:
+                    out[b].append(token)
+            if not any(running) or step == cfg.max_new_tokens - 1:
                 break
-            out.append(token)
-            logits = self.model(torch.tensor([[token]]), pos, cache)[:, -1]
-            pos += 1
+            logits_BV = self.model(token_B[:, None], longest + step, cache, key_mask_BS)[:, -1]
         return out
 
     def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[str]:
-        """Completions of a list of prompts (each decoded with its own KV cache)."""
+        """Completions of a list of prompts, decoded as one batch."""
         if self.tokenizer is None:
             raise ValueError("this Generator has no tokenizer: use generate_ids")
-        return [self.tokenizer.decode(self.generate_ids(self.tokenizer.encode(p).ids, cfg)) for p in prompts]
+        ids = self.generate_batch([self.tokenizer.encode(p).ids for p in prompts], cfg)
+        return [self.tokenizer.decode(x) for x in ids]

@@ -99,22 +99,31 @@ class SpeculativeGenerator:
             self.target.model(torch.tensor([prompt[:-1]]), 0, t_cache)
             self.draft.model(torch.tensor([prompt[:-1]]), 0, d_cache)
         pos, last, out = len(prompt) - 1, prompt[-1], []
+        greedy = cfg.temperature == 0
         while len(out) < cfg.max_new_tokens:
             gamma = min(self.gamma, cfg.max_new_tokens - len(out))
             proposals, qs, token = [], [], last
             for i in range(gamma):
-                q = probabilities(self.draft.model(torch.tensor([[token]]), pos + i, d_cache)[:, -1], cfg)
-                token = int(torch.multinomial(q, 1, generator=generator)[0, 0])
+                logits_V = self.draft.model(torch.tensor([[token]]), pos + i, d_cache)[0, -1]
+                if greedy:  # q is one-hot: no distribution to keep
+                    token = int(logits_V.argmax())
+                else:
+                    qs.append(probabilities(logits_V[None], cfg)[0])
+                    token = int(torch.multinomial(qs[-1], 1, generator=generator)[0])
                 proposals.append(token)
-                qs.append(q[0])
-            logits = self.target.model(torch.tensor([[last, *proposals]]), pos, t_cache)[0]
-            p = probabilities(logits, cfg)
-            accepted, nxt = verify(p[None], torch.stack(qs)[None], torch.tensor([proposals]), generator)
-            n = int(accepted[0])
+            logits_KV = self.target.model(torch.tensor([[last, *proposals]]), pos, t_cache)[0]
+            if greedy:  # accept while the draft's token is the target's argmax; then the target's own
+                best = logits_KV.argmax(-1).tolist()
+                n = next((i for i, (x, y) in enumerate(zip(proposals, best)) if x != y), gamma)
+                nxt = best[n]
+            else:
+                p = probabilities(logits_KV, cfg)
+                accepted, next_B = verify(p[None], torch.stack(qs)[None], torch.tensor([proposals]), generator)
+                n, nxt = int(accepted[0]), int(next_B[0])
             self.stats.rounds += 1
             self.stats.proposed += gamma
             self.stats.accepted += n
-            emitted = [*proposals[:n], int(nxt[0])]
+            emitted = [*proposals[:n], nxt]
             if n == gamma:  # the draft has not seen its last proposal yet: keep its cache in step
                 self.draft.model(torch.tensor([[proposals[-1]]]), pos + gamma, d_cache)
             for t in emitted:

@@ -71,7 +71,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.d_model, self.n_kv * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=False)
 
-    def forward(self, x_BTD, cos, sin, start_pos: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTD, cos, sin, start_pos=0, cache: LayerCache | None = None, key_mask_BS=None) -> torch.Tensor:
+        """key_mask_BS (bool, True = a real token) masks the left padding of a batch of prompts; a padding
+        position attends to itself only, so its (unused) outputs stay finite."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -80,12 +82,17 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.store(start_pos, k, v)
         repeat = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if start_pos == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if key_mask_BS is None and (start_pos == 0 or T == 1):  # one new query sees every cached key
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=start_pos == 0)
         else:  # query i sits at position start_pos + i and sees keys 0 .. start_pos + i
-            allowed_TS = torch.ones(T, start_pos + T, dtype=torch.bool, device=x_BTD.device).tril(diagonal=start_pos)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_TS)
+            S = start_pos + T
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(diagonal=start_pos)
+            if key_mask_BS is not None:
+                itself_TS = torch.ones(T, S, dtype=torch.bool, device=x_BTD.device).tril(start_pos).triu(start_pos)
+                allowed = allowed & (key_mask_BS[:, None, None, :S] | itself_TS)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -202,8 +209,12 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, D)
         routing = self.router(x_ND)
         out_ND = torch.zeros_like(x_ND)
-        for e in range(self.config.n_routed_experts):
-            token_idx, slot = torch.nonzero((routing.expert_NK == e) & routing.used_NK, as_tuple=True)
+        used_NK = routing.used_NK
+        # few tokens (decoding): visit only the experts they chose, not all E
+        few = x_ND.shape[0] <= 16
+        experts = routing.expert_NK[used_NK].unique().tolist() if few else range(self.config.n_routed_experts)
+        for e in experts:
+            token_idx, slot = torch.nonzero((routing.expert_NK == e) & used_NK, as_tuple=True)
             if token_idx.numel() == 0:
                 continue
             y = self._expert(e, x_ND[token_idx])
@@ -237,8 +248,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = moe_layer(config) if config.is_moe_layer(layer) else SwiGLU(config.d_model, config.d_ff)
 
-    def forward(self, x, cos, sin, start_pos=0, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache)
+    def forward(self, x, cos, sin, start_pos=0, cache=None, key_mask_BS=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, key_mask_BS)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -272,24 +283,34 @@ class Transformer(nn.Module):
             is_output = name.endswith(("wo.weight", "w2.weight", "w2_EDF"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
 
-    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32) -> list[LayerCache]:
-        """One cache per layer; a model may set `cache_factory` (e.g. inference.kv_cache's INT8 cache)."""
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[LayerCache]:
+        """One cache per layer, in the embedding's dtype unless given; a model may set `cache_factory`
+        (e.g. inference.kv_cache's INT8 cache)."""
+        dtype = dtype or self.embed.weight.dtype
         n_kv = self.config.n_kv_heads or self.config.n_heads
         shape = (batch, n_kv, max_len or self.config.max_seq_len, self.config.head_dim)
         factory = getattr(self, "cache_factory", None)
         if factory is not None:
-            return [factory(shape) for _ in self.layers]
+            return [factory(shape, i) for i in range(len(self.layers))]
         return [LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.layers]
 
-    def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: list[LayerCache] | None = None):
-        """Logits (B, T, V) for tokens at positions start_pos .. start_pos + T - 1."""
+    def forward(
+        self,
+        tokens_BT: torch.Tensor,
+        start_pos: int = 0,
+        cache: list[LayerCache] | None = None,
+        key_mask_BS: torch.Tensor | None = None,
+    ):
+        """Logits (B, T, V) for tokens at positions start_pos .. start_pos + T - 1. For a batch of prompts
+        of different lengths, left-pad them and pass key_mask_BS (False on padding, S >= start_pos + T):
+        RoPE scores depend only on relative positions, so each row gets its unpadded result."""
         T = tokens_BT.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
         x = self.embed(tokens_BT)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, start_pos, None if cache is None else cache[i])
+            x = layer(x, cos, sin, start_pos, None if cache is None else cache[i], key_mask_BS)
         return self.lm_head(self.norm(x))
 
     def moe_layers(self) -> list[nn.Module]:

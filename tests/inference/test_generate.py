@@ -88,3 +88,36 @@ def test_the_context_limit_is_enforced():
     model = Transformer(dataclasses.replace(debug_tiny(), max_seq_len=16))
     with pytest.raises(ValueError, match="exceed the context 16"):
         Generator(model).generate_ids(list(range(10)), SamplingConfig(max_new_tokens=8))
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_a_batch_of_prompts_decodes_as_each_prompt_alone(moe):
+    from model.config import dense_baseline
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    gen = Generator(Transformer(debug_tiny() if moe else dense_baseline(debug_tiny())))
+    prompts = [[5, 9, 200, 31, 7, 44, 3], [17], [88, 12, 6]]  # left-padded to 7 in the batch
+    greedy = SamplingConfig(max_new_tokens=10)
+    assert gen.generate_batch(prompts, greedy) == [gen.generate_ids(p, greedy) for p in prompts]
+    with torch.no_grad():  # the padded rows' logits, position by position, equal the unpadded ones
+        key_mask = torch.tensor([[True] * 7, [False] * 6 + [True], [False] * 4 + [True] * 3])
+        batch = torch.tensor([prompts[0], [0] * 6 + prompts[1], [0] * 4 + prompts[2]])
+        logits = gen.model(batch, 0, None, key_mask)
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(logits[b, 7 - len(p) :], gen.model(torch.tensor([p]))[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.generate_batch([[1], []], greedy)
+
+
+def test_a_stop_token_ends_only_its_own_row():
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    gen = Generator(Transformer(debug_tiny()))
+    prompts = [[5, 9, 200], [17, 4]]
+    free = gen.generate_batch(prompts, SamplingConfig(max_new_tokens=8))
+    stop = free[0][3]
+    stopped = gen.generate_batch(prompts, SamplingConfig(max_new_tokens=8, stop_ids=(stop,)))
+    assert stopped[0] == free[0][: free[0].index(stop)]
+    assert stopped[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
