@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui bench-dedup bench-quality bench-train clean-data
+.PHONY: install demo test lint ui bench-dedup bench-quality bench-train bench-inference clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench-train: install $(DAGSTER_HOME)/dagster.yaml
 	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
 		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer'
 	$(BIN)/python bench/train.py
+
+# measures the models `make demo` trains (data/moe_model, data/draft_model)
+bench-inference: install
+	$(BIN)/python bench/inference.py
 
 clean-data:
 	rm -rf data .dagster/storage wandb runs

@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from assets.checks import CHECKS
+from assets.inference import INFERENCE_CHECKS, quantized_model
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
@@ -23,8 +24,9 @@ defs = dg.Definitions(
         moe_model,
         dense_baseline_model,
         draft_model,
+        quantized_model,
     ],
-    asset_checks=[*CHECKS, *TRAINING_CHECKS],
+    asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS],
     jobs=[curation_job],
     # steps run in parallel processes, but only one training run at a time: each one uses every core
     executor=dg.multiprocess_executor.configured(

@@ -48,13 +48,25 @@ def summary(data_dir: Path) -> str:
                 f"{name:<24}{s['total_params']:>12,}{s['active_params']:>12,}{s['tokens']:>10,}"
                 f"{s['val_loss']:>10.3f}{s['tokens_per_s'] or 0:>8,.0f}{s['spend_usd']:>9.4f}"
             )
+    report = data_dir / "quantized_model" / "report.json"
+    if report.exists():
+        lines += [
+            "",
+            f"{'quantized moe_model':<24}{'weights':>20}{'KV cache':>18}{'val ppl':>10}{'vs fp32':>9}{'MiB':>7}",
+        ]
+        for r in json.loads(report.read_text())["rows"]:
+            lines.append(
+                f"{r['label']:<24}{r['weights']:>20}{r['kv_cache']:>18}{r['perplexity']:>10.3f}"
+                f"{r['delta_pct']:>+8.2f}%{r['weight_bytes'] / 2**20:>7.2f}"
+            )
     lines += [
         "",
         "Each stage folder holds documents.parquet, ledger.parquet and stats.json;",
         "near_dedup_documents also clusters.parquet and cluster_sizes.png; scored_documents scores.parquet and",
         "score plots; curriculum_shards holds shard-*.parquet and manifest.json (the input of training);",
         "quality_classifier holds model.bin, config.json and metrics.json; each model folder holds",
-        "model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss_curve.png and checkpoints/.",
+        "model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss_curve.png and checkpoints/;",
+        "quantized_model holds int8/ and int4/ {target,draft} folders that Generator.from_run loads.",
         "Open the Dagster UI with `make ui`, then http://127.0.0.1:3000 (runs, metadata, checks).",
         "W&B runs (offline unless WANDB_API_KEY is set) are under ./wandb: `wandb sync wandb/offline-run-*`.",
     ]

@@ -176,7 +176,7 @@ def train_model(
 
 class DraftAssetConfig(TrainAssetConfig):
     preset: str = "small_cpu_draft"
-    """A small dense model with the target's vocabulary (small_cpu_draft, or debug_tiny for tests)."""
+    """A small dense model with the target's vocabulary (small_cpu_draft, or debug_tiny_draft for tests)."""
 
 
 def _training_asset(name: str, config_type: type[TrainAssetConfig], dense: bool, description: str):
@@ -253,14 +253,10 @@ def reload_validation_loss(run_dir: Path) -> tuple[float, int]:
     import torch.nn.functional as F
 
     from model.io import load_model
-    from training.data import PackedLoader
-    from training.launch import CONFIG_FILE
-    from training.train import validation_rows
+    from training.train import run_validation_rows
 
-    cfg = TrainConfig.from_file(run_dir / CONFIG_FILE)
     model = load_model(run_dir)
-    rows = validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / TOKENIZER_FILE), cfg.data), cfg)
-    bucket, batch = next(iter(rows.items()))
+    bucket, batch = next(iter(run_validation_rows(run_dir).items()))
     with torch.no_grad():
         total = sum(
             F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()

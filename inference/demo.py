@@ -1,7 +1,8 @@
-"""What `make demo` ends with: samples from the trained MoE model, quantized, decoded plainly and with
-speculative decoding by the draft model, with speed and acceptance rate.
+"""What `make demo` ends with: samples from the quantized MoE model, decoded plainly and with speculative
+decoding by the quantized draft model, with speed and acceptance rate.
 
-python -m inference.demo [--target data/moe_model] [--draft data/draft_model] [--scheme int8|int4|fp32]
+python -m inference.demo [--quantized data/quantized_model] [--scheme int8|int4|fp32] [--kv-cache fp32|int8]
+(fp32 reads the trained runs data/moe_model and data/draft_model instead)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from inference.generate import Generator, SamplingConfig
-from inference.quantize import quantize_linears
+from inference.kv_cache import KV_CACHES
 from inference.speculative import SpeculativeGenerator
 
 PROMPTS = ("The function returns", "This module provides")
@@ -23,19 +24,21 @@ PROMPTS = ("The function returns", "This module provides")
 def main(argv: list[str] | None = None) -> None:
     data = Path(os.environ.get("FRUGAL_DATA_DIR", "data"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", type=Path, default=data / "moe_model")
-    parser.add_argument("--draft", type=Path, default=data / "draft_model")
-    parser.add_argument("--scheme", choices=("fp32", "int8", "int4"), default="int8")
+    parser.add_argument("--quantized", type=Path, default=data / "quantized_model")
+    parser.add_argument("--runs", type=Path, default=data, help="where moe_model and draft_model are (fp32)")
+    parser.add_argument("--scheme", choices=("fp32", "int8", "int4"), default="int4")
+    parser.add_argument("--kv-cache", choices=KV_CACHES, default="fp32")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--gamma", type=int, default=4)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    target, draft = Generator.from_run(args.target), Generator.from_run(args.draft)
-    if args.scheme != "fp32":
-        c = target.model.config
-        group = 64 if all(k % 64 == 0 for k in (c.d_model, c.d_ff, c.d_expert)) else 32
-        n = quantize_linears(target.model, args.scheme, group_size=group)
-        print(f"target {args.target}: {n} weight matrices in {args.scheme} (group {group} for int4)")
+    if args.scheme == "fp32":
+        target_dir, draft_dir = args.runs / "moe_model", args.runs / "draft_model"
+    else:
+        target_dir, draft_dir = args.quantized / args.scheme / "target", args.quantized / args.scheme / "draft"
+    target = Generator.from_run(target_dir, kv_cache=args.kv_cache)
+    draft = Generator.from_run(draft_dir)
+    print(f"target {target_dir} ({args.scheme}, {args.kv_cache} KV cache), draft {draft_dir}")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)  # greedy: speculation must not change a token
     spec = SpeculativeGenerator(target, draft, gamma=args.gamma)
     for prompt in PROMPTS:

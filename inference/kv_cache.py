@@ -9,7 +9,8 @@ dequantized when attention reads them. Two granularities:
   clamped). Key channels differ in size by orders of magnitude (RoPE pairs, outlier channels), which a
   shared per-token scale spends its 8 bits on; memory is Dh bytes per position and head.
 
-The kernels (kernels/kv_int8.py, kernels/attention_int8.py) implement the same layout on GPUs.
+Writes and reads go through kernels/kv_int8.py (Triton on a GPU); kernels/attention_int8.py attends over
+this layout directly, without dequantizing the cache first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernels import kv_int8
 from model.transformer import Transformer
 
 KV_SCALES_FILE = "kv_scales.safetensors"
@@ -26,42 +28,40 @@ KV_CACHES = ("fp32", "int8", "int8-channel")
 """The KV-cache formats a Generator can use: full precision, INT8 per token, INT8 per channel."""
 
 
-def quantize_per_token(x_BGTDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (x_BGTDh.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
-    return torch.round(x_BGTDh / scale).clamp(-127, 127).to(torch.int8), scale.float()
-
-
 class Int8LayerCache:
-    """One layer's cache. channel_scales: (k_scale_GDh, v_scale_GDh) for per-channel scales, else None."""
+    """One layer's cache. channel_scales: (k_scale_GDh, v_scale_GDh) for per-channel scales, else None.
+    Quantizing and dequantizing go through kernels.kv_int8 (Triton on a GPU, torch on the CPU)."""
 
     def __init__(
         self, shape: tuple[int, int, int, int], channel_scales: tuple[torch.Tensor, torch.Tensor] | None = None
     ):
         B, G, S, Dh = shape
         self.k_q, self.v_q = torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8)
+        self.per_channel = channel_scales is not None
         if channel_scales is None:
             self.k_scale, self.v_scale = torch.zeros(B, G, S, 1), torch.zeros(B, G, S, 1)
         else:
             k_GDh, v_GDh = channel_scales
             if k_GDh.shape != (G, Dh) or v_GDh.shape != (G, Dh):
                 raise ValueError(f"per-channel KV scales must have shape {(G, Dh)}, got {tuple(k_GDh.shape)}")
-            self.k_scale, self.v_scale = k_GDh[None, :, None, :].float(), v_GDh[None, :, None, :].float()
-        self.per_channel = channel_scales is not None
+            self.k_scale, self.v_scale = k_GDh.float(), v_GDh.float()
 
-    def _quantize(self, x: torch.Tensor, scale_store: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _write(self, q_store: torch.Tensor, scale_store: torch.Tensor, x: torch.Tensor, start: int) -> None:
+        end = start + x.shape[2]
         if self.per_channel:
-            return torch.round(x.float() / scale_store).clamp(-127, 127).to(torch.int8)
-        q, scale_store[:, :, start:end] = quantize_per_token(x.float())
-        return q
+            q_store[:, :, start:end] = kv_int8.quantize_per_channel(x.float(), scale_store)
+        else:
+            q_store[:, :, start:end], scale_store[:, :, start:end] = kv_int8.quantize_per_token(x.float())
 
-    def _read(self, q: torch.Tensor, scale: torch.Tensor, end: int) -> torch.Tensor:
-        return q[:, :, :end].float() * (scale if self.per_channel else scale[:, :, :end])
+    def _read(self, q_store: torch.Tensor, scale_store: torch.Tensor, end: int, dtype: torch.dtype) -> torch.Tensor:
+        scale = scale_store[None, :, None, :] if self.per_channel else scale_store[:, :, :end]
+        return kv_int8.dequantize(q_store[:, :, :end], scale, dtype)
 
     def store(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._write(self.k_q, self.k_scale, k, start)
+        self._write(self.v_q, self.v_scale, v, start)
         end = start + k.shape[2]
-        self.k_q[:, :, start:end] = self._quantize(k, self.k_scale, start, end)
-        self.v_q[:, :, start:end] = self._quantize(v, self.v_scale, start, end)
-        return self._read(self.k_q, self.k_scale, end).to(k.dtype), self._read(self.v_q, self.v_scale, end).to(v.dtype)
+        return self._read(self.k_q, self.k_scale, end, k.dtype), self._read(self.v_q, self.v_scale, end, v.dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_q, self.v_q, self.k_scale, self.v_scale))

@@ -170,11 +170,22 @@ def matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
+    """Every matrix's input width must split into whole INT4 groups; the error names the first that does not."""
+    cfg.check()
+    if cfg.scheme == "int4":
+        for name, w in matrices(model).items():
+            if w.shape[1] % cfg.group_size:
+                raise ValueError(
+                    f"{name}: a weight with {w.shape[1]} inputs cannot be split into groups of {cfg.group_size}"
+                )
+
+
 def quantize_weights(
     model: nn.Module, cfg: QuantConfig, input_scales: dict[str, torch.Tensor] | None = None
 ) -> dict[str, Int8Weight | Int4Weight]:
     """Quantized versions of `matrices(model)`; input_scales (from inference.awq) by matrix name."""
-    cfg.check()
+    check_quantizable(model, cfg)
     input_scales = input_scales or {}
     out: dict[str, Int8Weight | Int4Weight] = {}
     for name, w in matrices(model).items():

@@ -101,6 +101,15 @@ def debug_tiny() -> ModelConfig:
     )  # fmt: skip
 
 
+def debug_tiny_draft() -> ModelConfig:
+    """A draft for debug_tiny: dense, one layer, the same vocabulary and context; every matrix width
+    divides into INT4 groups of 32."""
+    return ModelConfig(
+        vocab_size=512, d_model=64, n_layers=1, n_heads=4, max_seq_len=64, d_ff=128, n_dense_layers=1,
+        n_routed_experts=0,
+    )  # fmt: skip
+
+
 def small_cpu() -> ModelConfig:
     """The demo model: trains in a few minutes on 2 cores. Short runs need a faster balancing step than
     DeepSeek-V3's gamma = 0.001 (measured: bench/train.py, BENCHMARKS.md)."""

@@ -18,7 +18,7 @@ from model import config as model_presets
 from model.config import ModelConfig, dense_baseline, small_cpu
 from training.data import DataConfig
 
-PRESETS = ("debug_tiny", "small_cpu", "small_cpu_draft", "moe_1b")
+PRESETS = ("debug_tiny", "debug_tiny_draft", "small_cpu", "small_cpu_draft", "moe_1b")
 
 
 @dataclass(kw_only=True, slots=True)

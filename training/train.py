@@ -121,6 +121,32 @@ def validation_rows(loader: PackedLoader, cfg: TrainConfig) -> dict[int, torch.T
     return out
 
 
+def run_validation_rows(run_dir: Path) -> dict[int, torch.Tensor]:
+    """The held-out rows a finished or running run validates on, rebuilt from its folder (its config,
+    shards and tokenizer): what inference measures quantized models on."""
+    from model.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from training.launch import CONFIG_FILE
+
+    cfg = TrainConfig.from_file(Path(run_dir) / CONFIG_FILE)
+    return validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(Path(run_dir) / TOKENIZER_FILE), cfg.data), cfg)
+
+
+def run_training_rows(run_dir: Path, n_rows: int) -> torch.Tensor:
+    """The first n_rows rows (seq_len + 1 tokens each) of the run's training stream: calibration data for
+    quantization that the held-out rows never overlap."""
+    from model.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from training.launch import CONFIG_FILE
+
+    cfg = TrainConfig.from_file(Path(run_dir) / CONFIG_FILE)
+    loader = PackedLoader(cfg.shard_dir, load_tokenizer(Path(run_dir) / TOKENIZER_FILE), cfg.data)
+    rows: list[torch.Tensor] = []
+    for batch in loader:
+        rows += list(batch)
+        if len(rows) >= n_rows:
+            break
+    return torch.stack(rows[:n_rows])
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int):
         import deepspeed

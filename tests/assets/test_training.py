@@ -12,6 +12,7 @@ import dagster as dg
 import psutil
 import pytest
 
+from assets.inference import INFERENCE_CHECKS, quantized_model
 from assets.resources import CurationPaths, WandbResource
 from assets.training import (
     TRAINING_CHECKS,
@@ -43,7 +44,11 @@ def data_dir(tmp_path) -> Path:
     return data
 
 
-def materialize(data_dir: Path, assets: list, config: dict, raise_on_error: bool = True, instance=None, checks=()):
+def materialize(
+    data_dir: Path, assets: list, config: dict, raise_on_error: bool = True, instance=None, checks=(), configs=None
+):
+    """configs: a config per asset, where it differs from `config`."""
+    configs = configs or {}
     return dg.materialize(
         [*assets, *checks],
         instance=instance,
@@ -52,7 +57,7 @@ def materialize(data_dir: Path, assets: list, config: dict, raise_on_error: bool
             "wandb": WandbResource(mode="offline", dir=str(data_dir.parent)),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
-        run_config={"ops": {a.key.to_user_string(): {"config": config} for a in assets}},
+        run_config={"ops": {a.key.to_user_string(): {"config": configs.get(a, config)} for a in assets}},
         raise_on_error=raise_on_error,
     )
 
@@ -66,7 +71,8 @@ def test_the_models_train_through_pipes_and_report_metrics(data_dir, capsys):
     instance = dg.DagsterInstance.ephemeral()
     checks = TRAINING_CHECKS[1:]  # the exported model, reloaded, reproduces the reported validation loss
     assets = [moe_model, dense_baseline_model, draft_model]
-    result = materialize(data_dir, assets, TINY, instance=instance, checks=checks)
+    draft_config = {**TINY, "preset": "debug_tiny_draft"}
+    result = materialize(data_dir, assets, TINY, instance=instance, checks=checks, configs={draft_model: draft_config})
     assert result.success
     evaluations = result.get_asset_check_evaluations()
     assert len(evaluations) == 3 and all(e.passed for e in evaluations), [e.metadata for e in evaluations]
@@ -86,8 +92,22 @@ def test_the_models_train_through_pipes_and_report_metrics(data_dir, capsys):
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any("step 8/16" in m and "loss" in m for m in messages)
 
+    # quantized_model: INT8 and INT4 target and draft, perplexities against fp32, and its checks
+    config = {"group_size": 32, "calibration_rows": 8, "val_rows": 8}
+    result = materialize(data_dir, [quantized_model], config, instance=instance, checks=INFERENCE_CHECKS)
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert evaluations["speculative_greedy_is_identical"].passed
+    assert "quantization_within_budget" in evaluations  # an untrained tiny model need not meet the budgets
+    report = json.loads((data_dir / "quantized_model" / "report.json").read_text())
+    labels = [r["label"] for r in report["rows"]]
+    assert labels[:4] == ["fp32", "bf16", "int8", "int4"] and "int8 kv (per channel)" in labels
+    by_label = {r["label"]: r for r in report["rows"]}
+    assert by_label["int4"]["weight_bytes"] < by_label["int8"]["weight_bytes"] < by_label["fp32"]["weight_bytes"]
+    assert report["awq"]["int4/target"]["matrices_calibrated"] > 0
+    assert "int4 g32 asym AWQ" in metadata_of(result, "quantized_model")["perplexity"].value
+
     # the demo's ending: the INT4 target decodes the same greedy text with and without the draft
-    demo.main(["--target", str(data_dir / "moe_model"), "--draft", str(data_dir / "draft_model"), "--scheme", "int4"])
+    demo.main(["--quantized", str(data_dir / "quantized_model"), "--scheme", "int4", "--kv-cache", "int8-channel"])
     out = capsys.readouterr().out
     assert out.count("identical: True") == len(demo.PROMPTS) and "acceptance rate" in out
 

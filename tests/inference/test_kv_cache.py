@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.kv_cache import Int8LayerCache, calibrate_channel_scales, quantize_per_token, use_int8_kv_cache
+from inference.kv_cache import Int8LayerCache, calibrate_channel_scales, use_int8_kv_cache
+from kernels.kv_int8 import quantize_per_token
 from model.config import debug_tiny
 from model.transformer import Transformer
 

@@ -6,9 +6,23 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from inference.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_linears
+from inference.quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantConfig,
+    apply_quantized,
+    load_quantized,
+    matrices,
+    quantize_int4,
+    quantize_int8,
+    quantize_linears,
+    quantize_weights,
+    save_quantized,
+)
 from model.config import debug_tiny, dense_baseline
+from model.io import WEIGHTS_FILE
 from model.transformer import Transformer
 
 
@@ -87,3 +101,44 @@ def test_every_expert_of_an_moe_model_is_quantized(scheme, min_cos):
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     cos = F.cosine_similarity(out.flatten(0, 1), ref.flatten(0, 1), dim=-1).min().item()
     assert cos > min_cos
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 32, True)])
+def test_a_saved_quantized_model_loads_to_the_same_logits(tmp_path, cfg):
+    torch.manual_seed(0)
+    model = Transformer(debug_tiny()).eval()
+    scales = {name: torch.rand(w.shape[1]) + 0.5 for name, w in matrices(model).items()}  # as AWQ gives
+    weights = quantize_weights(model, cfg, scales)
+    save_quantized(model, weights, cfg, tmp_path / "q")
+    apply_quantized(model, weights)
+    loaded = load_quantized(tmp_path / "q")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+    if cfg.scheme == "int4":  # two 4-bit values per stored byte
+        stored = load_file(str(tmp_path / "q" / WEIGHTS_FILE))
+        assert stored["layers.0.attn.wq.q"].shape == (64, 32) and stored["layers.0.attn.wq.q"].dtype == torch.uint8
+
+
+def test_broken_quantized_folders_are_refused_naming_the_file(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(debug_tiny()).eval()
+    cfg = QuantConfig("int4", 32)
+    save_quantized(model, quantize_weights(model, cfg), cfg, tmp_path / "q")
+    tensors = load_file(str(tmp_path / "q" / WEIGHTS_FILE))
+    tensors["layers.1.ffn.experts.2.w3.scale"] = tensors["layers.1.ffn.experts.2.w3.scale"][:, :1].contiguous()
+    save_file(tensors, str(tmp_path / "q" / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=r"model\.safetensors: layers\.1\.ffn\.experts\.2\.w3\.scale has shape"):
+        load_quantized(tmp_path / "q")
+    del tensors["layers.1.ffn.experts.2.w3.scale"]
+    save_file(tensors, str(tmp_path / "q" / WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=r"missing layers\.1\.ffn\.experts\.2\.w3\.scale"):
+        load_quantized(tmp_path / "q")
+    (tmp_path / "q" / "quantization.json").write_text('{"scheme": "int4", "group_size": 48}')
+    with pytest.raises(ValueError, match=r"quantization\.json: .*unsupported INT4 group size 48"):
+        load_quantized(tmp_path / "q")
+    with pytest.raises(ValueError, match=r"unsupported INT4 group size 48"):
+        quantize_weights(model, QuantConfig("int4", 48))
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.wq: a weight with 64 inputs cannot"):
+        quantize_weights(model, QuantConfig("int4", 128))  # d_model 64

@@ -1,0 +1,239 @@
+"""Inference benchmark: the trained small_cpu MoE model with fp32, bf16, INT8 and INT4 weights (plain and
+AWQ-calibrated), an fp32 or INT8 KV cache, each decoded plainly and speculatively with the draft model.
+
+Usage: python bench/inference.py [--data-dir data] [--prompts 8] [--new-tokens 48]   (or `make bench-inference`)
+
+Uses the runs `make demo` trains (FRUGAL_DATA_DIR/moe_model and /draft_model). INT8 and INT4 models are
+quantized once (AWQ calibrated on training rows), saved and loaded the way the quantized_model asset does.
+Each weight/KV configuration is then measured in its own fresh process, at batch 1, greedy:
+
+- tokens/s and ms/token over `--prompts` held-out document openings, `--new-tokens` each, plain and
+  speculative (the draft quantized like the target); the outputs must be identical;
+- peak memory: the process's peak resident memory (sampled every 2 ms) from loading the models to the
+  end of decoding, above what it held before (the torch runtime and the evaluation rows);
+- weight bytes, and validation perplexity on the held-out rows, decoded through the KV cache;
+- the roofline: every byte of weights and cache a forward pass reads is counted (inference.evaluate.
+  ByteCounter); achieved bandwidth = bytes read / time, as a share of this machine's measured bandwidth.
+
+Results: bench/results/inference.json, and the table printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from inference.evaluate import PeakMemory, memory_bandwidth, perplexity, timed_generation  # noqa: E402
+from inference.generate import Generator, SamplingConfig  # noqa: E402
+from inference.kv_cache import use_int8_kv_cache  # noqa: E402
+from inference.quantize import QuantConfig, load_quantized, weight_bytes  # noqa: E402
+from inference.speculative import SpeculativeGenerator  # noqa: E402
+
+OUT = ROOT / "bench" / "results"
+# (label, weights, kv cache)
+CONFIGS = [
+    ("fp32", "fp32", "fp32"),
+    ("bf16", "bf16", "fp32"),
+    ("int8", "int8", "fp32"),
+    ("int4", "int4", "fp32"),
+    ("int4 awq", "int4-awq", "fp32"),
+    ("fp32 + int8 kv", "fp32", "int8"),
+    ("int4 awq + int8 kv", "int4-awq", "int8"),
+]
+SCHEMES = {
+    "int8": (QuantConfig("int8"), False),
+    "int4": (QuantConfig("int4", group_size=64), False),
+    "int4-awq": (QuantConfig("int4", group_size=64, awq=True), True),
+}
+
+
+def prepare(data_dir: Path, work: Path, calibration_rows: int) -> None:
+    """Quantize target and draft into work/<scheme>/{target,draft} (AWQ calibrated on training rows)."""
+    from inference.awq import awq_input_scales
+    from inference.quantize import quantize_weights, save_quantized
+    from model.io import load_model
+    from training.train import run_training_rows
+
+    calibration = run_training_rows(data_dir / "moe_model", calibration_rows)
+    for scheme, (cfg, awq) in SCHEMES.items():
+        for role in ("target", "draft"):
+            run = data_dir / ("moe_model" if role == "target" else "draft_model")
+            model = load_model(run)
+            scales = awq_input_scales(model, list(calibration.split(8)), cfg) if awq else None
+            out = work / scheme / role
+            save_quantized(model, quantize_weights(model, cfg, scales), cfg, out)
+            (out / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
+            print(f"  {scheme} {role}: {weight_bytes(load_quantized(out)):,} weight bytes", flush=True)
+
+
+def load(data_dir: Path, work: Path, weights: str, role: str) -> Generator:
+    run = data_dir / ("moe_model" if role == "target" else "draft_model")
+    if weights in ("fp32", "bf16"):
+        gen = Generator.from_run(run)
+        if weights == "bf16":
+            gen.model.to(torch.bfloat16)
+        return gen
+    folder = work / weights / role
+    return Generator(load_quantized(folder), Generator.from_run(run).tokenizer)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One configuration, in this (fresh) process."""
+    from training.train import run_validation_rows
+
+    rows = torch.cat(list(run_validation_rows(args.data_dir / "moe_model").values()))
+    prompts = [row[: args.prompt_tokens].tolist() for row in rows[:: max(1, len(rows) // args.prompts)][: args.prompts]]
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens)
+    with PeakMemory() as plain_peak:
+        target = load(args.data_dir, args.work, args.weights, "target")
+        if args.kv == "int8":
+            use_int8_kv_cache(target.model)
+        plain = timed_generation(lambda p: target.generate_ids(p, cfg), prompts, (target.model,))
+    with PeakMemory() as spec_peak:
+        draft = load(args.data_dir, args.work, args.weights, "draft")
+        if args.kv == "int8":
+            use_int8_kv_cache(draft.model)
+        spec = SpeculativeGenerator(target, draft, gamma=args.gamma)
+        fast = timed_generation(lambda p: spec.generate_ids(p, cfg), prompts, (target.model, draft.model))
+    stats = spec.stats
+    ppl, nll = perplexity(target.model, rows[: args.val_rows])
+    t_bytes, d_bytes = weight_bytes(target.model), weight_bytes(draft.model)
+    return {
+        "perplexity": ppl,
+        "nll": nll,
+        "val_tokens": int(rows[: args.val_rows, 1:].numel()),
+        "identical": plain.outputs == fast.outputs,
+        "plain": {
+            "tokens_per_s": plain.tokens_per_s,
+            "ms_per_token": plain.ms_per_token,
+            "bytes_per_token": plain.bytes_read / plain.tokens,
+            "weight_bytes": t_bytes,
+            "peak_bytes": plain_peak.bytes,
+            "tokens": plain.tokens,
+        },
+        "speculative": {
+            "tokens_per_s": fast.tokens_per_s,
+            "ms_per_token": fast.ms_per_token,
+            "bytes_per_token": fast.bytes_read / fast.tokens,
+            "weight_bytes": t_bytes + d_bytes,
+            "peak_bytes": plain_peak.bytes + spec_peak.bytes,
+            "tokens": fast.tokens,
+            # each timed pass and the counting pass decode the same prompts: stats cover 3 passes
+            "acceptance_rate": stats.acceptance_rate,
+            "mean_accepted_length": stats.mean_accepted_length,
+        },
+    }
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def table(results: dict, bandwidth: float) -> str:
+    base = results["fp32"]
+    cols = [
+        "weights / KV cache",
+        "decoding",
+        "tok/s",
+        "ms/token",
+        "vs fp32 plain",
+        "weight MiB",
+        "peak MiB",
+        "val ppl",
+        "ppl vs fp32",
+        "acceptance",
+        "tokens/round",
+        "MiB read/token",
+        "% of roofline",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for label, r in results.items():
+        for mode in ("plain", "speculative"):
+            m = r[mode]
+            spec = mode == "speculative"
+            achieved = m["bytes_per_token"] * m["tokens_per_s"]
+            cells = [
+                label,
+                mode + ("" if not spec else " (identical)" if r["identical"] else " (DIFFERS)"),
+                f"{m['tokens_per_s']:.1f}",
+                f"{m['ms_per_token']:.2f}",
+                f"{m['tokens_per_s'] / base['plain']['tokens_per_s']:.2f}x",
+                mib(m["weight_bytes"]),
+                mib(m["peak_bytes"]),
+                f"{r['perplexity']:.2f}",
+                f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%",
+                f"{m['acceptance_rate']:.2f}" if spec else "",
+                f"{m['mean_accepted_length']:.2f}" if spec else "",
+                f"{m['bytes_per_token'] / 2**20:.2f}",
+                f"{100 * achieved / bandwidth:.1f}%",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FRUGAL_DATA_DIR", ROOT / "data")))
+    parser.add_argument("--work", type=Path, default=OUT / "inference")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--val-rows", type=int, default=64)
+    parser.add_argument("--calibration-rows", type=int, default=32)
+    parser.add_argument("--one", nargs=2, metavar=("WEIGHTS", "KV"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    for run in ("moe_model", "draft_model"):
+        if not (args.data_dir / run / "model.safetensors").exists():
+            sys.exit(f"{args.data_dir / run}: no trained model: run `make demo` first")
+    if args.one:
+        args.weights, args.kv = args.one
+        print(json.dumps(measure(args)))
+        return
+
+    started = time.perf_counter()
+    print("quantizing target and draft ...", flush=True)
+    prepare(args.data_dir, args.work, args.calibration_rows)
+    bandwidth = memory_bandwidth()
+    print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    results = {}
+    for label, weights, kv in CONFIGS:
+        print(f"measuring {label} ...", flush=True)
+        passthrough = [a for a in sys.argv[1:] if a != "--one"]
+        out = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--one", weights, kv], capture_output=True, text=True, cwd=ROOT
+        )
+        if out.returncode:
+            sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
+        results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    text = table(results, bandwidth)
+    summary = {
+        "bandwidth_bytes_per_s": bandwidth,
+        "threads": torch.get_num_threads(),
+        "prompts": args.prompts,
+        "new_tokens": args.new_tokens,
+        "gamma": args.gamma,
+        "seconds": time.perf_counter() - started,
+        "configs": results,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "inference.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"\nbatch 1, greedy, {args.prompts} prompts x {args.new_tokens} new tokens, gamma {args.gamma}, "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads\n"
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
