@@ -3,8 +3,9 @@ AWQ-calibrated), an fp32 or INT8 KV cache, each decoded plainly and speculativel
 
 Usage: python bench/inference.py [--data-dir data] [--prompts 8] [--new-tokens 48]   (or `make bench-inference`)
 
-Uses the runs `make demo` trains (FRUGAL_DATA_DIR/moe_model and /draft_model). INT8 and INT4 models are
-quantized once (AWQ calibrated on training rows), saved and loaded the way the quantized_model asset does.
+Uses the runs `make demo` trains (FRUGAL_DATA_DIR/moe_model and /draft_model). INT8 and INT4 (AWQ, calibrated
+on training rows) target and draft are built by inference.quantized_model.build, as the quantized_model
+asset builds them, into bench/results/inference/, and loaded from there.
 Each weight/KV configuration is then measured in its own fresh process, at batch 1, greedy:
 
 - tokens/s and ms/token over `--prompts` held-out document openings, `--new-tokens` each, plain and
@@ -12,6 +13,8 @@ Each weight/KV configuration is then measured in its own fresh process, at batch
 - peak memory: the process's peak resident memory (sampled every 2 ms) from loading the models to the
   end of decoding, above what it held before (the torch runtime and the evaluation rows);
 - weight bytes, and validation perplexity on the held-out rows, decoded through the KV cache;
+- the cost model of speculation: one target forward pass over 1 and over gamma + 1 positions, one draft
+  pass, and the speedup a draft that is always right would give with them, (gamma + 1) T_1 / (gamma D + T_verify);
 - the roofline: every byte of weights and cache a forward pass reads is counted (inference.evaluate.
   ByteCounter); achieved bandwidth = bytes read / time, as a share of this machine's measured bandwidth.
 
@@ -35,56 +38,54 @@ sys.path.insert(0, str(ROOT))
 
 from inference.evaluate import PeakMemory, memory_bandwidth, perplexity, timed_generation  # noqa: E402
 from inference.generate import Generator, SamplingConfig  # noqa: E402
-from inference.kv_cache import use_int8_kv_cache  # noqa: E402
-from inference.quantize import QuantConfig, load_quantized, weight_bytes  # noqa: E402
+from inference.quantize import weight_bytes  # noqa: E402
 from inference.speculative import SpeculativeGenerator  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 # (label, weights, kv cache)
-CONFIGS = [
+CONFIGS = [  # (label, weights, KV cache)
     ("fp32", "fp32", "fp32"),
     ("bf16", "bf16", "fp32"),
     ("int8", "int8", "fp32"),
-    ("int4", "int4", "fp32"),
-    ("int4 awq", "int4-awq", "fp32"),
+    ("int4 awq", "int4", "fp32"),
     ("fp32 + int8 kv", "fp32", "int8"),
-    ("int4 awq + int8 kv", "int4-awq", "int8"),
+    ("int4 awq + int8 kv", "int4", "int8"),
 ]
-SCHEMES = {
-    "int8": (QuantConfig("int8"), False),
-    "int4": (QuantConfig("int4", group_size=64), False),
-    "int4-awq": (QuantConfig("int4", group_size=64, awq=True), True),
-}
 
 
-def prepare(data_dir: Path, work: Path, calibration_rows: int) -> None:
-    """Quantize target and draft into work/<scheme>/{target,draft} (AWQ calibrated on training rows)."""
-    from inference.awq import awq_input_scales
-    from inference.quantize import quantize_weights, save_quantized
-    from model.io import load_model
-    from training.train import run_training_rows
+def prepare(data_dir: Path, work: Path, calibration_rows: int) -> dict:
+    """What the quantized_model asset builds, into `work`: int8/ and int4/ (AWQ) {target,draft}."""
+    from inference.quantized_model import QuantizeOptions, build
+    from training.train import run_training_rows, run_validation_rows
 
-    calibration = run_training_rows(data_dir / "moe_model", calibration_rows)
-    for scheme, (cfg, awq) in SCHEMES.items():
-        for role in ("target", "draft"):
-            run = data_dir / ("moe_model" if role == "target" else "draft_model")
-            model = load_model(run)
-            scales = awq_input_scales(model, list(calibration.split(8)), cfg) if awq else None
-            out = work / scheme / role
-            save_quantized(model, quantize_weights(model, cfg, scales), cfg, out)
-            (out / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
-            print(f"  {scheme} {role}: {weight_bytes(load_quantized(out)):,} weight bytes", flush=True)
+    target = data_dir / "moe_model"
+    options = QuantizeOptions(calibration_rows=calibration_rows)
+    calibration = run_training_rows(target, calibration_rows)
+    heldout = torch.cat(list(run_validation_rows(target).values()))
+    return build(target, data_dir / "draft_model", work, calibration, heldout, options, log=lambda m: print(" ", m))
 
 
-def load(data_dir: Path, work: Path, weights: str, role: str) -> Generator:
-    run = data_dir / ("moe_model" if role == "target" else "draft_model")
+def load(data_dir: Path, work: Path, weights: str, kv: str, role: str) -> Generator:
     if weights in ("fp32", "bf16"):
-        gen = Generator.from_run(run)
+        gen = Generator.from_run(data_dir / ("moe_model" if role == "target" else "draft_model"), kv_cache=kv)
         if weights == "bf16":
             gen.model.to(torch.bfloat16)
         return gen
-    folder = work / weights / role
-    return Generator(load_quantized(folder), Generator.from_run(run).tokenizer)
+    return Generator.from_run(work / weights / role, kv_cache=kv)
+
+
+def forward_ms(model, tokens: int, position: int = 64, repeats: int = 30) -> float:
+    """Median wall time of one cached forward pass of `tokens` new positions after `position` cached ones."""
+    cache = model.new_cache(1, position + tokens)
+    with torch.no_grad():
+        model(torch.ones(1, position, dtype=torch.long), 0, cache)
+        x = torch.full((1, tokens), 7)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x, position, cache)
+            times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -95,17 +96,21 @@ def measure(args: argparse.Namespace) -> dict:
     prompts = [row[: args.prompt_tokens].tolist() for row in rows[:: max(1, len(rows) // args.prompts)][: args.prompts]]
     cfg = SamplingConfig(max_new_tokens=args.new_tokens)
     with PeakMemory() as plain_peak:
-        target = load(args.data_dir, args.work, args.weights, "target")
-        if args.kv == "int8":
-            use_int8_kv_cache(target.model)
+        target = load(args.data_dir, args.work, args.weights, args.kv, "target")
         plain = timed_generation(lambda p: target.generate_ids(p, cfg), prompts, (target.model,))
     with PeakMemory() as spec_peak:
-        draft = load(args.data_dir, args.work, args.weights, "draft")
-        if args.kv == "int8":
-            use_int8_kv_cache(draft.model)
+        draft = load(args.data_dir, args.work, args.weights, args.kv, "draft")
         spec = SpeculativeGenerator(target, draft, gamma=args.gamma)
         fast = timed_generation(lambda p: spec.generate_ids(p, cfg), prompts, (target.model, draft.model))
     stats = spec.stats
+    # the cost model of speculation: gamma draft steps and one target pass over gamma + 1 positions replace
+    # up to gamma + 1 plain target steps, so even a draft that is always right gains at most `ceiling`
+    costs = {
+        "target_1": forward_ms(target.model, 1),
+        "target_verify": forward_ms(target.model, args.gamma + 1),
+        "draft_1": forward_ms(draft.model, 1),
+    }
+    costs["ceiling"] = (args.gamma + 1) * costs["target_1"] / (args.gamma * costs["draft_1"] + costs["target_verify"])
     ppl, nll = perplexity(target.model, rows[: args.val_rows])
     t_bytes, d_bytes = weight_bytes(target.model), weight_bytes(draft.model)
     return {
@@ -131,6 +136,7 @@ def measure(args: argparse.Namespace) -> dict:
             # each timed pass and the counting pass decode the same prompts: stats cover 3 passes
             "acceptance_rate": stats.acceptance_rate,
             "mean_accepted_length": stats.mean_accepted_length,
+            "forward_ms": costs,
         },
     }
 
@@ -153,6 +159,8 @@ def table(results: dict, bandwidth: float) -> str:
         "ppl vs fp32",
         "acceptance",
         "tokens/round",
+        "ms per forward: target 1 / verify / draft 1",
+        "speedup ceiling",
         "MiB read/token",
         "% of roofline",
     ]
@@ -174,6 +182,8 @@ def table(results: dict, bandwidth: float) -> str:
                 f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%",
                 f"{m['acceptance_rate']:.2f}" if spec else "",
                 f"{m['mean_accepted_length']:.2f}" if spec else "",
+                "{target_1:.2f} / {target_verify:.2f} / {draft_1:.2f}".format(**m["forward_ms"]) if spec else "",
+                f"{m['forward_ms']['ceiling']:.2f}x" if spec else "",
                 f"{m['bytes_per_token'] / 2**20:.2f}",
                 f"{100 * achieved / bandwidth:.1f}%",
             ]
@@ -202,8 +212,8 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    print("quantizing target and draft ...", flush=True)
-    prepare(args.data_dir, args.work, args.calibration_rows)
+    print("quantizing target and draft (as the quantized_model asset does) ...", flush=True)
+    quantization = prepare(args.data_dir, args.work, args.calibration_rows)
     bandwidth = memory_bandwidth()
     print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
     results = {}
@@ -225,6 +235,7 @@ def main() -> None:
         "gamma": args.gamma,
         "seconds": time.perf_counter() - started,
         "configs": results,
+        "quantization": quantization,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "inference.json").write_text(json.dumps(summary, indent=2) + "\n")

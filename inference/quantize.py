@@ -102,7 +102,8 @@ class _ScaledInput(nn.Module):
 
 class Int8Linear(_ScaledInput):
     """y = x W^T with W in INT8 (per-channel scales), on torch's CPU kernel with bf16 activations: its
-    fp32-activation path is 5-20x slower than the bf16 one (measured on the reference CPU, BENCHMARKS.md)."""
+    fp32-activation path is 9-19x slower than the bf16 one (measured on the 2-core reference machine at 1 to
+    64 rows)."""
 
     def __init__(self, weight: Int8Weight):
         super().__init__()
