@@ -121,6 +121,8 @@ def train_config(config: TrainAssetConfig, paths: CurationPaths, name: str, dens
         **{k: getattr(config, k) for k in ("checkpoint_every", "eval_every", "price_per_device_hour", "seed")},
         "ep_size": 1 if dense else config.ep_size,
     }
+    if getattr(config, "distill_weight", 0):
+        cfg |= {"distill_from": str(paths.stage_dir("moe_model")), "distill_weight": config.distill_weight}
     return TrainConfig.from_dict(cfg)
 
 
@@ -177,9 +179,12 @@ def train_model(
 class DraftAssetConfig(TrainAssetConfig):
     preset: str = "small_cpu_draft"
     """A small dense model with the target's vocabulary (small_cpu_draft, or debug_tiny_draft for tests)."""
+    distill_weight: float = 0.5
+    """Share of the loss that is the KL divergence to moe_model's next-token distribution (distillation,
+    which raises the draft's acceptance rate); 0 = trained on the data alone."""
 
 
-def _training_asset(name: str, config_type: type[TrainAssetConfig], dense: bool, description: str):
+def _training_asset(name: str, config_type: type[TrainAssetConfig], dense: bool, description: str, deps=()):
     """One model trained by `train_model`; the three training assets differ only in these arguments."""
 
     @dg.asset(
@@ -187,7 +192,7 @@ def _training_asset(name: str, config_type: type[TrainAssetConfig], dense: bool,
         description=description,
         group_name=GROUP,
         kinds={"deepspeed", "pytorch"},
-        deps=[curriculum_shards, tokenizer],
+        deps=[curriculum_shards, tokenizer, *deps],
         op_tags=TRAINING_TAGS,
     )
     def _asset(
@@ -221,7 +226,9 @@ draft_model = _training_asset(
     DraftAssetConfig,
     dense=True,
     description="The speculative-decoding draft: a small dense model trained on the same shards and tokens "
-    "with the same tokenizer (inference.speculative checks that the tokenizers are identical).",
+    "with the same tokenizer (inference.speculative checks that the tokenizers are identical), distilled from "
+    "moe_model's next-token distributions.",
+    deps=[moe_model],
 )
 
 

@@ -66,6 +66,12 @@ class TrainConfig:
     peak_flops: float | None = None
     """Peak FLOP/s of one device for the MFU estimate; None = measured with a matmul at start-up."""
     wandb_project: str = "frugal"
+    distill_from: str | None = None
+    """A trained run folder (model.safetensors, config.json) whose logits the model also learns from
+    (knowledge distillation, e.g. a speculative draft from its target); None = plain next-token loss."""
+    distill_weight: float = 0.5
+    """loss = (1 - w) cross-entropy + w T^2 KL(teacher_T || student_T), T = distill_temperature."""
+    distill_temperature: float = 1.0
 
     def check(self) -> None:
         """Every mistake a launch would only find later, found now (ValueError naming the field)."""
@@ -90,6 +96,11 @@ class TrainConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
+            raise ValueError(
+                f"distill_weight={self.distill_weight} must be in [0, 1] and distill_temperature="
+                f"{self.distill_temperature} above 0"
+            )
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -31,6 +31,19 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not Path(cfg.tokenizer_path).exists():
         raise ValueError(f"{cfg.tokenizer_path}: tokenizer not found: materialize the tokenizer asset first")
     check_compatible(load_tokenizer(cfg.tokenizer_path), cfg.model)
+    if cfg.distill_from is not None:
+        from model.io import WEIGHTS_FILE, load_config
+
+        teacher = load_config(Path(cfg.distill_from))  # names the missing or broken config.json
+        if not (Path(cfg.distill_from) / WEIGHTS_FILE).exists():
+            raise ValueError(
+                f"{Path(cfg.distill_from) / WEIGHTS_FILE}: missing: train the teacher first (distill_from)"
+            )
+        if teacher.vocab_size != cfg.model.vocab_size:
+            raise ValueError(
+                f"distill_from={cfg.distill_from}: the teacher's vocabulary ({teacher.vocab_size}) differs from "
+                f"the model's ({cfg.model.vocab_size})"
+            )
 
 
 def prepare_run_dir(cfg: TrainConfig) -> bool:

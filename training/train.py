@@ -147,6 +147,17 @@ def run_training_rows(run_dir: Path, n_rows: int) -> torch.Tensor:
     return torch.stack(rows[:n_rows])
 
 
+def distillation_kl(student_BTV: torch.Tensor, x_BT: torch.Tensor, teacher: Transformer, T: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over tokens (Hinton et al. 2015):
+    the student learns the teacher's whole next-token distribution, not just the data's token."""
+    with torch.no_grad():
+        teacher_BTV = teacher(x_BT).float()
+    V = student_BTV.shape[-1]
+    log_p = F.log_softmax(teacher_BTV.reshape(-1, V) / T, -1)
+    log_q = F.log_softmax(student_BTV.float().reshape(-1, V) / T, -1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * T**2
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int):
         import deepspeed
@@ -171,6 +182,11 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=cfg.deepspeed_config()
         )
+        self.teacher = None
+        if cfg.distill_from is not None:  # the plain-torch teacher, frozen, in every rank
+            from model.io import load_model
+
+            self.teacher = load_model(Path(cfg.distill_from)).requires_grad_(False)
         self.ep_group = None
         if self.moe and cfg.ep_size > 1:
             from deepspeed.utils import groups as ds_groups
@@ -248,7 +264,11 @@ class Trainer:
         logits = self.engine(x)
         loss = F.cross_entropy(logits.float().reshape(-1, cfg.model.vocab_size), y.reshape(-1))
         aux = self.engine.module.aux_loss() if self.moe else torch.zeros(())
-        self.engine.backward(loss + aux.to(loss.dtype))
+        objective, kl = loss, None
+        if self.teacher is not None:
+            kl = distillation_kl(logits, x, self.teacher, cfg.distill_temperature)
+            objective = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
+        self.engine.backward(objective + aux.to(loss.dtype))
         self.engine.step()
         self.step += 1
         self.tokens += batch_BT.shape[0] * cfg.data.seq_len
@@ -257,6 +277,8 @@ class Trainer:
         E = cfg.model.n_routed_experts
         # one all-reduce: loss, stop flag, and per MoE layer its expert loads, routed and dropped routes
         parts = [loss.detach().float().view(1), torch.tensor([float(self.stop_requested)])]
+        if kl is not None:
+            parts.append(kl.detach().float().view(1))
         for layer in layers:  # DeepSpeedMoE layers: their gate counts routes
             parts += [
                 layer.last_routing.load_E(E),
@@ -266,9 +288,11 @@ class Trainer:
         dist.all_reduce(flat)
         self.stop_requested = flat[1].item() > 0
         record = {"step": self.step, "loss": flat[0].item() / self.world, "lr": lr, "tokens": self.tokens}
+        if kl is not None:
+            record["distill_kl"] = flat[2].item() / self.world
         n_tokens = batch_BT.shape[0] * cfg.data.seq_len
         if layers:
-            per_layer = flat[2:].view(len(layers), E + 2)
+            per_layer = flat[2 + (kl is not None) :].view(len(layers), E + 2)
             load_LE, routed_L, dropped_L = per_layer[:, :E], per_layer[:, E], per_layer[:, E + 1]
             for layer, load_E in zip(layers, load_LE):
                 layer.update_bias(load_E)
