@@ -10,6 +10,9 @@ import pytest
 
 # DeepSpeed compiles its CPU communication op on first use (~40 s): once per checkout, not per test.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
+# Triton kernels run in Triton's interpreter on CPU tensors (tests/kernels). Triton reads this when a kernel is
+# decorated, i.e. when kernels/ is first imported, which inference/ does too: so it is set before any test.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

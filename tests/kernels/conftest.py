@@ -1,14 +1,9 @@
-"""The Triton kernels run here on CPU tensors, in Triton's interpreter. Triton reads TRITON_INTERPRET when a
-kernel is decorated, i.e. when kernels/ is first imported: this conftest is imported before the test modules
-of this folder, so the variable is set first."""
+"""The Triton kernels run here on CPU tensors, in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET
+before anything imports kernels/."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.kv_cache import quantize_per_token as cache_quantize_per_token
+from inference.kv_cache import Int8LayerCache
 from kernels import kv_int8
 from kernels.kv_int8 import (
     dequantize,
@@ -34,11 +34,13 @@ def per_channel_scale(x_BGTD: torch.Tensor) -> torch.Tensor:
     return x_BGTD.abs().amax((0, 2)) / 127
 
 
-def test_reference_is_the_int8_layer_cache_quantizer():
-    x_BGTD = keys(2, 3, 5, 32)
-    q_BGTD, scale_BGT1 = quantize_per_token_reference(x_BGTD)
-    cache_q, cache_scale = cache_quantize_per_token(x_BGTD)
-    assert torch.equal(q_BGTD, cache_q) and torch.equal(scale_BGT1, cache_scale)
+def test_the_int8_layer_cache_stores_the_references_bytes():
+    k_BGTD, v_BGTD = keys(2, 3, 5, 32), keys(2, 3, 5, 32) * 0.5
+    cache = Int8LayerCache((2, 3, 8, 32))
+    k_read, _ = cache.store(2, k_BGTD, v_BGTD)
+    q_BGTD, scale_BGT1 = quantize_per_token_reference(k_BGTD)
+    assert torch.equal(cache.k_q[:, :, 2:7], q_BGTD) and torch.equal(cache.k_scale[:, :, 2:7], scale_BGT1)
+    assert torch.equal(k_read[:, :, 2:7], dequantize_reference(q_BGTD, scale_BGT1))
 
 
 def test_per_token_error_is_at_most_half_a_step():
