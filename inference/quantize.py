@@ -281,10 +281,7 @@ def save_quantized(
 def load_quantized(run_dir: Path) -> nn.Module:
     """The Transformer saved by `save_quantized`, with quantized layers, in eval mode. Every name and
     shape is checked against config.json and quantization.json, naming the file that is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from model.io import CONFIG_FILE, WEIGHTS_FILE, load_config
+    from model.io import CONFIG_FILE, WEIGHTS_FILE, check_tensors, load_config, read_tensors
     from model.transformer import Transformer, rope_tables
 
     run_dir = Path(run_dir)
@@ -297,12 +294,7 @@ def load_quantized(run_dir: Path) -> nn.Module:
         cfg.check()
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{qpath}: not a quantization config ({e})") from e
-    if not wpath.exists():
-        raise ValueError(f"{wpath}: missing")
-    try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{wpath}: unreadable safetensors file ({e})") from e
+    tensors = read_tensors(wpath)
     with torch.device("meta"):  # never materialize the fp32 weights this model replaces
         model = Transformer(config)
     shapes = matrices(model)
@@ -330,15 +322,7 @@ def load_quantized(run_dir: Path) -> nn.Module:
     apply_quantized(model, weights)
     quantized_layers = {f"{n}." for n in shapes}
     expected = {k: v.shape for k, v in model.state_dict().items() if ".quantized." not in k}
-    expected = {k: v for k, v in expected.items() if not k.startswith(tuple(quantized_layers))}
-    unknown, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-    if unknown or missing:
-        raise ValueError(
-            f"{wpath}: tensors do not match {CONFIG_FILE}: missing {missing[:5]}, unexpected {unknown[:5]}"
-        )
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k])}" for k, v in tensors.items() if v.shape != expected[k]]
-    if wrong:
-        raise ValueError(f"{wpath}: wrong shapes for {CONFIG_FILE}: {'; '.join(wrong[:5])}")
+    check_tensors(wpath, tensors, {k: v for k, v in expected.items() if not k.startswith(tuple(quantized_layers))})
     model.load_state_dict(tensors, strict=False, assign=True)
     model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
     return model.eval()

@@ -42,26 +42,36 @@ def load_config(run_dir: Path) -> ModelConfig:
         raise ValueError(f"{path}: not a Frugal model config ({e})") from e
 
 
-def load_model(run_dir: Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """The reference Transformer with the saved weights, in eval mode."""
-    run_dir = Path(run_dir)
-    config = load_config(run_dir)
-    path = run_dir / WEIGHTS_FILE
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (never pickle); a missing or unreadable file is named."""
     if not path.exists():
         raise ValueError(f"{path}: missing")
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
-    model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
+
+
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    """The names and shapes in `tensors` (read from `path`) are exactly `expected`, or a ValueError says which not."""
     unknown, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
     if unknown or missing:
         raise ValueError(f"{path}: tensors do not match {CONFIG_FILE}: missing {missing[:5]}, unexpected {unknown[:5]}")
     wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k])}" for k, v in tensors.items() if v.shape != expected[k]]
     if wrong:
         raise ValueError(f"{path}: wrong shapes for {CONFIG_FILE}: {'; '.join(wrong[:5])}")
+
+
+def load_model(run_dir: Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The reference Transformer with the saved weights, in eval mode."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    path = run_dir / WEIGHTS_FILE
+    tensors = read_tensors(path)
+    model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    check_tensors(path, tensors, expected)
     model.load_state_dict(tensors, strict=False)  # the tied lm_head shares embed.weight
     return model.to(dtype).eval()
