@@ -6,6 +6,7 @@ generation stops at max_new_tokens, at eos, or at any of the stop token ids.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,12 +117,26 @@ class Generator:
         """New token ids after `prompt` (a stop token ends generation and is not returned)."""
         return self.generate_batch([prompt], cfg)[0]
 
-    @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> list[list[int]]:
         """New token ids after each prompt, decoded together: the prompts are left-padded to one length
         and the padding is masked out of attention, so each row is what it would be alone (greedy
         output is identical; sampled rows draw from one random stream). A row stops at its own stop
         token; decoding stops when every row has stopped or max_new_tokens is reached."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.stream_batch(prompts, cfg):
+            for row, token in zip(out, step):
+                if token is not None:
+                    row.append(token)
+        return out
+
+    def stream(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        """The new token ids after `prompt`, each yielded as soon as it is decoded (checked when called)."""
+        steps = self.stream_batch([prompt], cfg)
+        return (token for (token,) in steps if token is not None)
+
+    def stream_batch(self, prompts: list[list[int]], cfg: SamplingConfig) -> Iterator[list[int | None]]:
+        """generate_batch, one decoding step at a time: each step yields every row's new token, or None
+        for a row that has stopped. The checks run before the first step."""
         cfg.check()
         if not prompts:
             raise ValueError("no prompts")
@@ -141,21 +156,25 @@ class Generator:
             key_mask_BS = torch.ones(B, total, dtype=torch.bool)
             for b, p in enumerate(prompts):
                 key_mask_BS[b, : longest - len(p)] = False
-        cache = self.model.new_cache(batch=B, max_len=total)
+        return self._decode(tokens_BT, key_mask_BS, cfg, generator, stops)
+
+    @torch.no_grad()  # on a generator function: grad is off while it runs, not while its caller runs
+    def _decode(self, tokens_BT, key_mask_BS, cfg: SamplingConfig, generator, stops) -> Iterator[list[int | None]]:
+        B, longest = tokens_BT.shape
+        cache = self.model.new_cache(batch=B, max_len=longest + cfg.max_new_tokens)
         logits_BV = self.model(tokens_BT, 0, cache, key_mask_BS)[:, -1]
-        out: list[list[int]] = [[] for _ in prompts]
         running = [True] * B
         for step in range(cfg.max_new_tokens):
             token_B = next_tokens(logits_BV, cfg, generator)
+            emitted: list[int | None] = []
             for b, token in enumerate(token_B.tolist()):
-                if running[b] and token in stops:
-                    running[b] = False
-                elif running[b]:
-                    out[b].append(token)
-            if not any(running) or step == cfg.max_new_tokens - 1:
-                break
-            logits_BV = self.model(token_B[:, None], longest + step, cache, key_mask_BS)[:, -1]
-        return out
+                running[b] = running[b] and token not in stops
+                emitted.append(token if running[b] else None)
+            if not any(running):
+                return
+            yield emitted
+            if step < cfg.max_new_tokens - 1:
+                logits_BV = self.model(token_B[:, None], longest + step, cache, key_mask_BS)[:, -1]
 
     def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[str]:
         """Completions of a list of prompts, decoded as one batch."""

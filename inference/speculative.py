@@ -13,6 +13,7 @@ Both KV caches simply continue from the accepted position: entries past it are o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,8 +80,12 @@ class SpeculativeGenerator:
         self.target, self.draft, self.gamma = target, draft, gamma
         self.stats = SpeculativeStats()
 
-    @torch.no_grad()
     def generate_ids(self, prompt: list[int], cfg: SamplingConfig) -> list[int]:
+        return list(self.stream(prompt, cfg))
+
+    def stream(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        """The new token ids after `prompt`, yielded as each round accepts them (a burst per round).
+        The checks run before the first token."""
         cfg.check()
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -90,6 +95,11 @@ class SpeculativeGenerator:
             raise ValueError(
                 f"prompt ({len(prompt)}) + max_new_tokens ({cfg.max_new_tokens}) + gamma ({self.gamma}) exceed {limit}"
             )
+        return self._decode(prompt, cfg)
+
+    @torch.no_grad()  # on a generator function: grad is off while it runs, not while its caller runs
+    def _decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        total = len(prompt) + cfg.max_new_tokens
         generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         stops = self.target._stops(cfg)
         t_cache = self.target.model.new_cache(1, total + self.gamma)
@@ -98,10 +108,10 @@ class SpeculativeGenerator:
         if len(prompt) > 1:
             self.target.model(torch.tensor([prompt[:-1]]), 0, t_cache)
             self.draft.model(torch.tensor([prompt[:-1]]), 0, d_cache)
-        pos, last, out = len(prompt) - 1, prompt[-1], []
+        pos, last, produced = len(prompt) - 1, prompt[-1], 0
         greedy = cfg.temperature == 0
-        while len(out) < cfg.max_new_tokens:
-            gamma = min(self.gamma, cfg.max_new_tokens - len(out))
+        while produced < cfg.max_new_tokens:
+            gamma = min(self.gamma, cfg.max_new_tokens - produced)
             proposals, qs, token = [], [], last
             for i in range(gamma):
                 logits_V = self.draft.model(torch.tensor([[token]]), pos + i, d_cache)[0, -1]
@@ -127,12 +137,12 @@ class SpeculativeGenerator:
             if n == gamma:  # the draft has not seen its last proposal yet: keep its cache in step
                 self.draft.model(torch.tensor([[proposals[-1]]]), pos + gamma, d_cache)
             for t in emitted:
-                if t in stops or len(out) == cfg.max_new_tokens:
-                    return out
-                out.append(t)
+                if t in stops or produced == cfg.max_new_tokens:
+                    return
+                produced += 1
+                yield t
             pos += len(emitted)
             last = emitted[-1]
-        return out
 
     def generate(self, prompts: list[str], cfg: SamplingConfig) -> list[str]:
         tok = self.target.tokenizer

@@ -121,3 +121,22 @@ def test_a_stop_token_ends_only_its_own_row():
     stopped = gen.generate_batch(prompts, SamplingConfig(max_new_tokens=8, stop_ids=(stop,)))
     assert stopped[0] == free[0][: free[0].index(stop)]
     assert stopped[1] == (free[1][: free[1].index(stop)] if stop in free[1] else free[1])
+
+
+def test_streams_yield_the_generated_tokens_one_by_one_and_leave_grad_mode_alone():
+    from model.config import debug_tiny_draft
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    target, draft = Generator(Transformer(debug_tiny())), Generator(Transformer(debug_tiny_draft()))
+    spec = SpeculativeGenerator(target, draft, gamma=3)
+    for cfg in (SamplingConfig(max_new_tokens=9), SamplingConfig(max_new_tokens=9, temperature=0.9, seed=3)):
+        for gen in (target, spec):
+            expected = gen.generate_ids([5, 9, 200], cfg)
+            seen = []
+            for token in gen.stream([5, 9, 200], cfg):
+                assert torch.is_grad_enabled()  # no_grad holds only while the decoder runs
+                seen.append(token)
+            assert seen == expected and len(seen) == 9
+    with pytest.raises(ValueError, match="exceed the context"):  # checked when called, before any token
+        target.stream([1] * 60, SamplingConfig(max_new_tokens=8))
