@@ -1,0 +1,34 @@
+"""A tiny inference package, built the way a release builds one: an INT8 debug_tiny target and an fp32
+debug_tiny_draft draft (untrained weights), a tokenizer trained on prose, a manifest."""
+
+import shutil
+
+import pytest
+import torch
+
+from inference.quantize import QuantConfig, quantize_weights, save_quantized
+from inference.release import assemble
+from model.config import debug_tiny, debug_tiny_draft
+from model.io import save_model
+from model.tokenizer import TokenizerConfig, train_tokenizer
+from model.transformer import Transformer
+from pipelines.curriculum import CurriculumConfig, build_curriculum
+from tests.conftest import prose, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory):
+    d = tmp_path_factory.mktemp("package")
+    rows = [{"id": f"d{i}", "text": prose(i, 60), "quality_score": 0.5} for i in range(60)]
+    build_curriculum([str(write_jsonl(d / "scored.jsonl", rows))], d / "shards", CurriculumConfig())
+    train_tokenizer(d / "shards", d / "tok", TokenizerConfig(vocab_size=512))
+    torch.manual_seed(0)
+    target, draft = Transformer(debug_tiny()), Transformer(debug_tiny_draft())
+    cfg = QuantConfig("int8")
+    save_quantized(target, quantize_weights(target, cfg), cfg, d / "target")
+    save_model(draft.state_dict(), draft.config, d / "draft")
+    for role in ("target", "draft"):
+        shutil.copy(d / "tok" / "tokenizer.json", d / role / "tokenizer.json")
+    meta = {"name": "frugal-tiny", "version": "0.0.1", "scheme": "int8", "kv_cache": "int8", "gamma": 3}
+    assemble(d / "pkg", d / "target", d / "draft", meta, "# frugal-tiny\n\nA test package.\n")
+    return d / "pkg"
