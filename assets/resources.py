@@ -45,9 +45,11 @@ class WandbResource(dg.ConfigurableResource):
         tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence]]] = {},
         images: Mapping[str, Path] = {},
         config: Mapping | None = None,
+        artifact: tuple[str, str, Sequence[Path]] | None = None,
     ) -> str | None:
         """One W&B run for this asset: `summary` as logged scalars and run summary, `tables` as
-        wandb.Table (columns, rows), `images` as wandb.Image. Returns the run's local folder."""
+        wandb.Table (columns, rows), `images` as wandb.Image, and `artifact` (name, type, files or
+        folders) as a versioned W&B artifact. Returns the run's local folder."""
         mode = self._mode()
         if mode == "disabled":
             return None
@@ -75,6 +77,12 @@ class WandbResource(dg.ConfigurableResource):
                 payload[f"{asset_name}/{key}"] = wandb.Image(str(path))
             run.log(payload)
             run.summary.update({f"{asset_name}/{k}": v for k, v in summary.items()})
+            if artifact is not None:
+                name, kind, items = artifact
+                art = wandb.Artifact(name, type=kind)
+                for item in items:
+                    art.add_dir(str(item), name=item.name) if item.is_dir() else art.add_file(str(item))
+                run.log_artifact(art)
             return str(Path(run.dir).parent)
         finally:
             run.finish()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,13 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inference.evaluate import PeakMemory, memory_bandwidth, perplexity, timed_generation  # noqa: E402
-from inference.generate import Generator, SamplingConfig  # noqa: E402
-from inference.quantize import weight_bytes  # noqa: E402
-from inference.speculative import SpeculativeGenerator  # noqa: E402
+from inference.benchmark import Config, Workload, run  # noqa: E402
+from inference.evaluate import memory_bandwidth  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
-# (label, weights, kv cache)
 CONFIGS = [  # (label, weights, KV cache)
     ("fp32", "fp32", "fp32"),
     ("bf16", "bf16", "fp32"),
@@ -65,80 +61,10 @@ def prepare(data_dir: Path, work: Path, calibration_rows: int) -> dict:
     return build(target, data_dir / "draft_model", work, calibration, heldout, options, log=lambda m: print(" ", m))
 
 
-def load(data_dir: Path, work: Path, weights: str, kv: str, role: str) -> Generator:
+def config(data_dir: Path, work: Path, label: str, weights: str, kv: str) -> Config:
     if weights in ("fp32", "bf16"):
-        gen = Generator.from_run(data_dir / ("moe_model" if role == "target" else "draft_model"), kv_cache=kv)
-        if weights == "bf16":
-            gen.model.to(torch.bfloat16)
-        return gen
-    return Generator.from_run(work / weights / role, kv_cache=kv)
-
-
-def forward_ms(model, tokens: int, position: int = 64, repeats: int = 30) -> float:
-    """Median wall time of one cached forward pass of `tokens` new positions after `position` cached ones."""
-    cache = model.new_cache(1, position + tokens)
-    with torch.no_grad():
-        model(torch.ones(1, position, dtype=torch.long), 0, cache)
-        x = torch.full((1, tokens), 7)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x, position, cache)
-            times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
-def measure(args: argparse.Namespace) -> dict:
-    """One configuration, in this (fresh) process."""
-    from training.train import run_validation_rows
-
-    rows = torch.cat(list(run_validation_rows(args.data_dir / "moe_model").values()))
-    prompts = [row[: args.prompt_tokens].tolist() for row in rows[:: max(1, len(rows) // args.prompts)][: args.prompts]]
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens)
-    with PeakMemory() as plain_peak:
-        target = load(args.data_dir, args.work, args.weights, args.kv, "target")
-        plain = timed_generation(lambda p: target.generate_ids(p, cfg), prompts, (target.model,))
-    with PeakMemory() as spec_peak:
-        draft = load(args.data_dir, args.work, args.weights, args.kv, "draft")
-        spec = SpeculativeGenerator(target, draft, gamma=args.gamma)
-        fast = timed_generation(lambda p: spec.generate_ids(p, cfg), prompts, (target.model, draft.model))
-    stats = spec.stats
-    # the cost model of speculation: gamma draft steps and one target pass over gamma + 1 positions replace
-    # up to gamma + 1 plain target steps, so even a draft that is always right gains at most `ceiling`
-    costs = {
-        "target_1": forward_ms(target.model, 1),
-        "target_verify": forward_ms(target.model, args.gamma + 1),
-        "draft_1": forward_ms(draft.model, 1),
-    }
-    costs["ceiling"] = (args.gamma + 1) * costs["target_1"] / (args.gamma * costs["draft_1"] + costs["target_verify"])
-    ppl, nll = perplexity(target.model, rows[: args.val_rows])
-    t_bytes, d_bytes = weight_bytes(target.model), weight_bytes(draft.model)
-    return {
-        "perplexity": ppl,
-        "nll": nll,
-        "val_tokens": int(rows[: args.val_rows, 1:].numel()),
-        "identical": plain.outputs == fast.outputs,
-        "plain": {
-            "tokens_per_s": plain.tokens_per_s,
-            "ms_per_token": plain.ms_per_token,
-            "bytes_per_token": plain.bytes_read / plain.tokens,
-            "weight_bytes": t_bytes,
-            "peak_bytes": plain_peak.bytes,
-            "tokens": plain.tokens,
-        },
-        "speculative": {
-            "tokens_per_s": fast.tokens_per_s,
-            "ms_per_token": fast.ms_per_token,
-            "bytes_per_token": fast.bytes_read / fast.tokens,
-            "weight_bytes": t_bytes + d_bytes,
-            "peak_bytes": plain_peak.bytes + spec_peak.bytes,
-            "tokens": fast.tokens,
-            # each timed pass and the counting pass decode the same prompts: stats cover 3 passes
-            "acceptance_rate": stats.acceptance_rate,
-            "mean_accepted_length": stats.mean_accepted_length,
-            "forward_ms": costs,
-        },
-    }
+        return Config(label, str(data_dir / "moe_model"), str(data_dir / "draft_model"), kv, weights)
+    return Config(label, str(work / weights / "target"), str(work / weights / "draft"), kv)
 
 
 def mib(n: float) -> str:
@@ -192,6 +118,8 @@ def table(results: dict, bandwidth: float) -> str:
 
 
 def main() -> None:
+    from training.train import run_validation_rows
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FRUGAL_DATA_DIR", ROOT / "data")))
     parser.add_argument("--work", type=Path, default=OUT / "inference")
@@ -199,34 +127,23 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--gamma", type=int, default=4)
-    parser.add_argument("--val-rows", type=int, default=64)
     parser.add_argument("--calibration-rows", type=int, default=32)
-    parser.add_argument("--one", nargs=2, metavar=("WEIGHTS", "KV"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for run in ("moe_model", "draft_model"):
-        if not (args.data_dir / run / "model.safetensors").exists():
-            sys.exit(f"{args.data_dir / run}: no trained model: run `make demo` first")
-    if args.one:
-        args.weights, args.kv = args.one
-        print(json.dumps(measure(args)))
-        return
+    for name in ("moe_model", "draft_model"):
+        if not (args.data_dir / name / "model.safetensors").exists():
+            sys.exit(f"{args.data_dir / name}: no trained model: run `make demo` first")
 
     started = time.perf_counter()
     print("quantizing target and draft (as the quantized_model asset does) ...", flush=True)
     quantization = prepare(args.data_dir, args.work, args.calibration_rows)
     bandwidth = memory_bandwidth()
     print(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
-    results = {}
-    for label, weights, kv in CONFIGS:
-        print(f"measuring {label} ...", flush=True)
-        passthrough = [a for a in sys.argv[1:] if a != "--one"]
-        out = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--one", weights, kv], capture_output=True, text=True, cwd=ROOT
-        )
-        if out.returncode:
-            sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
-        results[label] = json.loads(out.stdout.strip().splitlines()[-1])
-    text = table(results, bandwidth)
+    rows = torch.cat(list(run_validation_rows(args.data_dir / "moe_model").values()))
+    step = max(1, len(rows) // args.prompts)
+    prompts = [row[: args.prompt_tokens].tolist() for row in rows[::step][: args.prompts]]
+    workload = Workload(rows, prompts, args.new_tokens, args.gamma)
+    configs = [config(args.data_dir, args.work, *c) for c in CONFIGS]
+    results = run(configs, workload, args.work, log=lambda m: print(m, flush=True))
     summary = {
         "bandwidth_bytes_per_s": bandwidth,
         "threads": torch.get_num_threads(),
@@ -243,7 +160,7 @@ def main() -> None:
         f"\nbatch 1, greedy, {args.prompts} prompts x {args.new_tokens} new tokens, gamma {args.gamma}, "
         f"bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads\n"
     )
-    print(text)
+    print(table(results, bandwidth))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""The benchmark: configurations measured in fresh processes, $ per 1M tokens, and the headline ratio."""
+
+import math
+
+import pytest
+import torch
+
+from inference.benchmark import Config, Workload, best_against_baseline, rows, run, usd_per_million
+
+
+def test_a_configuration_is_measured_in_its_own_process(tiny_package, tmp_path):
+    torch.manual_seed(0)
+    held_out = torch.randint(3, 512, (4, 33))
+    workload = Workload(held_out, [[5, 9, 200], [17, 4]], new_tokens=6, gamma=3)
+    target, draft = str(tiny_package / "target"), str(tiny_package / "draft")
+    results = run([Config("tiny int8", target, draft), Config("tiny alone", target)], workload, tmp_path, log=print)
+    r = results["tiny int8"]
+    assert r["identical"] is True  # speculation changed no greedy token
+    for mode in ("plain", "speculative"):
+        m = r[mode]
+        assert m["tokens"] <= 12 and m["tokens_per_s"] > 0 and m["peak_bytes"] > 0
+        assert m["p95_ms"] >= m["p50_ms"] >= 0 and m["ttft_ms"] > 0
+    assert 0 <= r["speculative"]["acceptance_rate"] <= 1
+    assert r["speculative"]["weight_bytes"] > r["plain"]["weight_bytes"]  # the draft's weights too
+    assert "speculative" not in results["tiny alone"]
+    # perplexity and bits per byte describe the same predictions
+    assert math.isclose(r["perplexity"], math.exp(r["nll"])) and r["bits_per_byte"] > 0
+    assert r["perplexity"] == pytest.approx(results["tiny alone"]["perplexity"])
+
+
+def synthetic(ppl: dict[str, float], tok_s: dict[tuple[str, str], float]) -> dict:
+    out = {}
+    for (config, mode), speed in tok_s.items():
+        out.setdefault(config, {"perplexity": ppl[config], "bits_per_byte": 1.0})[mode] = {"tokens_per_s": speed}
+    return out
+
+
+def test_the_headline_is_the_cheapest_config_at_least_as_good_as_the_baseline():
+    assert usd_per_million(tokens_per_s=100, price_per_hour=3.6) == pytest.approx(10.0)
+    results = synthetic(
+        {"dense": 600, "moe": 400, "tiny": 900},
+        {("dense", "plain"): 100, ("moe", "plain"): 80, ("moe", "speculative"): 250, ("tiny", "plain"): 5000},
+    )
+    table = rows(results, price_per_hour=1.0)
+    best = best_against_baseline(table, "dense")
+    # "tiny" is cheapest but worse than the baseline; the baseline itself does not compete
+    assert best["best"] == "moe (speculative)" and best["cost_ratio"] == pytest.approx(2.5)
+    results["moe"]["perplexity"] = 700
+    with pytest.raises(ValueError, match="no configuration reaches the perplexity of dense"):
+        best_against_baseline(rows(results, 1.0), "dense")
