@@ -7,7 +7,7 @@ import os
 import dagster as dg
 
 from assets.checks import CHECKS
-from assets.inference import INFERENCE_CHECKS, quantized_model
+from assets.inference import INFERENCE_CHECKS, benchmark_report, inference_package, quantized_model
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
@@ -25,6 +25,8 @@ defs = dg.Definitions(
         dense_baseline_model,
         draft_model,
         quantized_model,
+        benchmark_report,
+        inference_package,
     ],
     asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS],
     jobs=[curation_job],

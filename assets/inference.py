@@ -1,14 +1,15 @@
 """Inference assets: quantized_model (INT8 and INT4 target and draft, per-channel KV scales, and what
-quantization costs in validation perplexity)."""
+quantization costs in validation perplexity), benchmark_report (the dense baseline against the MoE model's
+formats: quality, speed, memory, $ per 1M tokens) and inference_package (the published release)."""
 
 import json
 from pathlib import Path
 
 import dagster as dg
 
-from assets.metadata import md_table
+from assets.metadata import md_table, png_md
 from assets.resources import CurationPaths, WandbResource
-from assets.training import draft_model, moe_model
+from assets.training import dense_baseline_model, draft_model, moe_model
 from model.io import WEIGHTS_FILE
 
 GROUP = "inference"
@@ -138,6 +139,263 @@ def speculative_greedy_is_identical(paths: CurationPaths) -> dg.AssetCheckResult
         metadata[f"{scheme}_identical"] = same
         metadata[f"{scheme}_acceptance_rate"] = spec.stats.acceptance_rate
     return dg.AssetCheckResult(passed=identical, metadata=metadata)
+
+
+class BenchmarkReportConfig(dg.Config):
+    """What the benchmark measures and what a device-hour costs."""
+
+    cpu_price_per_hour: float = 0.05
+    """$ per hour of the CPU machine the benchmark runs on (the training spend meter's default)."""
+    gpu_price_per_hour: float = 2.50
+    """$ per GPU-hour, used when the benchmark runs on a GPU."""
+    prompts: int = 8
+    prompt_tokens: int = 16
+    new_tokens: int = 48
+    gamma: int = 4
+    benchmarks_md: str | None = "BENCHMARKS.md"
+    """A Markdown file whose benchmark_report section is replaced by this run's table (None: leave it)."""
+
+
+SECTION_START, SECTION_END = "<!-- benchmark_report:start -->", "<!-- benchmark_report:end -->"
+
+
+def report_configs(paths: CurationPaths):
+    from inference.benchmark import Config
+
+    q = paths.stage_dir("quantized_model")
+    draft = str(paths.stage_dir("draft_model"))
+    return [
+        Config("dense fp32", str(paths.stage_dir("dense_baseline_model"))),
+        Config("moe fp32", str(paths.stage_dir("moe_model")), draft),
+        Config("moe int8", str(q / "int8" / "target"), str(q / "int8" / "draft")),
+        Config("moe int4", str(q / "int4" / "target"), str(q / "int4" / "draft")),
+    ]
+
+
+def publish_section(path: Path, text: str) -> None:
+    """Replace the marked benchmark_report section of a Markdown file (appended the first time)."""
+    section = f"{SECTION_START}\n{text}\n{SECTION_END}"
+    old = path.read_text() if path.exists() else ""
+    if SECTION_START in old and SECTION_END in old:
+        new = old[: old.index(SECTION_START)] + section + old[old.index(SECTION_END) + len(SECTION_END) :]
+    else:
+        new = old.rstrip() + "\n\n" + section + "\n"
+    path.write_text(new)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"pytorch"},
+    deps=[dense_baseline_model, quantized_model],
+    description="The dense fp32 baseline against the MoE model in fp32, INT8 and INT4, each plain and "
+    "speculative, on held-out curated data: perplexity, bits per byte, tokens/s, p50/p95 latency per token, "
+    "time to first token, peak memory, acceptance rate and $ per 1M generated tokens; the cost ratio of the "
+    "cheapest config of equal or better quality against the baseline.",
+)
+def benchmark_report(
+    context: dg.AssetExecutionContext, config: BenchmarkReportConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    import torch
+
+    from inference import benchmark
+    from training.train import run_validation_rows
+
+    configs = report_configs(paths)
+    for c in configs:
+        for folder in filter(None, (c.target, c.draft)):
+            if not (Path(folder) / WEIGHTS_FILE).exists():
+                raise dg.Failure(description=f"{Path(folder) / WEIGHTS_FILE}: missing: materialize it first")
+    rows = torch.cat(list(run_validation_rows(paths.stage_dir("moe_model")).values()))
+    step = max(1, len(rows) // config.prompts)
+    prompts = [row[: config.prompt_tokens].tolist() for row in rows[::step][: config.prompts]]
+    workload = benchmark.Workload(rows, prompts, config.new_tokens, config.gamma)
+    out = paths.stage_dir("benchmark_report")
+    results = benchmark.run(configs, workload, out, log=context.log.info)
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    price = config.gpu_price_per_hour if device == "gpu" else config.cpu_price_per_hour
+    table = benchmark.rows(results, price)
+    best = benchmark.best_against_baseline(table, "dense fp32")
+    cells = [benchmark.report_cells(r) for r in table]
+    markdown = md_table(benchmark.REPORT_COLUMNS, cells)
+    headline = (
+        f"**{best['best']}** costs ${best['best_usd_per_1m']:.4f} per 1M generated tokens against "
+        f"${best['baseline_usd_per_1m']:.4f} for the {best['baseline']} baseline, at equal or better perplexity: "
+        f"**{best['cost_ratio']:.2f}x** the baseline's cost per token ÷ its own (target: 10x)."
+    )
+    note = (
+        f"batch 1, greedy, {len(prompts)} held-out prompts x {config.new_tokens} new tokens, gamma {config.gamma}, "
+        f"{rows[:, 1:].numel():,} held-out tokens for perplexity; {device.upper()} at ${price}/hour, "
+        f"{results[configs[0].label]['threads']} threads. Latency per token is the gap between streamed tokens: "
+        "a speculative round's accepted tokens arrive together, hence its p50 near 0."
+    )
+    chart = benchmark.chart(table, out / "benchmark.png", "Frugal: cost and quality per served configuration")
+    report = {"device": device, "price_per_hour": price, "best": best, "rows": table, "note": note}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(f"{headline}\n\n{markdown}\n\n{note}\n")
+    if config.benchmarks_md:
+        command = "make demo  # the benchmark_report asset (or: dagster asset materialize --select benchmark_report)"
+        publish_section(
+            Path(config.benchmarks_md),
+            f"## Benchmark report: dense baseline vs MoE formats (`benchmark_report` asset)\n\n```bash\n{command}\n```"
+            f"\n\n{note}\n\n{markdown}\n\n{headline}",
+        )
+    summary = {"cost_ratio": best["cost_ratio"], "best_usd_per_1m": best["best_usd_per_1m"]}
+    summary |= {f"usd_per_1m/{r['config']}/{r['decoding']}": r["usd_per_1m_tokens"] for r in table}
+    run_dir = wandb.log_run(
+        context,
+        "benchmark",
+        summary,
+        tables={"benchmark": (benchmark.REPORT_COLUMNS, cells)},
+        images={"benchmark_chart": chart},
+        config=config.model_dump(),
+    )
+    metadata = {
+        "headline": dg.MetadataValue.md(headline),
+        "table": dg.MetadataValue.md(markdown),
+        "chart": dg.MetadataValue.md(png_md(chart, "cost and quality")),
+        "cost_ratio": best["cost_ratio"],
+        "note": note,
+    }
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+class InferencePackageConfig(dg.Config):
+    """The release: which quantized target and draft to ship, and how to serve them."""
+
+    name: str = "frugal-small-cpu"
+    version: str = "0.1.0"
+    scheme: str = "int4"
+    """int8 or int4: the quantized_model folder shipped."""
+    kv_cache: str = "int8"
+    """fp32, int8 (per token) or int8-channel: what frugal-serve uses by default."""
+    gamma: int = 4
+    releases_dir: str = "releases"
+    hf_repo: str | None = None
+    """A Hugging Face Hub model repository to push the release folder to, when HF_TOKEN is set."""
+
+
+def model_card(name: str, version: str, meta: dict, paths: CurationPaths) -> str:
+    """MODEL_CARD.md: what the model is, its data lineage and training run, quantization, benchmark, use."""
+    from inference.package import sha256
+
+    shards = paths.stage_dir("curriculum_shards") / "manifest.json"
+    train = json.loads((paths.stage_dir("moe_model") / "summary.json").read_text())
+    config = json.loads((paths.stage_dir("moe_model") / "config.json").read_text())["model"]
+    quant = json.loads((paths.stage_dir("quantized_model") / "report.json").read_text())
+    report_md = paths.stage_dir("benchmark_report") / "report.md"
+    quality = [(r["label"], f"{r['perplexity']:.3f}", f"{r['delta_pct']:+.3f}%") for r in quant["rows"]]
+    from inference.release import wheel_name
+
+    wheel = f"{wheel_name(name)}-{version}-py3-none-any.whl"
+    return f"""# {name} {version}
+
+A DeepSeek-style Mixture-of-Experts language model built by Frugal, quantized to {meta["scheme"].upper()} and
+served with speculative decoding by a small dense draft model (gamma {meta["gamma"]}), with an
+{meta["kv_cache"]} KV cache. Context: {config["max_seq_len"]} tokens; vocabulary: {config["vocab_size"]}.
+
+- Target: {config["n_layers"]} layers, d_model {config["d_model"]}, {config["n_routed_experts"]} routed experts
+  (top-{config["top_k"]}) + {config["n_shared_experts"]} shared; {train["total_params"]:,} parameters,
+  {train["active_params"]:,} active per token.
+- Draft: a dense model trained on the same shards with the same tokenizer, distilled from the target.
+
+## Data lineage
+
+- Curated shards: `curriculum_shards/manifest.json` sha256 `{sha256(shards)}`.
+- Training run `moe_model`: {train["step"]} steps, {train["tokens"]:,} tokens, validation loss {train["val_loss"]:.3f},
+  spend ${train["spend_usd"]:.4f}; W&B run `{Path(train.get("wandb_run") or "-").name}`.
+
+## Quantization (validation perplexity, {quant["val_tokens"]:,} held-out tokens)
+
+{md_table(("format", "val ppl", "vs fp32"), quality)}
+
+## Benchmark
+
+{report_md.read_text() if report_md.exists() else "(benchmark_report not materialized)"}
+
+## Use
+
+```bash
+pip install {wheel}
+frugal-serve --port 8000            # OpenAI-compatible API on 127.0.0.1:8000
+lm_eval --model frugal --model_args package=PATH/package --tasks ...
+```
+
+```python
+from frugal_runtime.inference.package import load_package
+package = load_package(PATH)        # verifies every file against manifest.json
+```
+
+Limitations: a small research model trained for minutes on a CPU; it is not useful for real text.
+"""
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "wandb"},
+    deps=[quantized_model, benchmark_report],
+    description="The published release: a package folder (quantized target and draft, tokenizer, configs, "
+    "MODEL_CARD.md, manifest.json with every file's sha256), a pip-installable wheel with the inference runtime "
+    "and `frugal-serve`, and a .tar.gz, under releases/<name>-<version>/; logged as a W&B artifact and pushed to "
+    "the Hugging Face Hub when hf_repo and HF_TOKEN are set.",
+)
+def inference_package(
+    context: dg.AssetExecutionContext, config: InferencePackageConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    import os
+
+    from inference.kv_cache import KV_CACHES
+    from inference.release import assemble, build_wheel, tarball
+
+    if config.scheme not in ("int8", "int4") or config.kv_cache not in KV_CACHES:
+        raise dg.Failure(description=f"scheme must be int8 or int4 and kv_cache one of {KV_CACHES}")
+    source = paths.stage_dir("quantized_model") / config.scheme
+    if not (source / "target" / WEIGHTS_FILE).exists():
+        raise dg.Failure(description=f"{source / 'target' / WEIGHTS_FILE}: missing: materialize quantized_model")
+    meta = {
+        "name": config.name,
+        "version": config.version,
+        "scheme": config.scheme,
+        "kv_cache": config.kv_cache,
+        "gamma": config.gamma,
+        "source": {"quantized_model": str(source), "dagster_run": context.run_id},
+    }
+    release = Path(config.releases_dir) / f"{config.name}-{config.version}"
+    package_dir = release / "package"
+    manifest = assemble(
+        package_dir, source / "target", source / "draft", meta, model_card(config.name, config.version, meta, paths)
+    )
+    context.log.info(f"package folder {package_dir}: {len(manifest['files'])} files; building the wheel ...")
+    wheel = build_wheel(package_dir, release, paths.stage_dir("inference_package"))
+    tar = tarball(package_dir, release)
+    hub = "not configured (hf_repo)"
+    if config.hf_repo and os.environ.get("HF_TOKEN"):
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=os.environ["HF_TOKEN"])
+        api.create_repo(config.hf_repo, exist_ok=True)
+        api.upload_folder(
+            repo_id=config.hf_repo, folder_path=str(release), commit_message=f"{config.name} {config.version}"
+        )
+        hub = f"pushed to https://huggingface.co/{config.hf_repo}"
+    elif config.hf_repo:
+        hub = "skipped: HF_TOKEN is not set"
+    files = [(name, f"{entry['bytes']:,}", entry["sha256"][:16]) for name, entry in manifest["files"].items()]
+    artifact = (config.name, "model", [package_dir, wheel, tar])
+    run_dir = wandb.log_run(context, "release", {"files": len(files)}, config=meta, artifact=artifact)
+    metadata = {
+        "release": dg.MetadataValue.path(str(release.resolve())),
+        "wheel": dg.MetadataValue.path(str(wheel.resolve())),
+        "tarball": dg.MetadataValue.path(str(tar.resolve())),
+        "wheel_bytes": wheel.stat().st_size,
+        "manifest": dg.MetadataValue.md(md_table(("file", "bytes", "sha256 (first 16)"), files)),
+        "model_card": dg.MetadataValue.md((package_dir / "MODEL_CARD.md").read_text()),
+        "hugging_face_hub": hub,
+    }
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 INFERENCE_CHECKS = [quantization_within_budget, speculative_greedy_is_identical]

@@ -1,8 +1,8 @@
-"""What `make demo` ends with: samples from the quantized MoE model, decoded plainly and with speculative
-decoding by the quantized draft model, with speed and acceptance rate.
+"""What `make demo` ends with: the benchmark table, then samples from the published package (the quantized
+MoE model), decoded plainly and with speculative decoding by its draft, with speed and acceptance rate.
 
-python -m inference.demo [--quantized data/quantized_model] [--scheme int8|int4|fp32] [--kv-cache fp32|int8]
-(fp32 reads the trained runs data/moe_model and data/draft_model instead)
+python -m inference.demo [--package releases/<name>-<version>/package] [--kv-cache fp32|int8|int8-channel]
+(the newest release under releases/ by default)
 """
 
 from __future__ import annotations
@@ -14,33 +14,41 @@ from pathlib import Path
 
 import torch
 
-from inference.generate import Generator, SamplingConfig
+from inference.generate import SamplingConfig
 from inference.kv_cache import KV_CACHES
+from inference.package import load_package
 from inference.speculative import SpeculativeGenerator
 
 PROMPTS = ("The function returns", "This module provides")
 
 
+def newest_release(releases: Path) -> Path:
+    packages = sorted(releases.glob("*/package"), key=lambda p: p.stat().st_mtime)
+    if not packages:
+        raise SystemExit(f"{releases}: no release: materialize inference_package first")
+    return packages[-1]
+
+
 def main(argv: list[str] | None = None) -> None:
     data = Path(os.environ.get("FRUGAL_DATA_DIR", "data"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quantized", type=Path, default=data / "quantized_model")
-    parser.add_argument("--runs", type=Path, default=data, help="where moe_model and draft_model are (fp32)")
-    parser.add_argument("--scheme", choices=("fp32", "int8", "int4"), default="int4")
-    parser.add_argument("--kv-cache", choices=KV_CACHES, default="fp32")
+    parser.add_argument("--package", type=Path, help="a package folder (default: the newest under releases/)")
+    parser.add_argument("--releases", type=Path, default=Path("releases"))
+    parser.add_argument("--report", type=Path, default=data / "benchmark_report" / "report.md")
+    parser.add_argument("--kv-cache", choices=KV_CACHES, help="default: the package's")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--gamma", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.report.exists():
+        print(f"Benchmark ({args.report}):\n\n{args.report.read_text()}")
     torch.manual_seed(0)
-    if args.scheme == "fp32":
-        target_dir, draft_dir = args.runs / "moe_model", args.runs / "draft_model"
-    else:
-        target_dir, draft_dir = args.quantized / args.scheme / "target", args.quantized / args.scheme / "draft"
-    target = Generator.from_run(target_dir, kv_cache=args.kv_cache)
-    draft = Generator.from_run(draft_dir)
-    print(f"target {target_dir} ({args.scheme}, {args.kv_cache} KV cache), draft {draft_dir}")
+    package = load_package(args.package or newest_release(args.releases), kv_cache=args.kv_cache)
+    target, draft = package.target, package.draft
+    print(
+        f"package {package.root} ({package.name} {package.meta['version']}: {package.meta['scheme']} weights, "
+        f"{args.kv_cache or package.meta['kv_cache']} KV cache), verified against its manifest"
+    )
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)  # greedy: speculation must not change a token
-    spec = SpeculativeGenerator(target, draft, gamma=args.gamma)
+    spec = SpeculativeGenerator(target, draft, gamma=package.gamma)
     for prompt in PROMPTS:
         ids = target.tokenizer.encode(prompt).ids
         start = time.perf_counter()
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  identical: {plain == fast}")
     s = spec.stats
     print(
-        f"\nspeculative decoding, gamma={args.gamma}: acceptance rate {s.acceptance_rate:.2f}, "
+        f"\nspeculative decoding, gamma={package.gamma}: acceptance rate {s.acceptance_rate:.2f}, "
         f"{s.mean_accepted_length:.2f} tokens per target forward pass"
     )
 

@@ -36,7 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from inference.generate import PAD_TOKEN, SamplingConfig
-from inference.package import load_package
+from inference.package import bundled_package, load_package
 from inference.speculative import SpeculativeGenerator
 
 
@@ -45,7 +45,7 @@ class FrugalLM(TemplateLM):
 
     def __init__(
         self,
-        package: str,
+        package: str | None = None,
         kv_cache: str | None = None,
         speculative: bool | None = None,
         batch_size: int | str = 1,
@@ -53,7 +53,8 @@ class FrugalLM(TemplateLM):
         device: str | None = None,
         max_batch_size: int | None = None,
     ):
-        """package: the package folder (verified on load); kv_cache: overrides the one package.json names;
+        """package: the package folder (verified on load; default: the one a release wheel carries);
+        kv_cache: overrides the one package.json names;
         speculative: decode with the draft (default: when the package has one); batch_size: sequences
         scored per forward pass; max_gen_toks: the generation limit when a request sets none. device and
         max_batch_size come from lm_eval's CLI and are unused (CPU runtime; no automatic batch size)."""
@@ -62,7 +63,7 @@ class FrugalLM(TemplateLM):
             self.batch_size = int(batch_size)
         except ValueError:
             raise ValueError(f"batch_size must be a number, got {batch_size!r}") from None
-        self.package = load_package(package, kv_cache=kv_cache)
+        self.package = load_package(package or bundled_package(), kv_cache=kv_cache)
         self.target = self.package.target
         if speculative and self.package.draft is None:
             raise ValueError(f"{package}: speculative=true, but the package has no draft")

@@ -74,6 +74,15 @@ def verify(root: Path) -> dict:
     return manifest
 
 
+def bundled_package() -> Path:
+    """The package folder a release wheel carries (frugal_runtime/package/, next to this module's
+    package); a ValueError when this runtime is not an installed release."""
+    path = Path(__file__).resolve().parents[1] / "package"
+    if not (path / MANIFEST_FILE).exists():
+        raise ValueError(f"{path}: no bundled package here (this is not an installed release): pass --package PATH")
+    return path
+
+
 @dataclass
 class Package:
     root: Path

@@ -12,7 +12,7 @@ import dagster as dg
 import psutil
 import pytest
 
-from assets.inference import INFERENCE_CHECKS, quantized_model
+from assets.inference import INFERENCE_CHECKS, benchmark_report, inference_package, quantized_model
 from assets.resources import CurationPaths, WandbResource
 from assets.training import (
     TRAINING_CHECKS,
@@ -106,9 +106,35 @@ def test_the_models_train_through_pipes_and_report_metrics(data_dir, capsys):
     assert report["awq"]["int4/target"]["matrices_calibrated"] > 0
     assert "int4 g32 asym AWQ" in metadata_of(result, "quantized_model")["perplexity"].value
 
-    # the demo's ending: the INT4 target decodes the same greedy text with and without the draft
-    demo.main(["--quantized", str(data_dir / "quantized_model"), "--scheme", "int4", "--kv-cache", "int8-channel"])
+    # benchmark_report and inference_package: the report, its BENCHMARKS section, the release
+    benchmarks_md = data_dir.parent / "BENCHMARKS.md"
+    benchmarks_md.write_text("# Benchmarks\n\nearlier sections\n")
+    releases = data_dir.parent / "releases"
+    configs = {
+        benchmark_report: {"prompts": 2, "new_tokens": 6, "benchmarks_md": str(benchmarks_md)},
+        inference_package: {"releases_dir": str(releases), "kv_cache": "int8-channel"},
+    }
+    result = materialize(data_dir, [benchmark_report, inference_package], {}, instance=instance, configs=configs)
+    report = json.loads((data_dir / "benchmark_report" / "report.json").read_text())
+    assert [(r["config"], r["decoding"]) for r in report["rows"]] == [
+        ("dense fp32", "plain"),
+        *[(f"moe {f}", d) for f in ("fp32", "int8", "int4") for d in ("plain", "speculative")],
+    ]
+    assert all(r["identical"] for r in report["rows"] if r["decoding"] == "speculative")
+    meta = metadata_of(result, "benchmark_report")
+    assert "data:image/png;base64," in meta["chart"].value and meta["cost_ratio"].value > 0
+    published = benchmarks_md.read_text()
+    assert published.startswith("# Benchmarks\n\nearlier sections") and "| moe int4 | speculative |" in published
+    release = releases / "frugal-small-cpu-0.1.0"
+    assert (release / "frugal_small_cpu-0.1.0-py3-none-any.whl").exists()
+    assert (release / "frugal_small_cpu-0.1.0.tar.gz").exists()
+    card = (release / "package" / "MODEL_CARD.md").read_text()
+    assert "curriculum_shards/manifest.json` sha256" in card and "| moe int4 | speculative |" in card
+
+    # the demo's ending: the benchmark table, then the package decodes the same greedy text with and without the draft
+    demo.main(["--releases", str(releases), "--report", str(data_dir / "benchmark_report" / "report.md")])
     out = capsys.readouterr().out
+    assert "| dense fp32 | plain |" in out and "verified against its manifest" in out
     assert out.count("identical: True") == len(demo.PROMPTS) and "acceptance rate" in out
 
 
