@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui bench-dedup bench-quality bench-train bench-inference clean-data
+.PHONY: install demo test lint ui bench-dedup bench-quality bench-train bench-inference bench-serve clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ bench-train: install $(DAGSTER_HOME)/dagster.yaml
 # measures the models `make demo` trains (data/moe_model, data/draft_model)
 bench-inference: install
 	$(BIN)/python bench/inference.py
+
+# the newest release under releases/ against the dense fp32 baseline, each served by frugal-serve
+bench-serve: install
+	$(BIN)/python bench/serve.py --baseline-run $(FRUGAL_DATA_DIR)/dense_baseline_model --threads 1
 
 clean-data:
 	rm -rf data .dagster/storage wandb runs

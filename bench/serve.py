@@ -40,6 +40,7 @@ from pathlib import Path
 from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "results" / "serve.json"
 PROMPTS = ("The function returns", "This module provides", "Once upon a time", "The results show")
 
@@ -146,16 +147,34 @@ def tables(runs: dict[str, dict], ratios: dict[int, float] | None) -> str:
     return "\n".join(lines)
 
 
+def package_run(run_dir: Path, out: Path) -> Path:
+    """A trained run folder as a package (its fp32 weights, no draft): a baseline to serve."""
+    from inference.release import assemble
+
+    meta = {"name": f"{run_dir.name}-fp32", "version": "0", "scheme": "fp32", "kv_cache": "fp32", "gamma": 4}
+    assemble(out, run_dir, None, meta, f"# {run_dir.name} (fp32, unquantized): the serving baseline\n")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--package", type=Path, required=True)
+    parser.add_argument("--package", type=Path, help="a package folder (default: the newest under releases/)")
     parser.add_argument("--baseline", type=Path, help="a second package to compare costs with")
+    parser.add_argument(
+        "--baseline-run", type=Path, help="or a trained run folder (e.g. data/dense_baseline_model), packaged as it is"
+    )
     parser.add_argument("--price-per-hour", type=float, default=0.10, help="dollars per hour of this machine")
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least C)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--threads", type=int, help="the servers' torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.package is None:
+        from inference.demo import newest_release
+
+        args.package = newest_release(ROOT / "releases")
+    if args.baseline_run is not None:
+        args.baseline = package_run(args.baseline_run, OUT.parent / "serve" / "baseline-package")
     runs = {"package": bench_package(args.package, args)}
     ratios = None
     if args.baseline is not None:
