@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui bench-dedup bench-quality bench-train bench-inference bench-serve clean-data
+.PHONY: install demo test lint ui bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
+# every asset but data_ablation (three more trainings: make bench-ablation)
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m assets.definitions --select '*'
+	$(BIN)/dagster asset materialize -m assets.definitions --select 'not key:data_ablation'
 	@$(BIN)/python -m assets.summary
 	@$(BIN)/python -m inference.demo
 
@@ -58,6 +59,14 @@ bench-train: install $(DAGSTER_HOME)/dagster.yaml
 	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
 		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer'
 	$(BIN)/python bench/train.py
+
+# the data ablation (training.ablation) on the demo's data: raw vs curated vs curriculum, shared held-out set
+bench-ablation: install $(DAGSTER_HOME)/dagster.yaml
+	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
+		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer'
+	mkdir -p bench/results
+	echo '{"clean_documents": "$(FRUGAL_DATA_DIR)/clean_documents/documents.parquet", "curriculum_shards": "$(FRUGAL_DATA_DIR)/curriculum_shards", "tokenizer_path": "$(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json", "near_duplicate_clusters": "$(FRUGAL_DATA_DIR)/near_dedup_documents/clusters.parquet", "out_dir": "bench/results/data_ablation"}' > bench/results/ablation.json
+	$(BIN)/python -m training.ablation --config bench/results/ablation.json
 
 # measures the models `make demo` trains (data/moe_model, data/draft_model)
 bench-inference: install

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.kv_cache or package.meta['kv_cache']} KV cache), verified against its manifest"
     )
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)  # greedy: speculation must not change a token
-    spec = SpeculativeGenerator(target, draft, gamma=package.gamma)
+    spec = SpeculativeGenerator(target, draft, gamma=package.gamma, adaptive=True)
     for prompt in PROMPTS:
         ids = target.tokenizer.encode(prompt).ids
         start = time.perf_counter()
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  identical: {plain == fast}")
     s = spec.stats
     print(
-        f"\nspeculative decoding, gamma={package.gamma}: acceptance rate {s.acceptance_rate:.2f}, "
-        f"{s.mean_accepted_length:.2f} tokens per target forward pass"
+        f"\nspeculative decoding, adaptive gamma up to {package.gamma}: acceptance rate {s.acceptance_rate:.2f}, "
+        f"{s.mean_accepted_length:.2f} tokens per target forward pass, {s.proposed} proposals in {s.rounds} rounds"
     )
 
 

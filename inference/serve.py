@@ -33,7 +33,9 @@ The chat template is plain text, one line per message and an open assistant turn
 and "\\nUser:" is an implicit stop string, so the model's answer ends where it would start the next turn.
 
 Decoding: speculative (the package's draft proposes gamma tokens, see inference.speculative) when the
-package has a draft, unless --no-speculative; lossless, so greedy output is the target's own. Text is
+package has a draft, unless --no-speculative; lossless, so greedy output is the target's own. gamma adapts
+per round (down to plain steps when the draft is rarely right), except for requests with a seed, whose
+random draws must repeat: they keep the package's gamma. Text is
 decoded incrementally: the whole id list is decoded after each token and the new suffix released, since
 in byte-level BPE one character can span tokens; a tail is held back while it ends in an incomplete UTF-8
 sequence or could still begin a stop string, so a stream never shows text past a stop string. The text is
@@ -250,6 +252,8 @@ class Engine:
     def _run(self, job: Job) -> None:
         request = job.request
         start = time.perf_counter()
+        if self.speculative:  # adaptive gamma, except where a seed promises the same draws every time
+            self.speculative.adaptive = request.sampling.seed is None
         try:
             tokens = self.generator.stream(request.prompt_ids, request.sampling)
         except ValueError as e:  # the generator's own checks; parse() should have caught these first

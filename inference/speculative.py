@@ -13,6 +13,7 @@ Both KV caches simply continue from the accepted position: entries past it are o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,10 +64,51 @@ class SpeculativeStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else float("nan")
 
 
-class SpeculativeGenerator:
-    """A target Generator with a draft model that shares its tokenizer."""
+class GammaPolicy:
+    """Adaptive gamma: before each round, the gamma in 0 .. gamma_max with the most expected tokens per
+    second, E(a, g) / (g t_draft + t_target), where E(a, g) = (1 - a^(g+1)) / (1 - a) is the expected
+    tokens a round emits when each proposal is accepted with probability a (Leviathan et al. 2023), a the
+    acceptance rate so far (an exponential average over rounds) and t_* the measured seconds per draft
+    and target pass. gamma 0 is a plain decoding step: where the draft is rarely right or costs too much,
+    speculation turns itself off, and every `probe_every` plain steps one gamma-1 round measures again."""
 
-    def __init__(self, target: Generator, draft: Generator, gamma: int = 4):
+    def __init__(self, gamma_max: int, decay: float = 0.7, probe_every: int = 8):
+        self.gamma_max, self.decay, self.probe_every = gamma_max, decay, probe_every
+        self.alpha = 0.6
+        self.t_draft: float | None = None
+        self.t_target: float | None = None
+        self.plain_steps = 0
+
+    def choose(self, left: int) -> int:
+        if self.t_draft is None or self.t_target is None:
+            return min(self.gamma_max, left)  # measure first
+        if self.plain_steps >= self.probe_every:
+            self.plain_steps = 0
+            return 1
+
+        def rate(g: int) -> float:
+            emitted = sum(self.alpha**i for i in range(g + 1))
+            return emitted / (g * self.t_draft + self.t_target)
+
+        best = max(range(min(self.gamma_max, left) + 1), key=rate)
+        self.plain_steps = self.plain_steps + 1 if best == 0 else 0
+        return best
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def observe(self, proposed: int, accepted: int, draft_s: float, target_s: float) -> None:
+        if proposed:
+            self.alpha = self._average(self.alpha, accepted / proposed)
+            self.t_draft = self._average(self.t_draft, draft_s / proposed)
+        self.t_target = self._average(self.t_target, target_s)
+
+
+class SpeculativeGenerator:
+    """A target Generator with a draft model that shares its tokenizer. adaptive: choose gamma (up to
+    `gamma`, down to plain decoding) each round by `GammaPolicy`; any gamma keeps the output exact."""
+
+    def __init__(self, target: Generator, draft: Generator, gamma: int = 4, adaptive: bool = False):
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         if target.model.config.vocab_size != draft.model.config.vocab_size:
@@ -77,7 +119,7 @@ class SpeculativeGenerator:
         tokenizers = (target.tokenizer, draft.tokenizer)
         if None not in tokenizers and tokenizers[0].to_str() != tokenizers[1].to_str():
             raise ValueError("the draft's tokenizer differs from the target's: they must be the same tokenizer.json")
-        self.target, self.draft, self.gamma = target, draft, gamma
+        self.target, self.draft, self.gamma, self.adaptive = target, draft, gamma, adaptive
         self.stats = SpeculativeStats()
 
     def generate_ids(self, prompt: list[int], cfg: SamplingConfig) -> list[int]:
@@ -109,9 +151,15 @@ class SpeculativeGenerator:
             self.target.model(torch.tensor([prompt[:-1]]), 0, t_cache)
             self.draft.model(torch.tensor([prompt[:-1]]), 0, d_cache)
         pos, last, produced = len(prompt) - 1, prompt[-1], 0
+        history, d_pos = list(prompt), len(prompt) - 1  # d_pos: positions the draft's cache holds
         greedy = cfg.temperature == 0
+        policy = GammaPolicy(self.gamma) if self.adaptive else None
         while produced < cfg.max_new_tokens:
-            gamma = min(self.gamma, cfg.max_new_tokens - produced)
+            left = cfg.max_new_tokens - produced
+            gamma = policy.choose(left) if policy else min(self.gamma, left)
+            started = time.perf_counter()
+            if gamma and d_pos < pos:  # plain steps ran without the draft: catch its cache up
+                self.draft.model(torch.tensor([history[d_pos:pos]]), d_pos, d_cache)
             proposals, qs, token = [], [], last
             for i in range(gamma):
                 logits_V = self.draft.model(torch.tensor([[token]]), pos + i, d_cache)[0, -1]
@@ -121,26 +169,34 @@ class SpeculativeGenerator:
                     qs.append(probabilities(logits_V[None], cfg)[0])
                     token = int(torch.multinomial(qs[-1], 1, generator=generator)[0])
                 proposals.append(token)
+            drafted = time.perf_counter()
             logits_KV = self.target.model(torch.tensor([[last, *proposals]]), pos, t_cache)[0]
             if greedy:  # accept while the draft's token is the target's argmax; then the target's own
                 best = logits_KV.argmax(-1).tolist()
                 n = next((i for i, (x, y) in enumerate(zip(proposals, best)) if x != y), gamma)
                 nxt = best[n]
+            elif gamma == 0:
+                n, nxt = 0, int(torch.multinomial(probabilities(logits_KV, cfg)[0], 1, generator=generator)[0])
             else:
                 p = probabilities(logits_KV, cfg)
                 accepted, next_B = verify(p[None], torch.stack(qs)[None], torch.tensor([proposals]), generator)
                 n, nxt = int(accepted[0]), int(next_B[0])
+            if policy:
+                policy.observe(gamma, n, drafted - started, time.perf_counter() - drafted)
             self.stats.rounds += 1
             self.stats.proposed += gamma
             self.stats.accepted += n
             emitted = [*proposals[:n], nxt]
-            if n == gamma:  # the draft has not seen its last proposal yet: keep its cache in step
+            if gamma and n == gamma:  # the draft has not seen its last proposal yet: keep its cache in step
                 self.draft.model(torch.tensor([[proposals[-1]]]), pos + gamma, d_cache)
+            if gamma:
+                d_pos = pos + len(emitted)
             for t in emitted:
                 if t in stops or produced == cfg.max_new_tokens:
                     return
                 produced += 1
                 yield t
+            history += emitted
             pos += len(emitted)
             last = emitted[-1]
 

@@ -126,3 +126,29 @@ def test_stop_tokens_and_bad_drafts():
         SpeculativeGenerator(Generator(target), Generator(other))
     with pytest.raises(ValueError, match="exceed"):
         Generator(target).generate_ids([1] * 60, SamplingConfig(max_new_tokens=10))
+
+
+def test_adaptive_gamma_turns_speculation_off_for_a_useless_draft_and_keeps_the_output():
+    class Stubborn(Transformer):
+        """A draft that runs a whole model and then always proposes token 0."""
+
+        def forward(self, *args, **kwargs):
+            logits = super().forward(*args, **kwargs)
+            return torch.zeros_like(logits).index_fill_(-1, torch.tensor([0]), 10.0)
+
+    torch.manual_seed(0)
+    target = Generator(Transformer(debug_tiny()).eval())
+    useless = Generator(Stubborn(debug_tiny()).eval())
+    prompt, cfg = [5, 9, 200, 31], SamplingConfig(max_new_tokens=40)
+    expected = target.generate_ids(prompt, cfg)
+    assert 0 not in expected
+    adaptive = SpeculativeGenerator(target, useless, gamma=4, adaptive=True)
+    assert adaptive.generate_ids(prompt, cfg) == expected
+    fixed = SpeculativeGenerator(target, useless, gamma=4)
+    fixed.generate_ids(prompt, cfg)
+    assert fixed.stats.acceptance_rate < 0.2
+    # plain steps and gamma-1 probes instead of four doomed proposals every round
+    assert adaptive.stats.proposed < fixed.stats.proposed / 2
+    same = SpeculativeGenerator(target, target, gamma=4, adaptive=True)  # a perfect draft keeps gamma high
+    assert same.generate_ids(prompt, cfg) == expected
+    assert same.stats.proposed >= 0.6 * same.stats.rounds * 4
