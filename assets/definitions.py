@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from assets.ablation import data_ablation
 from assets.checks import CHECKS
 from assets.inference import INFERENCE_CHECKS, benchmark_report, inference_package, quantized_model
 from assets.ledger import CURATION_ASSETS, document_ledger
@@ -27,6 +28,7 @@ defs = dg.Definitions(
         quantized_model,
         benchmark_report,
         inference_package,
+        data_ablation,
     ],
     asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS],
     jobs=[curation_job],

@@ -1,0 +1,72 @@
+"""The data_ablation asset: three tiny DeepSpeed runs, reported as a table, a plot and W&B runs."""
+
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from assets.ablation import data_ablation
+from assets.resources import CurationPaths, WandbResource
+from model.tokenizer import TokenizerConfig, train_tokenizer
+from pipelines.curriculum import CurriculumConfig, build_curriculum
+from tests.conftest import prose, write_jsonl
+
+TINY = {
+    "tokens": 2048, "seq_len": 32, "batch_size": 8, "eval_every_tokens": 1024, "warmup_tokens": 256,
+    "heldout_fraction": 0.2, "heldout_tokens": 1024, "threads": 1,
+}  # fmt: skip
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """What clean_documents, curriculum_shards and tokenizer leave under the data folder."""
+    data = tmp_path / "data"
+    raw = [{"id": f"r{i:03d}", "text": prose(i, 30 + i % 40), "source": "t", "metadata": "{}"} for i in range(200)]
+    (data / "clean_documents").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(raw), data / "clean_documents" / "documents.parquet")
+    scored = [{"id": r["id"], "text": r["text"], "quality_score": (i % 10) / 10} for i, r in enumerate(raw) if i % 3]
+    src = write_jsonl(tmp_path / "scored.jsonl", scored)
+    build_curriculum([str(src)], data / "curriculum_shards", CurriculumConfig(target_shard_bytes=8000))
+    train_tokenizer(data / "curriculum_shards", data / "tokenizer", TokenizerConfig(vocab_size=512))
+    return data
+
+
+def materialize(data_dir: Path, config: dict):
+    return dg.materialize(
+        [data_ablation],
+        resources={
+            "paths": CurationPaths(data_dir=str(data_dir)),
+            "wandb": WandbResource(mode="offline", dir=str(data_dir.parent)),
+        },
+        run_config={"ops": {"data_ablation": {"config": config}}},
+        raise_on_error=False,
+    )
+
+
+def test_the_ablation_asset_reports_curves_and_tokens_to_target(data_dir):
+    result = materialize(data_dir, TINY)
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    meta = event.materialization.metadata
+    table = meta["table"].value
+    assert table.count("\n") == 4 and "(a) raw" in table and "(c) curated, curriculum order" in table
+    assert meta["heldout_loss"].value.startswith("![held-out loss against tokens](data:image/png;base64,")
+    assert meta["raw/tokens_to_target"].value <= 2048  # (a) reaches its own final loss
+    for run in ("curated_shuffled", "curated_curriculum"):
+        value = meta[f"{run}/tokens_to_target"].value
+        assert value == "not reached" or 0 < value <= 2048
+    assert 0.2 < meta["removed_token_share"].value < 0.5  # a third of the documents were curated away
+    runs = meta["wandb_runs"].value
+    assert len(runs) == 4 and all(Path(p).exists() for p in runs.values())  # three trainings + the summary
+    assert meta["wandb_group"].value.startswith("data-ablation-")
+    assert (data_dir / "data_ablation" / "results.json").exists()
+
+
+def test_bad_config_fails_before_any_training(data_dir):
+    result = materialize(data_dir, {**TINY, "tokens": 1000})
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "multiple of batch_size x seq_len" in str(failure.event_specific_data.error)
+    assert not (data_dir / "data_ablation" / "runs").exists()
