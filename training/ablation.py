@@ -63,7 +63,6 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,7 @@ import pyarrow.parquet as pq
 from model.tokenizer import EOS, load_tokenizer
 from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, code_version, sha256_file
 from pipelines.stage import atomic_path
-from training.config import PRESETS, TrainConfig
+from training.config import PRESETS, TrainConfig, config_from_file
 from training.data import ShardReader, is_validation
 from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_run_dir, rank_log_tails
 from training.metrics import read_metrics
@@ -220,17 +219,7 @@ class AblationConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> AblationConfig:
         """JSON or TOML."""
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"{path}: config file not found")
-        try:
-            doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
-        try:
-            return cls.from_dict(doc)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+        return config_from_file(cls.from_dict, path)
 
 
 # -- inputs --------------------------------------------------------------------------------------------

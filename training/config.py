@@ -144,17 +144,22 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
         """JSON or TOML."""
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"{path}: config file not found")
-        try:
-            doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
-        try:
-            return cls.from_dict(doc)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+        return config_from_file(cls.from_dict, path)
+
+
+def config_from_file(from_dict, path: str | Path):
+    """from_dict(the JSON or TOML document at path); every error names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: config file not found")
+    try:
+        doc = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
+    try:
+        return from_dict(doc)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _build(kind, doc: dict, where: str):
