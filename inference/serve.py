@@ -35,9 +35,9 @@ and "\\nUser:" is an implicit stop string, so the model's answer ends where it w
 Decoding: speculative (the package's draft proposes gamma tokens, see inference.speculative) when the
 package has a draft, unless --no-speculative; lossless, so greedy output is the target's own. gamma adapts
 per round (down to plain steps when the draft is rarely right), except for requests with a seed, whose
-random draws must repeat: they keep the package's gamma. Text is
-decoded incrementally: the whole id list is decoded after each token and the new suffix released, since
-in byte-level BPE one character can span tokens; a tail is held back while it ends in an incomplete UTF-8
+random draws must repeat: they keep the package's gamma. Text is decoded incrementally: the whole id list
+is decoded after each token and the new suffix released, since in byte-level BPE one character can span
+tokens; a tail is held back while it ends in an incomplete UTF-8
 sequence or could still begin a stop string, so a stream never shows text past a stop string. The text is
 cut at the first stop string; finish_reason is "stop" for a stop string or the end-of-sequence token,
 "length" when max_tokens was reached. Streams are Server-Sent Events (`data: {chunk}`, then
