@@ -117,7 +117,10 @@ def quantization_within_budget(paths: CurationPaths) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=quantized_model,
-    description="The quantized target decodes the same greedy tokens with and without the quantized draft.",
+    description="The quantized target decodes the same greedy tokens with and without the quantized draft. "
+    "Blocking: a model whose speculation changes its output is not benchmarked or published (and the "
+    "benchmark does not share the CPU with this check).",
+    blocking=True,
 )
 def speculative_greedy_is_identical(paths: CurationPaths) -> dg.AssetCheckResult:
     import torch
