@@ -174,6 +174,47 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_shard_files(
+    rows: list[dict], output_dir: Path, target_shard_bytes: int, row_group_rows: int | None = None
+) -> list[dict]:
+    """Rows (dicts of SHARD_SCHEMA's columns but n_chars, in reading order) as shard-NNNNN.parquet files
+    of about target_shard_bytes of text each, written atomically; shards left from an earlier, longer
+    run are removed. Returns each shard's manifest entry: path, rows, bytes, sha256, bucket counts."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shards, current, current_bytes = [], [], 0
+    for row in rows:
+        current.append(row)
+        current_bytes += len(row["text"].encode("utf-8"))
+        if current_bytes >= target_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+    if current:
+        shards.append(current)
+    entries = []
+    for n, part in enumerate(shards):
+        name = f"shard-{n:05d}.parquet"
+        columns = {
+            key: [r[key] for r in part] for key in ("id", "text", "source", "quality_score", "bucket", "difficulty")
+        }
+        table = pa.Table.from_pydict({**columns, "n_chars": [len(t) for t in columns["text"]]}, schema=SHARD_SCHEMA)
+        tmp = atomic_path(output_dir / name)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows)
+        os.replace(tmp, output_dir / name)
+        entries.append(
+            {
+                "path": name,
+                "rows": len(part),
+                "bytes": (output_dir / name).stat().st_size,
+                "sha256": sha256_file(output_dir / name),
+                "bucket_counts": {str(b): c for b, c in sorted(Counter(r["bucket"] for r in part).items())},
+            }
+        )
+    for stale in output_dir.glob("shard-*.parquet"):  # from an earlier run that made more shards
+        if stale.name not in {e["path"] for e in entries}:
+            stale.unlink()
+    return entries
+
+
 def build_curriculum(
     inputs: list[str],
     output_dir: str | Path,
@@ -211,47 +252,18 @@ def build_curriculum(
     within = [hashlib.blake2b(f"{config.seed}:{d.id}".encode(), digest_size=8).digest() for d in docs]
     order = sorted(range(len(docs)), key=lambda i: (int(bucket[i]), within[i]))
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    shards, current, current_bytes = [], [], 0
-    for i in order:
-        current.append(i)
-        current_bytes += len(docs[i].text.encode("utf-8"))
-        if current_bytes >= config.target_shard_bytes:
-            shards.append(current)
-            current, current_bytes = [], 0
-    if current:
-        shards.append(current)
-
-    manifest_shards = []
-    for n, rows in enumerate(shards):
-        name = f"shard-{n:05d}.parquet"
-        table = pa.Table.from_pydict(
-            {
-                "id": [docs[i].id for i in rows],
-                "text": [docs[i].text for i in rows],
-                "source": [docs[i].source for i in rows],
-                "quality_score": quality[rows],
-                "bucket": bucket[rows],
-                "difficulty": difficulty[rows].astype(np.float32),
-                "n_chars": np.array([len(docs[i].text) for i in rows], dtype=np.int32),
-            },
-            schema=SHARD_SCHEMA,
-        )
-        tmp = atomic_path(output_dir / name)
-        pq.write_table(table, tmp, compression="zstd", row_group_size=config.row_group_rows)
-        os.replace(tmp, output_dir / name)
-        manifest_shards.append(
-            {
-                "path": name,
-                "rows": len(rows),
-                "bytes": (output_dir / name).stat().st_size,
-                "sha256": sha256_file(output_dir / name),
-                "bucket_counts": {str(b): c for b, c in sorted(Counter(int(bucket[i]) for i in rows).items())},
-            }
-        )
-    for stale in output_dir.glob("shard-*.parquet"):  # from an earlier run that made more shards
-        if stale.name not in {s["path"] for s in manifest_shards}:
-            stale.unlink()
+    rows = [
+        {
+            "id": docs[i].id,
+            "text": docs[i].text,
+            "source": docs[i].source,
+            "quality_score": float(quality[i]),
+            "bucket": int(bucket[i]),
+            "difficulty": float(np.float32(difficulty[i])),
+        }
+        for i in order
+    ]
+    manifest_shards = write_shard_files(rows, output_dir, config.target_shard_bytes, config.row_group_rows)
 
     buckets = []
     for b, (q, d) in enumerate(bucket_order(config)):
@@ -283,7 +295,7 @@ def build_curriculum(
     for doc in docs:
         ledger.kept(doc)
     bytes_in = sum(len(d.text.encode("utf-8")) for d in docs)
-    extra = {"n_shards": len(shards), "bucket_rows": {str(b["bucket"]): b["rows"] for b in buckets}}
+    extra = {"n_shards": len(manifest_shards), "bucket_rows": {str(b["bucket"]): b["rows"] for b in buckets}}
     return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=bytes_in, extra=extra)
 
 

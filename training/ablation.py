@@ -72,7 +72,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.tokenizer import EOS, load_tokenizer
-from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, code_version, sha256_file
+from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, code_version, write_shard_files
 from pipelines.stage import atomic_path
 from training.config import PRESETS, TrainConfig, config_from_file
 from training.data import ShardReader, is_validation
@@ -296,49 +296,10 @@ def split_inputs(
 def write_shards(rows: list[dict], heldout: list[dict], out_dir: Path, target_shard_bytes: int = 32 * 2**20) -> None:
     """Rows (in reading order) then the held-out rows, as curriculum-style shards with a manifest that
     training.data.ShardReader reads. Raw documents have no quality score or difficulty: NaN."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("shard-*.parquet"):
-        old.unlink()
     all_rows = rows + heldout
-    shards, current, size = [], [], 0
-    for r in all_rows:
-        current.append(r)
-        size += len(r["text"].encode())
-        if size >= target_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-    if current:
-        shards.append(current)
-    manifest_shards = []
-    for n, part in enumerate(shards):
-        name = f"shard-{n:05d}.parquet"
-        table = pa.Table.from_pydict(
-            {
-                "id": [r["id"] for r in part],
-                "text": [r["text"] for r in part],
-                "source": [r["source"] for r in part],
-                "quality_score": [r.get("quality_score", float("nan")) for r in part],
-                "bucket": [r["bucket"] for r in part],
-                "difficulty": [r.get("difficulty", float("nan")) for r in part],
-                "n_chars": [len(r["text"]) for r in part],
-            },
-            schema=SHARD_SCHEMA,
-        )
-        tmp = atomic_path(out_dir / name)
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, out_dir / name)
-        counts: dict[str, int] = {}
-        for r in part:
-            counts[str(r["bucket"])] = counts.get(str(r["bucket"]), 0) + 1
-        manifest_shards.append(
-            {
-                "path": name,
-                "rows": len(part),
-                "bytes": (out_dir / name).stat().st_size,
-                "sha256": sha256_file(out_dir / name),
-                "bucket_counts": counts,
-            }
-        )
+    nan = float("nan")  # raw documents have no quality score or difficulty
+    shard_rows = [{"quality_score": nan, "difficulty": nan, **r} for r in all_rows]
+    manifest_shards = write_shard_files(shard_rows, out_dir, target_shard_bytes)
     buckets = list(dict.fromkeys(r["bucket"] for r in all_rows))
     manifest = {
         "shards": manifest_shards,
