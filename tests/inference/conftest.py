@@ -17,18 +17,25 @@ from tests.conftest import prose, write_jsonl
 
 
 @pytest.fixture(scope="session")
-def tiny_package(tmp_path_factory):
-    d = tmp_path_factory.mktemp("package")
+def tiny_tokenizer(tmp_path_factory):
+    """tokenizer.json: a 512-token BPE trained on curriculum shards of prose."""
+    d = tmp_path_factory.mktemp("tokenizer")
     rows = [{"id": f"d{i}", "text": prose(i, 60), "quality_score": 0.5} for i in range(60)]
     build_curriculum([str(write_jsonl(d / "scored.jsonl", rows))], d / "shards", CurriculumConfig())
     train_tokenizer(d / "shards", d / "tok", TokenizerConfig(vocab_size=512))
+    return d / "tok" / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("package")
     torch.manual_seed(0)
     target, draft = Transformer(debug_tiny()), Transformer(debug_tiny_draft())
     cfg = QuantConfig("int8")
     save_quantized(target, quantize_weights(target, cfg), cfg, d / "target")
     save_model(draft.state_dict(), draft.config, d / "draft")
     for role in ("target", "draft"):
-        shutil.copy(d / "tok" / "tokenizer.json", d / role / "tokenizer.json")
+        shutil.copy(tiny_tokenizer, d / role / "tokenizer.json")
     meta = {"name": "frugal-tiny", "version": "0.0.1", "scheme": "int8", "kv_cache": "int8", "gamma": 3}
     assemble(d / "pkg", d / "target", d / "draft", meta, "# frugal-tiny\n\nA test package.\n")
     return d / "pkg"

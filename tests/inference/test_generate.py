@@ -10,24 +10,18 @@ from inference.generate import Generator, SamplingConfig
 from inference.speculative import SpeculativeGenerator
 from model.config import debug_tiny
 from model.io import WEIGHTS_FILE, load_model, save_model
-from model.tokenizer import TokenizerConfig, train_tokenizer
-from pipelines.curriculum import CurriculumConfig, build_curriculum
-from tests.conftest import prose, write_jsonl
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, tiny_tokenizer):
     """A run folder as training exports it: weights, config, tokenizer (untrained weights suffice)."""
     d = tmp_path_factory.mktemp("run")
-    rows = [{"id": f"d{i}", "text": prose(i, 60), "quality_score": 0.5} for i in range(60)]
-    build_curriculum([str(write_jsonl(d / "scored.jsonl", rows))], d / "shards", CurriculumConfig())
-    train_tokenizer(d / "shards", d / "tok", TokenizerConfig(vocab_size=512))
     torch.manual_seed(0)
     from model.transformer import Transformer
 
     model = Transformer(debug_tiny())
     save_model(model.state_dict(), model.config, d / "run")
-    shutil.copy(d / "tok" / "tokenizer.json", d / "run" / "tokenizer.json")
+    shutil.copy(tiny_tokenizer, d / "run" / "tokenizer.json")
     return d / "run"
 
 
