@@ -18,9 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kernels import kv_int8
+from model.io import atomic_file, read_tensors
 from model.transformer import Transformer
 
 KV_SCALES_FILE = "kv_scales.safetensors"
@@ -102,14 +103,13 @@ def use_int8_kv_cache(
 
 def save_kv_scales(scales: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
     tensors = {f"layers.{i}.{kv}": t.contiguous() for i, pair in enumerate(scales) for kv, t in zip("kv", pair)}
-    save_file(tensors, str(path))
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_kv_scales(path: Path, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    tensors = read_tensors(Path(path))  # names a missing or unreadable file
     try:
-        tensors = load_file(str(path))
         return [(tensors[f"layers.{i}.k"], tensors[f"layers.{i}.v"]) for i in range(n_layers)]
     except KeyError as e:
         raise ValueError(f"{path}: no scales for {e.args[0]} ({n_layers} layers expected)") from e
-    except Exception as e:
-        raise ValueError(f"{path}: unreadable KV scales ({e})") from e

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from kernels import native
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -103,39 +106,45 @@ class _ScaledInput(nn.Module):
 class Int8Linear(_ScaledInput):
     """y = x W^T with W in INT8 (per-channel scales), on torch's CPU kernel with bf16 activations: its
     fp32-activation path is 9-19x slower than the bf16 one (measured on the 2-core reference machine at 1 to
-    64 rows)."""
+    64 rows). The kernel goes through kernels.native, which owns its preconditions: the weight is held in
+    owned, aligned storage, and a width that is not a multiple of 16 is padded with zero columns (the
+    activations get matching zeros, so the product is unchanged)."""
 
     def __init__(self, weight: Int8Weight):
         super().__init__()
-        self.register_buffer("q", weight.q_NK)
-        self.register_buffer("scale", weight.scale_N.to(torch.bfloat16))
+        self.in_features = weight.q_NK.shape[1]
+        pad = -self.in_features % native.INT8_K_MULTIPLE
+        q = F.pad(weight.q_NK, (0, pad)) if pad else weight.q_NK
+        self.register_buffer("q", native.owned(q))
+        self.register_buffer("scale", native.owned(weight.scale_N.to(torch.bfloat16)))
         self._set_input_scale(weight.input_scale_K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = self._scale(x.reshape(-1, shape[-1]).float()).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
-        return y.view(*shape[:-1], -1).to(x.dtype)
+        pad = self.q.shape[1] - self.in_features
+        y = native.int8_mm(F.pad(x2, (0, pad)) if pad else x2, self.q, self.scale)
+        return y.view(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 class Int4Linear(_ScaledInput):
-    """y = x W^T with W in group-wise INT4, on torch's packed CPU kernel (bf16 activations inside)."""
+    """y = x W^T with W in group-wise INT4, on torch's packed CPU kernel (bf16 activations inside), through
+    kernels.native."""
 
     def __init__(self, weight: Int4Weight):
         super().__init__()
         self.group_size = weight.group_size
         self.out_features, self.in_features = weight.q_NK.shape
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q_NK.to(torch.int32), 2)
-        self.register_buffer("packed", packed)
-        scales_and_zeros = torch.stack([weight.scale_NG.t(), weight.zero_NG.t()], -1).contiguous()
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
+        self.register_buffer("packed", native.int4_pack(native.owned(weight.q_NK.to(torch.int32))))
+        scales_and_zeros = torch.stack([weight.scale_NG.t(), weight.zero_NG.t()], -1)
+        self.register_buffer("scales_and_zeros", native.owned(scales_and_zeros.to(torch.bfloat16)))
         self._set_input_scale(weight.input_scale_K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = self._scale(x.reshape(-1, shape[-1]).float()).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        return y.view(*shape[:-1], -1).to(x.dtype)
+        y = native.int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return y.view(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -172,13 +181,19 @@ def matrices(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
-    """Every matrix's input width must split into whole INT4 groups; the error names the first that does not."""
+    """INT4: every matrix's input width must split into whole groups, and its output count suit the packed
+    kernel (kernels.native); the error names the first matrix that does not."""
     cfg.check()
     if cfg.scheme == "int4":
         for name, w in matrices(model).items():
             if w.shape[1] % cfg.group_size:
                 raise ValueError(
                     f"{name}: a weight with {w.shape[1]} inputs cannot be split into groups of {cfg.group_size}"
+                )
+            if w.shape[0] % native.INT4_N_MULTIPLE:
+                raise ValueError(
+                    f"{name}: a weight with {w.shape[0]} outputs; the INT4 kernel needs a multiple of "
+                    f"{native.INT4_N_MULTIPLE}"
                 )
 
 

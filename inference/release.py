@@ -28,7 +28,7 @@ RUNTIME_MODULES = {
         "__init__.py", "generate.py", "speculative.py", "quantize.py", "kv_cache.py", "package.py", "serve.py",
         "lm_eval_adapter.py",
     ),
-    "kernels": ("__init__.py", "dispatch.py", "kv_int8.py", "w4a16.py", "attention_int8.py"),
+    "kernels": ("__init__.py", "dispatch.py", "native.py", "kv_int8.py", "w4a16.py", "attention_int8.py"),
 }  # fmt: skip
 """What the wheel carries: the modules a served model imports (no training, assets or pipelines)."""
 RUNTIME_DEPENDENCIES = ("torch>=2.4", "tokenizers>=0.19", "safetensors>=0.4")

@@ -1,22 +1,89 @@
 """A trained model on disk: `model.safetensors` (reference layout, never pickle), `config.json` (the
-ModelConfig) and `tokenizer.json`. Loading checks every file, name and shape and says which is wrong."""
+ModelConfig) and `tokenizer.json`. Loading checks every file, name and shape and says which is wrong.
+
+Files are written atomically (`atomic_file`: a temp file beside the target, renamed over it once whole), so
+a process killed mid-write leaves the previous file or none, never half of one; temp files of dead writers
+are removed by the next write to the same path. Tensors are read into storage that torch owns, contiguous
+and aligned (kernels.native.owned), never left as views into the file's buffer.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kernels.native import owned
 from model.config import ModelConfig
 from model.transformer import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "frugal-transformer/1"
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(final: Path) -> Path:
+    """A fresh temp path beside `final`, named `.NAME.PID.RANDOM.tmp` so the writer's pid is known."""
+    return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+def remove_stale_temps(final: Path) -> list[Path]:
+    """Remove the temp files of `final` (see `temp_path`) left by writers that no longer run."""
+    removed = []
+    for tmp in final.parent.glob(f".{final.name}.*{TEMP_SUFFIX}"):
+        pid = tmp.name[len(final.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: a liveness probe, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yields a temp path to write; on success it is flushed to disk and renamed over `final`, on error
+    removed. Errors name `final` (a full disk or a read-only folder says which file it could not write)."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
+    except OSError as e:
+        raise OSError(e.errno, f"{final}: cannot write: {e.strerror}") from e
+    tmp = temp_path(final)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as e:
+        raise OSError(e.errno, f"{final}: cannot write: {e.strerror}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_model(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path, extra: dict | None = None) -> None:
@@ -26,9 +93,10 @@ def save_model(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: Pat
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": FORMAT})
+    with atomic_file(out_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
     doc = {"format": FORMAT, "model": dataclasses.asdict(config), **(extra or {})}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(out_dir / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
 
 
 def load_config(run_dir: Path) -> ModelConfig:
@@ -43,11 +111,13 @@ def load_config(run_dir: Path) -> ModelConfig:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file (never pickle); a missing or unreadable file is named."""
+    """Every tensor of a safetensors file (never pickle), each copied into storage torch owns (see top); a
+    missing or unreadable file is named."""
+    path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: missing")
     try:
-        return load_file(str(path))
+        return {name: owned(t) for name, t in load_file(str(path)).items()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from e
 

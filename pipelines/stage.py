@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -62,9 +63,14 @@ def _reason_key(reason: str) -> str:
 
 
 def atomic_path(final: Path) -> Path:
-    """A fresh temp path beside `final` (not created, so the file gets the usual umask permissions);
-    the caller renames it over `final` when the write succeeded."""
+    """A fresh temp path `.NAME.PID.RANDOM.tmp` beside `final` (not created, so the file gets the usual umask
+    permissions); the caller renames it over `final` when the write succeeded. Temp files of `final` whose
+    writer no longer runs (a killed run) are removed first."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        pid = stale.name[len(final.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            stale.unlink(missing_ok=True)
     return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 

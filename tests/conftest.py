@@ -4,15 +4,45 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # DeepSpeed compiles its CPU communication op on first use (~40 s): once per checkout, not per test.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_extensions"))
 # Triton kernels run in Triton's interpreter on CPU tensors (tests/kernels). Triton reads this when a kernel is
 # decorated, i.e. when kernels/ is first imported, which inference/ does too: so it is set before any test.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+"""ATEN_CPU_CAPABILITY values on x86, each a superset of the one before."""
+
+
+def cpu_capabilities() -> list[str]:
+    """The ATEN_CPU_CAPABILITY values this machine can run: every level up to the one torch picks by itself."""
+    import torch
+
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    return list(CPU_CAPABILITIES[: CPU_CAPABILITIES.index(best) + 1]) if best in CPU_CAPABILITIES else ["default"]
+
+
+def run_under_capability(
+    capability: str, args: list[str], timeout: float = 300, expect_signal: bool = False
+) -> subprocess.CompletedProcess:
+    """`python ARGS` in a subprocess with ATEN_CPU_CAPABILITY set, from the repository root: a crash in a native
+    kernel fails the calling test with the signal's name, instead of killing pytest (unless expect_signal)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode < 0 and not expect_signal:
+        name = signal.Signals(-proc.returncode).name
+        raise AssertionError(f"{' '.join(args)} died of {name} under ATEN_CPU_CAPABILITY={capability}:\n{proc.stderr}")
+    return proc
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

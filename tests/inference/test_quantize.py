@@ -2,6 +2,7 @@
 quantized model's logits against fp32."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from inference.quantize import (
 from model.config import debug_tiny, dense_baseline
 from model.io import WEIGHTS_FILE
 from model.transformer import Transformer
+from tests.conftest import cpu_capabilities, run_under_capability
 
 
 def test_int8_error_is_at_most_half_a_step():
@@ -142,3 +144,21 @@ def test_broken_quantized_folders_are_refused_naming_the_file(tmp_path):
         quantize_weights(model, QuantConfig("int4", 48))
     with pytest.raises(ValueError, match=r"layers\.0\.attn\.wq: a weight with 64 inputs cannot"):
         quantize_weights(model, QuantConfig("int4", 128))  # d_model 64
+
+
+@pytest.mark.parametrize("capability", cpu_capabilities())
+def test_quantized_layers_run_on_misaligned_weights_under_every_cpu_capability(tmp_path, capability):
+    """Weights read from a file at 8 bytes past a 16-byte boundary (where the AVX-512 INT8 kernel crashed),
+    INT8 and INT4, at prefill (9 rows), decode (1 row through the KV cache), a single token (experts left
+    without tokens) and an expert layer given 0 rows; plus an INT8 layer 40 inputs wide (padded to 48). In a
+    subprocess per ATEN_CPU_CAPABILITY: a segfault fails this test."""
+    proc = run_under_capability(capability, ["-m", "tests.inference.misaligned_load", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["capability"] == capability.upper()  # the variable took effect
+    for scheme, tolerance in (("int8", 0.01), ("int4", 0.08)):  # bf16 activations; INT4 with 32-wide groups
+        assert report[f"{scheme}_raw_q_address_mod_16"] == [8]  # the file really is misaligned
+        for case in ("prefill", "decode", "one_token"):
+            assert report[f"{scheme}_{case}_error"] < tolerance, (scheme, case, report)
+        assert report[f"{scheme}_empty_expert_shapes"] == [[0, 32], [0, 64]]  # (0, d_expert), (0, d_model)
+    assert report["int8_width40_error"] < 0.01
