@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from assets.curation import near_dedup_documents
 from assets.ledger import CURATION_STAGES, document_ledger
-from assets.metadata import md_table
+from assets.metadata import md_table, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths
 from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, sha256_file
@@ -67,7 +67,7 @@ def _unique_ids_check(asset_name: str) -> dg.AssetChecksDefinition:
             passed=not repeated,
             metadata={
                 "n_documents": len(ids),
-                "repeated_ids": dg.MetadataValue.md(md_table(("id", "times"), repeated)),
+                "repeated_ids": text_table(("id", "times"), repeated),
             },
         )
 

@@ -1,4 +1,11 @@
-"""Building blocks for asset metadata: Markdown tables, document previews, embedded PNG plots."""
+"""Building blocks for asset metadata: Markdown tables of the project's own figures, text tables of corpus
+content, embedded PNG plots.
+
+Corpus text is data, never markup. The Dagster UI renders Markdown metadata, so a document holding
+`![badge](https://...)` would make every viewer's browser fetch that URL, and raw HTML would be shown as HTML.
+Anything that comes from a document (text, ids, sources, tokens) therefore goes into `text_table`, whose cells
+the UI shows as literal text; `md_table` is for figures and names the project writes itself.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,13 @@ def md_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def text_table(columns: Sequence[str], rows: Sequence[Sequence]) -> dg.TableMetadataValue:
+    """A table whose cells the Dagster UI shows as literal strings: for anything taken from a document."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, "string") for name in columns])
+    records = [dg.TableRecord({name: str(v) for name, v in zip(columns, row)}) for row in rows]
+    return dg.MetadataValue.table(records=records, schema=schema)
 
 
 def drop_reason_rows(stats: StageStats) -> list[tuple[str, int, str]]:
@@ -67,7 +81,7 @@ def stage_metadata(stats: StageStats, documents: Path) -> dict:
         "drop_reasons": dg.MetadataValue.md(
             md_table(("reason", "documents", "share of input"), drop_reason_rows(stats))
         ),
-        "preview": dg.MetadataValue.md(md_table(("id", "source", "text"), preview_rows(documents))),
+        "preview": text_table(("id", "source", "text"), preview_rows(documents)),
         "path": dg.MetadataValue.path(str(documents)),
         "stats": dg.MetadataValue.json(json.loads(json.dumps(stats.extra))) if stats.extra else None,
     }

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.curation import GROUP, finish_stage_asset, near_dedup_documents, raw_documents
-from assets.metadata import bar_chart_png, md_table, png_md
+from assets.metadata import bar_chart_png, md_table, png_md, text_table
 from assets.resources import CurationPaths, WandbResource
 from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
 from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
@@ -241,7 +241,7 @@ def curriculum_shards(
         "n_shards": len(manifest["shards"]),
         "mb": round(sum(s["bytes"] for s in manifest["shards"]) / 1e6, 3),
         "buckets": dg.MetadataValue.md(md_table(columns, bucket_rows)),
-        "bucket_examples": dg.MetadataValue.md(md_table(("bucket", "end", "id", "score", "text"), examples)),
+        "bucket_examples": text_table(("bucket", "end", "id", "score", "text"), examples),
         "manifest": dg.MetadataValue.path(str(out_dir / MANIFEST_FILE)),
         "code_version": manifest["code_version"],
         "seconds": stats.seconds,

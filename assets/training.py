@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.metadata import md_table, png_md
+from assets.metadata import md_table, png_md, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths, WandbResource
 from model.tokenizer import TOKENIZER_FILE, TokenizerConfig, iter_texts, load_tokenizer, shard_paths, train_tokenizer
@@ -53,7 +53,7 @@ def tokenizer(
     run_dir = wandb.log_run(context, "tokenizer", summary, config=config.model_dump())
     metadata = {
         **summary,
-        "example": dg.MetadataValue.md(md_table(("text", "tokens"), [(sample[:120], " · ".join(pieces))])),
+        "example": text_table(("text", "tokens"), [(sample[:120], " · ".join(pieces))]),
         "path": dg.MetadataValue.path(str(out_dir / TOKENIZER_FILE)),
     }
     if run_dir:
@@ -70,7 +70,7 @@ def tokenizer_round_trips(paths: CurationPaths) -> dg.AssetCheckResult:
         passed=not failures,
         metadata={
             "n_checked": len(texts),
-            "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures) or "none"),
+            "failures": text_table(("text (first 80 characters)",), [(f,) for f in failures]),
         },
     )
 

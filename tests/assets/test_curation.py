@@ -2,7 +2,9 @@
 
 import itertools
 import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +19,6 @@ from assets.resources import CurationPaths, WandbResource
 from assets.training import tokenizer, tokenizer_round_trips
 from tests.conftest import prose, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[2]
 FIRST_HALF = [raw_documents, clean_documents, near_dedup_documents]
 ALL_ASSETS = [*CURATION_ASSETS, quality_classifier, document_ledger, tokenizer]
 
@@ -76,7 +77,7 @@ def test_first_half_materializes_and_passes_checks(tmp_path):
     assert (clean["n_in"].value, clean["n_kept"].value) == (32, 31)
     assert (near["n_in"].value, near["n_kept"].value) == (31, 30)
     assert "data:image/png;base64," in near["cluster_size_histogram"].value
-    assert "| d0 | test |" in raw["preview"].value
+    assert raw["preview"].value.records[0].data == {"id": "d0", "source": "test", "text": prose(0, 120)[:160]}
 
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
     assert len(checks) == len(checks_for(FIRST_HALF)) == 7
@@ -96,7 +97,7 @@ def wandb_summary(run_dir: Path) -> dict:
     """The run's summary as W&B recorded it, read back from the offline transaction log."""
     [log] = run_dir.glob("*.wandb")
     out = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "wandb"), "leet", "inspect", "--summary", "--json", str(log)],
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json", str(log)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -166,8 +167,41 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
     classifier = metadata_of(result, "quality_classifier")
     assert 0.5 < classifier["roc_auc"].value <= 1.0
     assert metadata_of(result, "tokenizer")["vocab_size"].value == 1000
-    buckets = metadata_of(result, "curriculum_shards")["bucket_examples"].value
-    assert "| 0 | top |" in buckets and "| 0 | bottom |" in buckets
+    buckets = [r.data for r in metadata_of(result, "curriculum_shards")["bucket_examples"].value.records]
+    assert {(r["bucket"], r["end"]) for r in buckets} >= {("0", "top"), ("0", "bottom")}
+    assert_markdown_is_the_projects_own(result)
+
+
+def assert_markdown_is_the_projects_own(result: dg.ExecuteInProcessResult) -> None:
+    """Every Markdown value in the run's metadata (assets and checks) embeds images only as data: PNGs and holds
+    no raw HTML: corpus content, which may hold either, goes into text tables (assets/metadata.py)."""
+    events = [e.materialization.metadata for e in result.get_asset_materialization_events()]
+    events += [e.metadata for e in result.get_asset_check_evaluations()]
+    for metadata in events:
+        for key, value in metadata.items():
+            if isinstance(value, dg.MarkdownMetadataValue):
+                images = re.findall(r"!\[[^\]]*\]\(([^)]*)\)", value.value)
+                assert all(src.startswith("data:image/png;base64,") for src in images), (key, images)
+                assert not re.search(r"<\s*[a-zA-Z/!]", value.value), (key, value.value[:300])
+
+
+EVIL = (
+    "![PyPI version](https://badge.fury.io/py/frugal.svg) <img src=https://example.com/x.png> "
+    "<script>alert(1)</script> [a link](https://example.com) **bold** | a | pipe"
+)
+
+
+def test_document_markup_is_shown_as_text_never_rendered(tmp_path):
+    rows = [
+        {"id": "evil", "text": EVIL + " " + prose(99, 60)},
+        *({"id": f"d{i}", "text": prose(i, 60)} for i in range(6)),
+    ]
+    src = write_jsonl(tmp_path / "evil.jsonl", rows)
+    result = materialize(tmp_path, {"ops": {"raw_documents": {"config": {"inputs": [str(src)]}}}})
+    preview = metadata_of(result, "raw_documents")["preview"].value
+    assert isinstance(preview, dg.TableMetadataValue)
+    assert preview.records[0].data["text"] == (EVIL + " " + prose(99, 60))[:160]  # verbatim, markup and all
+    assert_markdown_is_the_projects_own(result)
 
 
 def test_filters_that_drop_everything_stop_the_run(tmp_path):

@@ -118,7 +118,7 @@ def test_training_lowers_the_loss_and_exports_a_model_that_reloads(inputs, tmp_p
     summary = json.loads((run_dir / "summary.json").read_text())
     [log] = Path(summary["wandb_run"]).glob("*.wandb")
     inspect = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "wandb"), "leet", "inspect", "--summary", "--json", str(log)],
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json", str(log)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert json.loads(inspect.stdout)["summary"]["val_loss"] == pytest.approx(last["val_loss"])

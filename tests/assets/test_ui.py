@@ -1,0 +1,148 @@
+"""The Dagster UI in a real browser (Debian's Chromium, driven by Playwright): corpus text in asset metadata is
+shown as text; its images, links, HTML and scripts never load or run.
+
+Everything binds 127.0.0.1: the webserver, and a beacon server that the hostile document's image URLs point at,
+which counts every request a browser makes to it. The test stops exactly the processes it started.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, prose, write_jsonl
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+    reason="Chromium is not installed (apt-get install chromium)",
+)  # CI installs it (.ci/run), so there a missing browser fails the test instead of skipping it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Beacon(http.server.ThreadingHTTPServer):
+    """Records the path of every request; answers 404."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        beacon = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                beacon.paths.append(self.path)
+                self.send_response(404)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def beacon():
+    server = Beacon()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def dagster_env(tmp_path: Path) -> dict:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    return {
+        **os.environ, "DAGSTER_HOME": str(home), "FRUGAL_DATA_DIR": str(tmp_path / "data"),
+        "FRUGAL_WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+    }  # fmt: skip
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the webserver exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def test_document_markup_in_metadata_loads_nothing_in_the_browser(tmp_path, beacon):
+    from playwright.sync_api import sync_playwright
+
+    hostile = (
+        f"![PyPI version]({beacon.url}/markdown-image.svg) <img src='{beacon.url}/html-image.png'> "
+        f"<script>fetch('{beacon.url}/script')</script> [docs]({beacon.url}/link) **bold**"
+    )
+    rows = [
+        {"id": "hostile", "text": hostile + " " + prose(1, 20)},
+        *({"id": f"d{i}", "text": prose(i)} for i in range(4)),
+    ]
+    src = write_jsonl(tmp_path / "crawl.jsonl", rows)
+    env = dagster_env(tmp_path)
+    run_config = {"ops": {"raw_documents": {"config": {"inputs": [str(src)]}}}}
+    materialize = subprocess.run(
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--select", "raw_documents",
+         "--config-json", json.dumps(run_config)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert materialize.returncode == 0, materialize.stderr[-3000:]
+
+    port = free_port()
+    web = subprocess.Popen(
+        [str(BIN / "dagster-webserver"), "-m", "assets.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{port}/server_info", web)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            dialogs: list[str] = []
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(f"http://127.0.0.1:{port}/assets/raw_documents", wait_until="networkidle")
+            page.get_by_text("preview", exact=True).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1500)  # let any image or script the page would load do so
+            page.screenshot(path=str(tmp_path / "raw_documents.png"), full_page=True)
+            shown = page.get_by_text(f"![PyPI version]({beacon.url}/markdown-image.svg)", exact=False).count()
+            beacon_images = page.eval_on_selector_all(
+                "img", f"els => els.filter(e => e.src.startsWith('{beacon.url}'))"
+            )
+            browser.close()
+    finally:
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(timeout=30)
+    assert beacon.paths == [], f"the browser fetched {beacon.paths} from a document's markup"
+    assert beacon_images == [] and dialogs == []
+    assert shown >= 1, "the preview shows the document's markup as literal text"
