@@ -30,7 +30,7 @@ def document_ledger(context: dg.AssetExecutionContext, paths: CurationPaths) -> 
     tables = [pq.read_table(paths.stage_dir(stage) / LEDGER_FILE) for stage in CURATION_STAGES]
     ledger = pa.concat_tables(tables).cast(LEDGER_SCHEMA)
     out = paths.stage_dir("document_ledger") / LEDGER_FILE
-    write_table(ledger, out)
+    write_table(ledger, out).commit()
     rows = []
     for stage, table in zip(CURATION_STAGES, tables):
         kept = pc.sum(pc.equal(table["outcome"], "kept")).as_py() or 0

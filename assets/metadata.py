@@ -17,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 
+from model.io import atomic_file
 from pipelines.stage import StageStats
 
 
@@ -64,7 +65,8 @@ def bar_chart_png(counts: Mapping[str, int], path: Path, title: str, xlabel: str
     ax.set_yscale("log")
     ax.set(title=title, xlabel=xlabel, ylabel=f"{ylabel} (log)")
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
     return path
 

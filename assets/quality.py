@@ -12,6 +12,7 @@ from pydantic import Field
 from assets.curation import GROUP, finish_stage_asset, near_dedup_documents, raw_documents
 from assets.metadata import bar_chart_png, md_table, png_md, text_table
 from assets.resources import CurationPaths, WandbResource
+from model.io import atomic_file
 from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
 from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
 from pipelines.quality import MODEL_FILE, QualityModelConfig, train_quality_classifier
@@ -147,7 +148,8 @@ def score_plots(out_dir: Path) -> tuple[Path, Path, dict[str, int]]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     per_source_png = out_dir / "score_by_source.png"
-    fig.savefig(per_source_png, metadata={"Software": None})
+    with atomic_file(per_source_png) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
     return hist_png, per_source_png, histogram
 

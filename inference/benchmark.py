@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from inference.evaluate import ByteCounter, PeakMemory, perplexity
 from inference.generate import Generator, SamplingConfig
 from inference.quantize import weight_bytes
 from inference.speculative import SpeculativeGenerator
+from model.io import atomic_dir, atomic_file, read_tensors, save_tensors
 
 
 @dataclass
@@ -59,15 +59,15 @@ class Workload:
     gamma: int = 4
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"rows": self.rows_NT.contiguous()}, str(folder / "rows.safetensors"))
-        meta = {"prompts": self.prompts, "new_tokens": self.new_tokens, "gamma": self.gamma}
-        (folder / "workload.json").write_text(json.dumps(meta))
+        with atomic_dir(folder) as staging:
+            save_tensors({"rows": self.rows_NT.contiguous()}, staging / "rows.safetensors")
+            meta = {"prompts": self.prompts, "new_tokens": self.new_tokens, "gamma": self.gamma}
+            (staging / "workload.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, folder: Path) -> Workload:
         meta = json.loads((folder / "workload.json").read_text())
-        return cls(load_file(str(folder / "rows.safetensors"))["rows"], **meta)
+        return cls(read_tensors(folder / "rows.safetensors")["rows"], **meta)
 
 
 @dataclass
@@ -279,7 +279,8 @@ def chart(table: list[dict], path: Path, title: str) -> Path:
     ax2.set_yticklabels([])
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from kernels import kv_int8
-from model.io import atomic_file, read_tensors
+from model.io import read_tensors, save_tensors
 from model.transformer import Transformer
 
 KV_SCALES_FILE = "kv_scales.safetensors"
@@ -103,8 +102,7 @@ def use_int8_kv_cache(
 
 def save_kv_scales(scales: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> None:
     tensors = {f"layers.{i}.{kv}": t.contiguous() for i, pair in enumerate(scales) for kv, t in zip("kv", pair)}
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp))
+    save_tensors(tensors, path)
 
 
 def load_kv_scales(path: Path, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

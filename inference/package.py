@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.generate import Generator
+from model.io import write_text_atomic
 
 FORMAT = "frugal-package/1"
 PACKAGE_FILE = "package.json"
@@ -46,7 +47,7 @@ def write_manifest(root: Path) -> dict:
         p.relative_to(root).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in package_files(root)
     }
     manifest = {"format": FORMAT, "files": files}
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(root / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -36,7 +36,7 @@ from inference.quantize import (
     save_quantized,
     weight_bytes,
 )
-from model.io import load_model
+from model.io import atomic_dir, atomic_file, load_model, write_text_atomic
 
 REPORT_FILE = "report.json"
 BUDGETS = {"int8": 0.5, "int4": 3.0, "int8 kv": 0.5}
@@ -94,7 +94,8 @@ def quantize_run(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     save_quantized(model, quantize_weights(model, cfg, scales), cfg, out_dir)
-    shutil.copy(Path(run_dir) / "tokenizer.json", out_dir / "tokenizer.json")
+    with atomic_file(out_dir / "tokenizer.json") as tmp:
+        shutil.copy(Path(run_dir) / "tokenizer.json", tmp)
     return summary
 
 
@@ -108,9 +109,13 @@ def build(
     log=print,
 ) -> dict:
     """Quantize target and draft for each scheme, calibrate the per-channel KV scales, measure perplexity.
-    Returns the report (also written to OUT/report.json)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Returns the report (also written to OUT/report.json). OUT is replaced as a whole when everything is written
+    (model.io.atomic_dir): a killed build leaves the previous folder, never a mix of two builds."""
+    with atomic_dir(Path(out_dir)) as staging:
+        return _build(target_run, draft_run, staging, calibration_BT, heldout_NT, options, log)
+
+
+def _build(target_run, draft_run, out_dir: Path, calibration_BT, heldout_NT, options: QuantizeOptions, log) -> dict:
     heldout_NT = heldout_NT[: options.val_rows]
     awq: dict[str, dict] = {}
     for scheme in options.schemes:
@@ -162,7 +167,7 @@ def build(
             {**dataclasses.asdict(r), "delta_pct": r.delta_pct(base), "within_budget": within(r, base)} for r in rows
         ],
     }
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return report
 
 

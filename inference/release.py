@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 from inference.package import FORMAT, MODEL_CARD_FILE, PACKAGE_FILE, write_manifest
+from model.io import atomic_dir, atomic_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("config.json", "quantization.json", "model.safetensors", "tokenizer.json", "kv_scales.safetensors")
@@ -36,21 +37,20 @@ VENDOR = "frugal_runtime"
 
 
 def assemble(out_dir: Path, target_dir: Path, draft_dir: Path | None, meta: dict, model_card: str) -> dict:
-    """Write the package folder: target/, draft/, package.json, MODEL_CARD.md, manifest.json. Returns
-    the manifest."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    for role, src in (("target", target_dir), ("draft", draft_dir)):
-        if src is None:
-            continue
-        (out_dir / role).mkdir(parents=True)
-        for name in MODEL_FILES:
-            if (Path(src) / name).exists():
-                shutil.copy(Path(src) / name, out_dir / role / name)
-    (out_dir / PACKAGE_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
-    (out_dir / MODEL_CARD_FILE).write_text(model_card)
-    return write_manifest(out_dir)
+    """Write the package folder: target/, draft/, package.json, MODEL_CARD.md, manifest.json. Returns the
+    manifest. The folder replaces any previous one as a whole (model.io.atomic_dir), so a killed release never
+    leaves a package whose files disagree with its manifest."""
+    with atomic_dir(Path(out_dir)) as staging:
+        for role, src in (("target", target_dir), ("draft", draft_dir)):
+            if src is None:
+                continue
+            (staging / role).mkdir(parents=True)
+            for name in MODEL_FILES:
+                if (Path(src) / name).exists():
+                    shutil.copy(Path(src) / name, staging / role / name)
+        (staging / PACKAGE_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
+        (staging / MODEL_CARD_FILE).write_text(model_card)
+        return write_manifest(staging)
 
 
 def _vendored(source: str) -> str:
@@ -106,16 +106,18 @@ include = ["{VENDOR}*"]
 """
     )
     Path(dist_dir).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist_dir)]
-    subprocess.run([*cmd, str(stage)], check=True, capture_output=True, text=True)
-    [wheel] = Path(dist_dir).glob(f"{wheel_name(meta['name'])}-{meta['version']}-*.whl")
-    return wheel
+    with atomic_dir(Path(work_dir) / "wheel-dist") as built:  # pip writes here; the wheel is renamed into place
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(built)]
+        subprocess.run([*cmd, str(stage)], check=True, capture_output=True, text=True)
+        [wheel] = built.glob(f"{wheel_name(meta['name'])}-{meta['version']}-*.whl")
+        with atomic_file(Path(dist_dir) / wheel.name) as tmp:
+            shutil.copyfile(wheel, tmp)
+    return Path(dist_dir) / wheel.name
 
 
 def tarball(package_dir: Path, dist_dir: Path) -> Path:
     meta = json.loads((Path(package_dir) / PACKAGE_FILE).read_text())
     out = Path(dist_dir) / f"{wheel_name(meta['name'])}-{meta['version']}.tar.gz"
-    Path(dist_dir).mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, "w:gz") as tar:
+    with atomic_file(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(package_dir, arcname=f"{wheel_name(meta['name'])}-{meta['version']}")
     return out

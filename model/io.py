@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +41,12 @@ def temp_path(final: Path) -> Path:
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
-    """Remove the temp files of `final` (see `temp_path`) left by writers that no longer run."""
+    """Remove the temp files and folders of `final` (see `temp_path`) left by writers that no longer run."""
     removed = []
     for tmp in final.parent.glob(f".{final.name}.*{TEMP_SUFFIX}"):
         pid = tmp.name[len(final.name) + 2 :].split(".")[0]
         if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
@@ -68,7 +70,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(final)
     except OSError as e:
-        raise OSError(e.errno, f"{final}: cannot write: {e.strerror}") from e
+        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
     tmp = temp_path(final)
     try:
         yield tmp
@@ -76,9 +78,47 @@ def atomic_file(final: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except OSError as e:
-        raise OSError(e.errno, f"{final}: cannot write: {e.strerror}") from e
+        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this; nothing was written there
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields an empty temp folder to fill; on success it replaces `final` as a whole, on error it is removed.
+    A reader sees the previous folder or the new one, never a mix. (Two renames: a kill between them leaves
+    `final` missing, which a reader reports, and the old folder as a stale temp that the next write removes.)"""
+    final = Path(final)
+    staging = temp_path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(final)
+        staging.mkdir()
+    except OSError as e:
+        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
+    try:
+        yield staging
+        old = temp_path(final)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically. safetensors reports I/O failures as SafetensorError ("... (os error
+    28)"); they come out as the OSError they are, naming the file."""
+    with atomic_file(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            code = next((int(m) for m in re.findall(r"os error (\d+)", str(e))), None)
+            raise OSError(code, os.strerror(code) if code else str(e)) from e
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -93,8 +133,7 @@ def save_model(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: Pat
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    with atomic_file(out_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    save_tensors(tensors, out_dir / WEIGHTS_FILE, metadata={"format": FORMAT})
     doc = {"format": FORMAT, "model": dataclasses.asdict(config), **(extra or {})}
     write_text_atomic(out_dir / CONFIG_FILE, json.dumps(doc, indent=2) + "\n")
 

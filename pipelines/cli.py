@@ -28,12 +28,16 @@ def reader_config(args: argparse.Namespace) -> ReaderConfig:
 
 def run_stage(fn, *args, **kwargs) -> int:
     """Run a stage function from a CLI: log to stderr, print the dataclass it returns (its stats or
-    metrics) as JSON, exit 2 on bad input."""
+    metrics) as JSON; exit 2 on bad input, 1 when an output cannot be written (a full disk, a read-only
+    folder: the message names the file, and the previous output is left as it was)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         stats: StageStats = fn(*args, **kwargs)
     except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e.strerror if e.strerror and e.filename is None else e}", file=sys.stderr)
+        return 1
     print(json.dumps(asdict(stats), indent=2))
     return 0

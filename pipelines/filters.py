@@ -205,7 +205,7 @@ def filter_documents(
             record.metadata.update(meta)
             writer.write(record)
             ledger.kept(record)
-    return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes)
+    return finish_stage(output_dir, ledger, started, [writer], bytes_in=bytes_in, bytes_kept=writer.n_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ def ingest(
                 ledger.kept(record)
             else:
                 ledger.rejected(record)
-    return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes)
+    return finish_stage(output_dir, ledger, started, [writer], bytes_in=bytes_in, bytes_kept=writer.n_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,7 +172,7 @@ def near_dedup(
                 ledger.dropped(record.id, f"near_duplicate:{cid}", f"cluster of {size}, kept {rep}", record.location)
             position += 1
 
-    write_table(
+    clusters_file = write_table(
         pa.Table.from_pydict(
             {
                 "id": ids,
@@ -198,7 +198,8 @@ def near_dedup(
         "near_duplicate_rate": float((~clusters.kept).mean()) if len(ids) else 0.0,
         "cluster_size_histogram": {str(k): v for k, v in sorted(size_hist.items())},
     }
-    return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra)
+    files = [writer, clusters_file]
+    return finish_stage(output_dir, ledger, started, files, bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,7 +117,7 @@ def score_documents(
     if not ids:
         raise ValueError(f"{STAGE}: no documents to score in {', '.join(inputs)} (did the filters drop everything?)")
     kept = keep_mask(scores, config)
-    write_table(
+    scores_file = write_table(
         pa.Table.from_pydict({"id": ids, "quality_score": scores}, schema=SCORES_SCHEMA), output_dir / SCORES_FILE
     )
 
@@ -143,7 +143,8 @@ def score_documents(
         "threshold": config.threshold if config.mode == "threshold" else cutoff,
         "score_quantiles": {f"p{q}": round(float(np.percentile(scores, q)), 4) for q in (5, 25, 50, 75, 95)},
     }
-    return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra)
+    files = [writer, scores_file]
+    return finish_stage(output_dir, ledger, started, files, bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

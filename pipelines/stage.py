@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,25 +77,55 @@ def atomic_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
-def write_table(table: pa.Table, path: Path) -> None:
-    """Write a whole table as zstd Parquet, atomically."""
-    tmp = atomic_path(path)
-    try:
+class Pending:
+    """A file written whole under a temp name (`atomic_path`), renamed into place by `finish_stage` together with
+    the stage's other files: a stage that fails (a full disk, a read-only folder, bad input) leaves the previous
+    run's files as they were, all of them, never a mix of two runs."""
+
+    def __init__(self, final: Path):
+        self.final = Path(final)
+        self.tmp = atomic_path(self.final)
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.final)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this; nothing was written there
+            self.tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path]:
+        """Yields the temp path to write; an OSError (no space left, read-only folder) names the final file and
+        discards the temp file."""
+        try:
+            yield self.tmp
+        except OSError as e:
+            self.discard()
+            code = e.errno or next((int(m) for m in re.findall(r"\[errno (\d+)\]", str(e))), None)  # pyarrow's
+            raise OSError(code, f"{self.final}: cannot write: {os.strerror(code) if code else e}") from e
+        except BaseException:
+            self.discard()
+            raise
+
+
+def write_table(table: pa.Table, path: Path) -> Pending:
+    """Write a whole table as zstd Parquet under a temp name; `finish_stage` renames it into place."""
+    pending = Pending(path)
+    with pending.writing() as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return pending
 
 
 class DocumentWriter:
-    """Streams Documents into `documents.parquet` (zstd, row groups of ROW_GROUP_ROWS), atomically:
-    the file appears under its name only when `close()` succeeds, so a crash leaves no half file."""
+    """Streams Documents into `documents.parquet` (zstd, row groups of ROW_GROUP_ROWS) under a temp name: the file
+    appears under its name only when `finish_stage` commits the stage (`.pending`), so a crash leaves no half file."""
 
     def __init__(self, path: Path, schema: pa.Schema = DOCUMENT_SCHEMA):
         self.path = path
         self.schema = schema
-        self._tmp = atomic_path(path)
-        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        self.pending = Pending(path)
+        with self.pending.writing() as tmp:
+            self._writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         self._rows: list[dict] = []
         self.n_rows = 0
         self.n_bytes = 0
@@ -108,17 +141,19 @@ class DocumentWriter:
 
     def _flush(self) -> None:
         if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            with self.pending.writing():
+                self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
             self._rows = []
 
     def close(self) -> None:
         self._flush()
-        self._writer.close()
-        os.replace(self._tmp, self.path)
+        with self.pending.writing():
+            self._writer.close()
 
     def abort(self) -> None:
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._writer.close()
+        self.pending.discard()
 
     def __enter__(self) -> DocumentWriter:
         return self
@@ -130,12 +165,23 @@ class DocumentWriter:
             self.abort()
 
 
-def finish_stage(output_dir: Path, ledger: Ledger, started: float, **kwargs) -> StageStats:
-    """Write the stage's ledger and stats.json; check the ledger balances (an invariant, not input)."""
-    write_table(ledger.to_table(), output_dir / LEDGER_FILE)
-    stats = StageStats.from_ledger(ledger, seconds=round(time.monotonic() - started, 3), **kwargs)
-    assert stats.n_in == stats.n_kept + stats.n_dropped
-    tmp = atomic_path(output_dir / STATS_FILE)
-    tmp.write_text(json.dumps(asdict(stats), indent=2, sort_keys=True))
-    os.replace(tmp, output_dir / STATS_FILE)
+def finish_stage(
+    output_dir: Path, ledger: Ledger, started: float, files: Sequence[Pending | DocumentWriter] = (), **kwargs
+) -> StageStats:
+    """Write the stage's ledger and stats.json; check the ledger balances (an invariant, not input); then rename
+    the stage's files (`files`, the ledger, stats.json) into place together. On an error none is renamed."""
+    pending = [f.pending if isinstance(f, DocumentWriter) else f for f in files]
+    try:
+        pending.append(write_table(ledger.to_table(), output_dir / LEDGER_FILE))
+        stats = StageStats.from_ledger(ledger, seconds=round(time.monotonic() - started, 3), **kwargs)
+        assert stats.n_in == stats.n_kept + stats.n_dropped
+        pending.append(Pending(output_dir / STATS_FILE))
+        with pending[-1].writing() as tmp:
+            tmp.write_text(json.dumps(asdict(stats), indent=2, sort_keys=True))
+    except BaseException:
+        for p in pending:
+            p.discard()
+        raise
+    for p in pending:  # renames: no space is needed, so these do not fail for a full disk
+        p.commit()
     return stats

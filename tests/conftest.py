@@ -45,6 +45,19 @@ def run_under_capability(
     return proc
 
 
+def run_with_tmpfs(mount_point: Path, size: str, script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """bash SCRIPT in a private mount namespace (util-linux `unshare`, as root or through a user namespace) in which
+    a tmpfs of SIZE is mounted at mount_point: a small disk that fills up, or (`mount -o remount,ro`) a read-only
+    folder even for root. The mount exists for that process only and ends with it. Runs from the repository root,
+    with $PY set to this interpreter."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    script = f"mount -t tmpfs -o size={size} tmpfs '{mount_point}'\n{script}"
+    env = {**os.environ, "PY": sys.executable}
+    return subprocess.run(
+        ["unshare", "-rm", "bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Rows may be dicts (JSON-encoded), str (written as they are) or bytes (raw line)."""
     with open(path, "wb") as f:

@@ -71,6 +71,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.io import atomic_file, write_text_atomic
 from model.tokenizer import EOS, load_tokenizer
 from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, code_version, write_shard_files
 from pipelines.stage import atomic_path
@@ -473,7 +474,8 @@ def plot(results: dict, png: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, metadata={"Software": None})
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
     return png
 
@@ -563,7 +565,7 @@ def run_ablation(config: AblationConfig, progress: Callable[[str], None] = print
         "seconds": time.monotonic() - started,
     }
     png = plot(results, out / PLOT_FILE)
-    (out / TABLE_FILE).write_text(markdown(results))
+    write_text_atomic(out / TABLE_FILE, markdown(results))
     results["wandb_runs"]["summary"] = log_summary_run(results, png, group, env)
     tmp = atomic_path(out / RESULTS_FILE)
     tmp.write_text(json.dumps(results, indent=2) + "\n")

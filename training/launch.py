@@ -2,8 +2,12 @@
 start fresh), the launcher command (torchrun for several ranks) and the rank logs a failure shows.
 
 Resume rule: a run folder whose checkpoints were written by the same config and which has no
-summary.json (the run did not finish) is resumed from its last checkpoint. A finished run, or one made
-by a different config, is cleared and started again.
+summary.json (the run did not finish) is resumed from its last complete checkpoint. A finished run, or one
+made by a different config, is cleared and started again.
+
+A checkpoint is complete once every rank has written it: rank 0 then writes `CHECKPOINT_DONE` into its tag
+folder. A process killed mid-save (kill -9, OOM) leaves a tag folder without the marker, or a `latest` file
+that DeepSpeed had not finished writing; resume ignores both and loads the newest complete tag by name.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
+from model.io import write_text_atomic
 from model.tokenizer import load_tokenizer
 from training.config import TrainConfig
 from training.data import ShardReader, check_compatible
@@ -21,7 +26,14 @@ from training.data import ShardReader, check_compatible
 CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DONE = "complete"
 LOG_DIR = "logs"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's checkpoint tag folders that every rank finished writing, oldest first."""
+    tags = sorted(p for p in (Path(run_dir) / CHECKPOINT_DIR).glob("step_*") if p.is_dir())
+    return [t for t in tags if (t / CHECKPOINT_DONE).exists()]
 
 
 def check_inputs(cfg: TrainConfig) -> None:
@@ -51,7 +63,7 @@ def prepare_run_dir(cfg: TrainConfig) -> bool:
     run_dir = Path(cfg.run_dir)
     saved = run_dir / CONFIG_FILE
     resumable = (
-        (run_dir / CHECKPOINT_DIR / "latest").exists()
+        bool(complete_checkpoints(run_dir))
         and not (run_dir / SUMMARY_FILE).exists()
         and saved.exists()
         and json.loads(saved.read_text()) == cfg.to_dict()
@@ -61,7 +73,7 @@ def prepare_run_dir(cfg: TrainConfig) -> bool:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_text_atomic(saved, json.dumps(cfg.to_dict(), indent=2) + "\n")
     return resumable
 
 

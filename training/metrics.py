@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.io import atomic_file
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -143,6 +144,7 @@ def plot_curves(records: list[dict], png: Path, title: str) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return png

@@ -38,16 +38,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.io import save_model
+from model.io import atomic_file, save_model, write_text_atomic
 from model.tokenizer import TOKENIZER_FILE, load_tokenizer
 from model.transformer import Transformer
 from training.config import TrainConfig
 from training.data import PackedLoader, check_compatible
 from training.launch import (
     CHECKPOINT_DIR,
+    CHECKPOINT_DONE,
     LOG_DIR,
     SUMMARY_FILE,
     check_inputs,
+    complete_checkpoints,
     free_port,
     launch_command,
     prepare_run_dir,
@@ -216,21 +218,24 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = self.run_dir / CHECKPOINT_DIR
-        if not (ckpt / "latest").exists():
+        done = complete_checkpoints(self.run_dir)
+        if not done:
             return
-        path, client = self.engine.load_checkpoint(str(ckpt))
+        path, client = self.engine.load_checkpoint(str(ckpt), tag=done[-1].name)
         if path is None:
-            raise RuntimeError(f"{ckpt}: the latest checkpoint could not be loaded")
+            raise RuntimeError(f"{done[-1]}: the checkpoint could not be loaded")
         self.step, self.tokens = client["step"], client["tokens"]
         self.loader.load_state_dict(client["loader"])
         self.meter.device_seconds = client["device_seconds"]
         self.load_window.extend(torch.tensor(w) for w in client["load_window"])
         if self.rank == 0:  # metrics logged after that checkpoint are about to be recomputed
             kept = [r for r in read_metrics(self.run_dir) if r["step"] <= self.step]
-            (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
         log.info(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens)")
 
     def save_checkpoint(self) -> None:
+        """Every rank writes its part of the tag, then rank 0 marks the tag complete and prunes old complete tags
+        and incomplete ones left by a killed save (launch.complete_checkpoints)."""
         self.meter.tick()
         ckpt = self.run_dir / CHECKPOINT_DIR
         client = {
@@ -240,12 +245,16 @@ class Trainer:
             "device_seconds": self.meter.device_seconds,
             "load_window": [w.tolist() for w in self.load_window],
         }
-        self.engine.save_checkpoint(str(ckpt), tag=f"step_{self.step:07d}", client_state=client)
+        tag = f"step_{self.step:07d}"
+        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state=client)
         dist.barrier()
         if self.rank == 0:
-            tags = sorted(p for p in ckpt.glob("step_*") if p.is_dir())
-            for old in tags[: -self.cfg.keep_checkpoints]:
+            write_text_atomic(ckpt / tag / CHECKPOINT_DONE, f"{self.step}\n")
+            done = complete_checkpoints(self.run_dir)
+            keep = {t.name for t in done[-self.cfg.keep_checkpoints :]}
+            for old in (p for p in ckpt.glob("step_*") if p.is_dir() and p.name not in keep):
                 shutil.rmtree(old)
+        dist.barrier()  # no rank goes on (or resumes) before the marker is written
         log.info(f"checkpoint step {self.step} -> {ckpt}")
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -409,11 +418,12 @@ class Trainer:
                 {k: v.float() for k, v in state.items()}, self.cfg.model, self.run_dir,
                 extra={"trained": {"name": self.cfg.name, "step": self.step, "tokens": self.tokens}},
             )  # fmt: skip
-            shutil.copyfile(self.cfg.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+            with atomic_file(self.run_dir / TOKENIZER_FILE) as tmp:
+                shutil.copyfile(self.cfg.tokenizer_path, tmp)
             png = plot_curves(records, self.run_dir / "loss_curve.png", self.cfg.name)
             self.sink.log_image("loss_curve", png)
             summary["wandb_run"] = self.sink.finish(summary)
-            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")  # marks the run done
             log.info(f"done: {self.run_dir} ({json.dumps({k: summary[k] for k in ('step', 'tokens', 'val_loss')})})")
         dist.barrier()
         return summary

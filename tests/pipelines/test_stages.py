@@ -14,7 +14,7 @@ from pipelines.ingest import ingest
 from pipelines.near_dedup import NearDedupConfig, near_dedup
 from pipelines.readers import InputError, ReaderConfig
 from pipelines.text import normalize_text
-from tests.conftest import prose, write_jsonl
+from tests.conftest import prose, run_with_tmpfs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,3 +152,44 @@ def test_chained_stages_balance(tmp_path):
     assert raw.n_kept == cln.n_in and cln.n_kept == nd.n_in
     assert raw.n_in == 57 == nd.n_kept + raw.n_dropped + cln.n_dropped + nd.n_dropped
     assert cln.drop_reasons == {"exact_duplicate": 1}
+
+
+FAULT_SCRIPT = """
+set -u
+out="$DISK/raw"
+$PY -m pipelines.ingest --input "$SMALL" --output "$out" > /dev/null 2>&1 || exit 10
+sha256sum "$out"/* > "$REPORT/before"
+{fault}
+$PY -m pipelines.ingest --input "$NEXT" --output "$out" > /dev/null 2> "$REPORT/stderr"
+echo $? > "$REPORT/rc"
+sha256sum "$out"/* > "$REPORT/after"
+ls -A "$out" > "$REPORT/listing"
+"""
+
+
+@pytest.mark.parametrize(
+    ("fault", "next_input", "message"),
+    [
+        ("", "big", "No space left on device"),  # the disk fills while documents.parquet is written
+        ('mount -o remount,ro "$DISK"', "small", "cannot write: Read-only file system"),
+    ],
+    ids=["full_disk", "read_only_folder"],
+)
+def test_a_full_disk_or_read_only_folder_names_the_path_and_keeps_the_previous_output(
+    tmp_path, fault, next_input, message
+):
+    """A stage CLI on a 1 MiB tmpfs: a first run writes its output; a second one that fills the disk (or finds
+    the folder read-only) exits 1 with an error naming the file, and every file of the first run is as it was."""
+    small = write_jsonl(tmp_path / "small.jsonl", [{"id": f"s{i}", "text": prose(i, 60)} for i in range(20)])
+    big = write_jsonl(tmp_path / "big.jsonl", [{"id": f"b{i}", "text": prose(i, 600)} for i in range(1500)])
+    report = tmp_path / "report"
+    report.mkdir()
+    disk = tmp_path / "disk"
+    env = f"DISK='{disk}' SMALL='{small}' NEXT='{big if next_input == 'big' else small}' REPORT='{report}'"
+    proc = run_with_tmpfs(disk, "1m", f"export {env}\n" + FAULT_SCRIPT.format(fault=fault))
+    assert proc.returncode == 0, proc.stderr
+    assert (report / "rc").read_text().strip() == "1"
+    error = (report / "stderr").read_text().strip().splitlines()[-1]
+    assert error.startswith(f"error: {disk}/raw/documents.parquet: cannot write: ") and error.endswith(message), error
+    assert (report / "after").read_text() == (report / "before").read_text()  # the first run's files, intact
+    assert sorted((report / "listing").read_text().split()) == ["documents.parquet", "ledger.parquet", "stats.json"]
