@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -237,6 +238,11 @@ def build_curriculum(
         score = record.metadata.get("quality_score")
         if score is None:
             ledger.dropped(record.id, "malformed", "no quality_score (not a scored_documents output)", record.location)
+            continue
+        if isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(score):
+            ledger.dropped(
+                record.id, "malformed", f"quality_score {score!r:.40} is not a finite number", record.location
+            )
             continue
         docs.append(record)
         scores.append(float(score))

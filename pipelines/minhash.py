@@ -83,7 +83,8 @@ class Shingler:
         """
         if not texts:
             return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
-        joined = _SEPARATOR.join(texts).lower()
+        # the separator must not occur inside a text (a NUL there would shift every later document's index)
+        joined = _SEPARATOR.join(t.replace(_SEPARATOR, " ") for t in texts).lower()
         c_C = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
         table = _word_char_table()
         # Astral-plane characters (emoji, rare CJK) count as separators.

@@ -10,20 +10,34 @@ cluster (extra executor arguments such as partition or time pass through --execu
 accepts every bucket collision without verifying it, so the bands x rows are placed with the S-curve
 at the threshold (the FP/FN-balanced choice, as datasketch makes it) rather than below it.
 
-Output: DIR/kept/*.jsonl (kept documents, with metadata.minhash_cluster_id) and DIR/removed/*.jsonl.
-bench/dedup.py measures it as method (c).
+Input is validated first, by Frugal's own reader (pipelines.readers), into DIR/input/ (one JSONL per input
+file, so tasks split the same way): datatrove's JsonlReader skips a malformed line with a log warning and crashes
+on a `text` that is not a string, which would leave records unaccounted for. `--no-validate` skips this pass for
+input that a Frugal stage wrote (it is already valid). Ids are checked unique across the whole input.
+
+Output: DIR/kept/*.jsonl (kept documents, with metadata.minhash_cluster_id), DIR/removed/*.jsonl, and, as every
+stage writes them, DIR/ledger.parquet (one row per input record: kept, `near_duplicate:<cluster>`, or the
+reader's reason) and DIR/stats.json. bench/dedup.py measures it as method (c).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 
+from pipelines.cli import run_stage
+from pipelines.document import Document, Ledger
 from pipelines.minhash import tokenize_words
-from pipelines.near_dedup import NearDedupConfig
+from pipelines.near_dedup import STAGE, NearDedupConfig
+from pipelines.readers import expand_inputs, read_documents
+from pipelines.stage import StageStats, atomic_path, finish_stage
+
+INPUT_DIR = "input"
 
 EXECUTORS = {
     "local": "datatrove.executor.LocalPipelineExecutor",
@@ -157,10 +171,61 @@ def build_executors(
     return [signatures, buckets, clusters, kept]
 
 
-def run(input_folder: str, output_dir: str | Path, config: NearDedupConfig | None = None, **kwargs) -> None:
-    """Run the four stages; with `depends`, running the last one runs the chain (datatrove skips
-    tasks that completed in an earlier run)."""
-    build_executors(input_folder, output_dir, config, **kwargs)[-1].run()
+def validate_input(input_folder: str, output_dir: Path) -> Ledger:
+    """Every record of the input folder's files, read by pipelines.readers: documents go to
+    OUTPUT/input/<n>-<file>.jsonl (the folder datatrove then reads), rejections to the returned ledger. Streams, one
+    output file open at a time; a file that cannot be read at all raises InputError naming it."""
+    ledger = Ledger(STAGE)
+    out = output_dir / INPUT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    files = expand_inputs([input_folder])
+    targets = {f: out / f"{i:05d}-{Path(f).name.split('.')[0]}.jsonl" for i, f in enumerate(files)}
+    written: dict[str, Path] = {}  # input file -> its temp file, renamed into place at the end
+    current, handle = None, None
+    try:
+        for record in read_documents(files):  # one pass over all files, so ids are checked unique across them
+            if not isinstance(record, Document):
+                ledger.rejected(record)
+                continue
+            path = record.location.rsplit(":", 1)[0]
+            if path != current:
+                if handle:
+                    handle.close()
+                current, written[path] = path, atomic_path(targets[path])
+                handle = open(written[path], "w", encoding="utf-8")  # noqa: SIM115 (closed when the next opens)
+            row = {"id": record.id, "text": record.text, "metadata": {**record.metadata, "source": record.source}}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if handle:
+            handle.close()
+    for path, final in targets.items():
+        written[path].replace(final) if path in written else final.write_text("")
+    return ledger
+
+
+def run(
+    input_folder: str, output_dir: str | Path, config: NearDedupConfig | None = None, validate: bool = True, **kwargs
+) -> StageStats:
+    """Validate the input (see top), run the four stages (with `depends`, running the last one runs the chain;
+    datatrove skips tasks that completed in an earlier run), then write the ledger and stats.json."""
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    ledger = validate_input(input_folder, output_dir) if validate else Ledger(STAGE)
+    folder = str(output_dir / INPUT_DIR) if validate else input_folder
+    if validate:
+        kwargs["glob_pattern"] = "*.jsonl"
+    build_executors(folder, output_dir, config, **kwargs)[-1].run()
+    for kind in ("kept", "removed"):
+        for path in sorted((output_dir / kind).glob("*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                doc = json.loads(line)
+                cluster = doc.get("metadata", {}).get("minhash_cluster_id", -1)
+                location = doc.get("metadata", {}).get("file_path", str(path))
+                if kind == "kept":
+                    ledger.kept(Document(doc["id"], "", "", {}, location))
+                else:
+                    ledger.dropped(doc["id"], f"near_duplicate:{cluster}", "datatrove MinHash cluster", location)
+    return finish_stage(output_dir, ledger, started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,18 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=2, help="signature and filter tasks (one per input file)")
     parser.add_argument("--workers", type=int, default=2, help="local executor: parallel processes")
     parser.add_argument("--executor-arg", action="append", default=[], help="key=value passed to the executor")
+    parser.add_argument("--no-validate", action="store_true", help="input written by a Frugal stage: skip the check")
     args = parser.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.executor_arg)
-    run(
-        args.input,
-        args.output,
-        NearDedupConfig(threshold=args.threshold),
-        executor=args.executor,
-        tasks=args.tasks,
-        workers=args.workers,
-        **extra,
-    )
-    return 0
+    config = NearDedupConfig(threshold=args.threshold)
+    return run_stage(
+        run, args.input, args.output, config, validate=not args.no_validate, executor=args.executor,
+        tasks=args.tasks, workers=args.workers, **extra,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

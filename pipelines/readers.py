@@ -126,8 +126,11 @@ def count_records(inputs: list[str]) -> int | None:
     for path in expand_inputs(inputs):
         if detect_format(path) != "parquet":
             return None
-        with fsspec.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+        try:
+            with fsspec.open(path, "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except (OSError, ValueError) as e:  # pyarrow's messages do not say which file
+            raise InputError(f"{path}: cannot read Parquet: {e}") from e
     return total
 
 
@@ -173,18 +176,92 @@ def _from_mapping(row: object, location: str, fallback_id: str, config: ReaderCo
     if extra:
         metadata = {**extra, **metadata}
     row_source = row.get("source")
-    return Document(
-        doc_id, text, row_source if isinstance(row_source, str) and row_source else source, metadata, location
-    )
+    row_source = row_source if isinstance(row_source, str) and row_source else source
+    doc = Document(doc_id, text, row_source, metadata, location)
+    unencodable = _unencodable_field(doc)
+    if unencodable:
+        return Rejected(location, "malformed", f"{unencodable} (id {doc_id[:80]!r})", location)
+    return doc
+
+
+def _unencodable_field(doc: Document) -> str | None:
+    """What in the document cannot be written as UTF-8 (a lone surrogate such as JSON's "\\ud800"), or None.
+    Parquet stores UTF-8 only, so such a document could not be written by any stage."""
+    fields = {"id": doc.id, "text": doc.text, "source": doc.source}
+    try:
+        fields["metadata"] = json.dumps(doc.metadata, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        return f"field 'metadata' is not JSON ({e})"
+    for name, value in fields.items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"field {name!r} holds a lone surrogate (U+{ord(value[e.start]):04X}) at character {e.start}"
+    return None
 
 
 def _open(path: str, compression: str | None = "infer"):
+    """The file's (decompressed) bytes as a line-iterable binary stream. .gz and .zst go through _CheckedStream,
+    which raises at a stream that ends early: the gzip and zstd readers that fsspec and warcio use can stop
+    quietly there, and a truncated file would read as a shorter one."""
+    name = path.lower()
+    kind = (compression if compression != "infer" else None) or next(
+        (kind for suffix, kind in COMPRESSION_SUFFIXES.items() if name.endswith(suffix) and compression == "infer"),
+        None,
+    )
     try:
-        f = fsspec.open(path, "rb", compression=compression).open()
+        raw = fsspec.open(path, "rb").open()
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot open: {e}") from e
-    # zstandard's reader does not iterate lines; a buffer over it does.
-    return f if hasattr(f, "peek") else io.BufferedReader(f)
+    return io.BufferedReader(_CheckedStream(raw, kind)) if kind else raw
+
+
+class _CheckedStream(io.RawIOBase):
+    """Decompresses gzip or zstd (one or more members or frames), raising OSError when the input ends inside one,
+    or holds bytes that are not a stream of that kind."""
+
+    def __init__(self, raw, kind: str):
+        import zlib
+
+        import zstandard
+
+        self._raw, self._kind, self._zlib, self._zstd = raw, kind, zlib, zstandard
+        self._errors = (zlib.error, zstandard.ZstdError)
+        self._dobj = self._new()
+        self._pending = b""
+        self._started = False
+
+    def _new(self):
+        if self._kind == "gzip":
+            return self._zlib.decompressobj(wbits=31)
+        return self._zstd.ZstdDecompressor().decompressobj()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._started and not self._dobj.eof:
+                    raise OSError(f"the {self._kind} stream ends early: the file is truncated")
+                return 0
+            while chunk:
+                if self._dobj.eof:  # the next member (gzip) or frame (zstd)
+                    self._dobj = self._new()
+                try:
+                    self._pending += self._dobj.decompress(chunk)
+                except self._errors as e:
+                    raise OSError(f"corrupt {self._kind} data ({e})") from e
+                self._started = True
+                chunk = self._dobj.unused_data if self._dobj.eof else b""
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _read_jsonl(path: str, config: ReaderConfig) -> Iterator[Document | Rejected]:
@@ -206,6 +283,9 @@ def _read_jsonl(path: str, config: ReaderConfig) -> Iterator[Document | Rejected
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     yield Rejected(location, "malformed", f"invalid JSON: {e.msg} (column {e.colno})", location)
+                    continue
+                except RecursionError:
+                    yield Rejected(location, "malformed", "invalid JSON: nested too deeply", location)
                     continue
                 yield _from_mapping(row, location, f"{source}/{line_no}", config, source)
     except (OSError, EOFError, ValueError) as e:  # truncated or corrupt compressed stream
@@ -234,18 +314,27 @@ def _read_parquet(path: str, config: ReaderConfig) -> Iterator[Document | Reject
 
 def _read_warc(path: str, config: ReaderConfig) -> Iterator[Document | Rejected]:
     """HTTP responses with HTML become their main text (resiliparse); plain text and WET conversion
-    records are taken as they are; other record types (requests, metadata) are not documents."""
+    records are taken as they are; other record types (requests, metadata) are not documents.
+
+    A truncated or corrupt file is an InputError naming the record, never a silently shorter document: a .warc.gz
+    is decompressed by Python's gzip (which notices a stream that ends early, where warcio's reader stops quietly),
+    and each record must deliver every byte its Content-Length declares."""
     from resiliparse.extract.html2text import extract_plain_text
     from resiliparse.parse.encoding import bytes_to_str, detect_encoding
     from resiliparse.parse.html import HTMLTree
     from warcio.archiveiterator import ArchiveIterator
 
     source = config.default_source or _stem(path)
-    f = _open(path, compression=None)  # warcio handles per-record gzip itself
-    n = 0
+    f = _open(path, compression="gzip" if path.lower().endswith(".gz") else None)
+    n = 0  # the record being read
     try:
         with f:
-            for n, record in enumerate(ArchiveIterator(f), start=1):
+            records = ArchiveIterator(f)
+            while True:
+                n += 1
+                record = next(records, None)
+                if record is None:
+                    return
                 if record.rec_type not in ("response", "resource", "conversion"):
                     continue
                 location = f"{path}:record {n}"
@@ -254,6 +343,9 @@ def _read_warc(path: str, config: ReaderConfig) -> Iterator[Document | Rejected]
                 ctype = (record.http_headers.get_header("Content-Type") if record.http_headers else None) or ""
                 ctype = ctype or headers.get_header("Content-Type") or ""
                 payload = record.content_stream().read()
+                missing = getattr(record.raw_stream, "limit", 0)  # warcio's LimitReader: declared bytes not read
+                if missing:
+                    raise InputError(f"{location}: truncated: {missing} bytes of its Content-Length are missing")
                 if "html" in ctype.lower():
                     text = extract_plain_text(HTMLTree.parse_from_bytes(payload), main_content=True)
                 elif ctype.lower().startswith("text/") or record.rec_type == "conversion":
@@ -262,6 +354,13 @@ def _read_warc(path: str, config: ReaderConfig) -> Iterator[Document | Rejected]
                     yield Rejected(location, "malformed", f"WARC payload is {ctype or 'untyped'}, not text", location)
                     continue
                 metadata = {"url": headers.get_header("WARC-Target-URI"), "date": headers.get_header("WARC-Date")}
-                yield Document(doc_id, text, source, metadata, location)
+                doc = Document(doc_id, text, source, metadata, location)
+                unencodable = _unencodable_field(doc)
+                yield doc if unencodable is None else Rejected(location, "malformed", unencodable, location)
+    except InputError:
+        raise
     except Exception as e:  # warcio raises its own ArchiveLoadFailed and plain exceptions on corruption
-        raise InputError(f"{path}:record {n + 1}: cannot read WARC: {e}") from e
+        raise InputError(
+            f"{path}:record {n}: cannot read WARC: the record is malformed or the file is truncated "
+            f"({type(e).__name__}: {e})"
+        ) from e

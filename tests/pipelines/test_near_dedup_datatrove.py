@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.near_dedup import NearDedupConfig
@@ -30,6 +31,11 @@ def test_local_run_clusters_near_duplicates(tmp_path):
     clusters = {d["id"]: d["metadata"]["minhash_cluster_id"] for d in kept + removed}
     for i in range(4):
         assert clusters[f"b{i}"] == clusters[f"n{i}"] != -1
+    # the ledger accounts for every input record, as every stage's does
+    ledger = pq.read_table(tmp_path / "out" / "ledger.parquet").to_pylist()
+    assert sorted(r["id"] for r in ledger) == sorted(r["id"] for r in rows)
+    assert {r["id"] for r in ledger if r["outcome"] == "kept"} == {d["id"] for d in kept}
+    assert {r["reason"].split(":")[0] for r in ledger if r["outcome"] == "dropped"} == {"near_duplicate"}
 
 
 def test_unknown_executor_is_refused(tmp_path):
