@@ -9,8 +9,8 @@ import dagster as dg
 
 from assets.metadata import md_table, png_md
 from assets.resources import CurationPaths, WandbResource
-from assets.training import dense_baseline_model, draft_model, moe_model
-from model.io import WEIGHTS_FILE
+from assets.training import TRAINING_CHECKS, dense_baseline_model, draft_model, moe_model
+from model.io import WEIGHTS_FILE, write_text_atomic
 
 GROUP = "inference"
 
@@ -144,6 +144,52 @@ def speculative_greedy_is_identical(paths: CurationPaths) -> dg.AssetCheckResult
     return dg.AssetCheckResult(passed=identical, metadata=metadata)
 
 
+def blocking_checks_passed(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """Refuse to build on an input whose latest materialization has not passed each of its blocking checks.
+
+    Dagster skips a downstream asset when a blocking check fails in the same run, but a later run that selects
+    only the downstream assets never reruns the check: after `speculative_greedy_is_identical` crashed, such a run
+    published the release. So each consuming asset reads, for every blocking check on its direct inputs, the latest
+    execution of that check and the materialization it evaluated, and raises dg.Failure naming the check unless it
+    passed on the input's latest materialization. Returns "asset/check" -> what was found, for the metadata."""
+    instance = context.instance
+    inputs = context.assets_def.asset_deps[context.asset_key]
+    found, problems = {}, []
+    for spec in (s for c in (*TRAINING_CHECKS, *INFERENCE_CHECKS) for s in c.check_specs if s.blocking):
+        if spec.asset_key not in inputs:
+            continue
+        name = f"{spec.asset_key.to_user_string()}/{spec.name}"
+        latest = instance.fetch_materializations(spec.asset_key, limit=1).records
+        record = instance.get_latest_asset_check_evaluation_record(spec.key)
+        if not latest:
+            problems.append(f"{name}: {spec.asset_key.to_user_string()} has never been materialized")
+            continue
+        status = None if record is None else record.status.value  # PLANNED, SUCCEEDED or FAILED (not passed)
+        target = None
+        if status in ("SUCCEEDED", "FAILED") and record.event is not None:
+            target = record.event.dagster_event.event_specific_data.target_materialization_data
+        if record is None:
+            problems.append(f"{name} has never been evaluated")
+        elif status == "PLANNED":
+            problems.append(f"{name}: its latest execution (run {record.run_id}) never finished: it crashed or stopped")
+        elif status == "FAILED":
+            problems.append(f"{name} failed in run {record.run_id}")
+        elif target is None or target.storage_id != latest[0].storage_id:
+            problems.append(
+                f"{name} passed in run {record.run_id}, but not on the latest materialization of "
+                f"{spec.asset_key.to_user_string()} (run {latest[0].run_id})"
+            )
+        else:
+            found[name] = f"passed in run {record.run_id}"
+    if problems:
+        raise dg.Failure(
+            description=f"{context.asset_key.to_user_string()}: a blocking check has not passed on its input: "
+            + "; ".join(problems)
+            + ". Materialize the input with its checks (or run the check) first."
+        )
+    return found
+
+
 class BenchmarkReportConfig(dg.Config):
     """What the benchmark measures and what a device-hour costs."""
 
@@ -155,11 +201,6 @@ class BenchmarkReportConfig(dg.Config):
     prompt_tokens: int = 16
     new_tokens: int = 48
     gamma: int = 4
-    benchmarks_md: str | None = "BENCHMARKS.md"
-    """A Markdown file whose benchmark_report section is replaced by this run's table (None: leave it)."""
-
-
-SECTION_START, SECTION_END = "<!-- benchmark_report:start -->", "<!-- benchmark_report:end -->"
 
 
 def report_configs(paths: CurationPaths):
@@ -173,17 +214,6 @@ def report_configs(paths: CurationPaths):
         Config("moe int8", str(q / "int8" / "target"), str(q / "int8" / "draft")),
         Config("moe int4", str(q / "int4" / "target"), str(q / "int4" / "draft")),
     ]
-
-
-def publish_section(path: Path, text: str) -> None:
-    """Replace the marked benchmark_report section of a Markdown file (appended the first time)."""
-    section = f"{SECTION_START}\n{text}\n{SECTION_END}"
-    old = path.read_text() if path.exists() else ""
-    if SECTION_START in old and SECTION_END in old:
-        new = old[: old.index(SECTION_START)] + section + old[old.index(SECTION_END) + len(SECTION_END) :]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    path.write_text(new)
 
 
 @dg.asset(
@@ -203,6 +233,7 @@ def benchmark_report(
     from inference import benchmark
     from training.train import run_validation_rows
 
+    checks = blocking_checks_passed(context)
     configs = report_configs(paths)
     for c in configs:
         for folder in filter(None, (c.target, c.draft)):
@@ -233,15 +264,15 @@ def benchmark_report(
     )
     chart = benchmark.chart(table, out / "benchmark.png", "Frugal: cost and quality per served configuration")
     report = {"device": device, "price_per_hour": price, "best": best, "rows": table, "note": note}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(f"{headline}\n\n{markdown}\n\n{note}\n")
-    if config.benchmarks_md:
-        command = "make demo  # the benchmark_report asset (or: dagster asset materialize --select benchmark_report)"
-        publish_section(
-            Path(config.benchmarks_md),
-            f"## Benchmark report: dense baseline vs MoE formats (`benchmark_report` asset)\n\n```bash\n{command}\n```"
-            f"\n\n{note}\n\n{markdown}\n\n{headline}",
-        )
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", f"{headline}\n\n{markdown}\n\n{note}\n")
+    # BENCHMARKS.md is tracked: the asset never edits it. This section is for a person to paste there.
+    command = "make demo  # the benchmark_report asset (or: dagster asset materialize --select benchmark_report)"
+    write_text_atomic(
+        out / "BENCHMARKS_section.md",
+        f"## Benchmark report: dense baseline vs MoE formats (`benchmark_report` asset)\n\n```bash\n{command}\n```"
+        f"\n\n{note}\n\n{markdown}\n\n{headline}\n",
+    )
     summary = {"cost_ratio": best["cost_ratio"], "best_usd_per_1m": best["best_usd_per_1m"]}
     summary |= {f"usd_per_1m/{r['config']}/{r['decoding']}": r["usd_per_1m_tokens"] for r in table}
     run_dir = wandb.log_run(
@@ -258,6 +289,7 @@ def benchmark_report(
         "chart": dg.MetadataValue.md(png_md(chart, "cost and quality")),
         "cost_ratio": best["cost_ratio"],
         "note": note,
+        "blocking_checks": dg.MetadataValue.json(checks),
     }
     if run_dir:
         metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
@@ -354,6 +386,7 @@ def inference_package(
 
     if config.scheme not in ("int8", "int4", "best") or config.kv_cache not in KV_CACHES:
         raise dg.Failure(description=f"scheme must be int8, int4 or best, and kv_cache one of {KV_CACHES}")
+    checks = blocking_checks_passed(context)
     scheme = config.scheme
     if scheme == "best":
         rows = json.loads((paths.stage_dir("benchmark_report") / "report.json").read_text())["rows"]
@@ -402,6 +435,7 @@ def inference_package(
         "manifest": dg.MetadataValue.md(md_table(("file", "bytes", "sha256 (first 16)"), files)),
         "model_card": dg.MetadataValue.md((package_dir / "MODEL_CARD.md").read_text()),
         "hugging_face_hub": hub,
+        "blocking_checks": dg.MetadataValue.json(checks),
     }
     if run_dir:
         metadata["wandb_run"] = dg.MetadataValue.path(run_dir)

@@ -1,10 +1,165 @@
-"""The quantized_model asset's refusals (its end-to-end run, on trained models, is in test_training.py)."""
+"""The inference assets on the session's tiny trained models: quantized_model and its checks, benchmark_report,
+inference_package, and the blocking check that gates the last two; plus quantized_model's refusals."""
+
+import json
+import shutil
 
 import dagster as dg
 import pytest
 
-from assets.inference import quantized_model
+from assets.inference import (
+    INFERENCE_CHECKS,
+    benchmark_report,
+    inference_package,
+    quantized_model,
+    speculative_greedy_is_identical,
+)
 from assets.resources import CurationPaths, WandbResource
+from tests.assets.conftest import materialize, metadata_of
+
+QUANTIZE = {"group_size": 32, "calibration_rows": 8, "val_rows": 8}
+BENCHMARK = {"prompts": 2, "new_tokens": 6}
+
+
+@pytest.fixture(scope="session")
+def quantized(trained) -> dg.ExecuteInProcessResult:
+    return materialize(
+        trained.data_dir, [quantized_model], QUANTIZE, instance=trained.instance, checks=INFERENCE_CHECKS
+    )
+
+
+@pytest.fixture(scope="session")
+def released(trained, quantized, tmp_path_factory):
+    releases = tmp_path_factory.mktemp("releases")
+    configs = {
+        benchmark_report: BENCHMARK,
+        inference_package: {"releases_dir": str(releases), "kv_cache": "int8-channel"},
+    }
+    result = materialize(
+        trained.data_dir, [benchmark_report, inference_package], {}, instance=trained.instance, configs=configs
+    )
+    return result, releases
+
+
+def test_quantized_model_reports_every_format_and_its_checks_hold(trained, quantized):
+    evaluations = {e.check_name: e for e in quantized.get_asset_check_evaluations()}
+    assert evaluations["speculative_greedy_is_identical"].passed
+    report = json.loads((trained.data_dir / "quantized_model" / "report.json").read_text())
+    labels = [r["label"] for r in report["rows"]]
+    assert labels[:4] == ["fp32", "bf16", "int8", "int4"] and "int8 kv (per channel)" in labels
+    by_label = {r["label"]: r for r in report["rows"]}
+    assert by_label["int4"]["weight_bytes"] < by_label["int8"]["weight_bytes"] < by_label["fp32"]["weight_bytes"]
+    assert report["awq"]["int4/target"]["matrices_calibrated"] > 0
+    assert "int4 g32 asym AWQ" in metadata_of(quantized, "quantized_model")["perplexity"].value
+    # the budget check says what the report's numbers say, row by row (an untrained model may miss a budget)
+    budgeted = [r for r in report["rows"] if r["budget_pct"] is not None]
+    assert budgeted and all(r["within_budget"] == (r["delta_pct"] <= r["budget_pct"]) for r in budgeted)
+    budget = evaluations["quantization_within_budget"]
+    assert budget.passed == all(r["within_budget"] for r in budgeted)
+    assert {k: v.value for k, v in budget.metadata.items()} == {
+        r["label"]: f"{r['delta_pct']:+.3f}% (budget +{r['budget_pct']}%)" for r in budgeted
+    }
+
+
+def test_benchmark_report_measures_every_config_and_the_cost_ratio(trained, released):
+    result, _ = released
+    report = json.loads((trained.data_dir / "benchmark_report" / "report.json").read_text())
+    assert [(r["config"], r["decoding"]) for r in report["rows"]] == [
+        ("dense fp32", "plain"),
+        *[(f"moe {f}", d) for f in ("fp32", "int8", "int4") for d in ("plain", "speculative")],
+    ]
+    assert all(r["identical"] for r in report["rows"] if r["decoding"] == "speculative")
+    # the headline: the cheapest config at least as good as the baseline, against the baseline's plain decoding
+    base = report["rows"][0]
+    candidates = [r for r in report["rows"][1:] if r["perplexity"] <= base["perplexity"] * (1 + 1e-9)]
+    cheapest = min(candidates, key=lambda r: r["usd_per_1m_tokens"])
+    meta = metadata_of(result, "benchmark_report")
+    assert meta["cost_ratio"].value == pytest.approx(base["usd_per_1m_tokens"] / cheapest["usd_per_1m_tokens"])
+    assert report["best"]["best"] == f"{cheapest['config']} ({cheapest['decoding']})"
+    assert "data:image/png;base64," in meta["chart"].value
+    assert meta["blocking_checks"].value == {
+        "quantized_model/speculative_greedy_is_identical": f"passed in run {trained_check_run(trained)}"
+    }
+    section = (trained.data_dir / "benchmark_report" / "BENCHMARKS_section.md").read_text()
+    assert section.startswith("## Benchmark report") and "| moe int4 | speculative |" in section
+
+
+def trained_check_run(trained) -> str:
+    key = speculative_greedy_is_identical.check_key
+    return trained.instance.get_latest_asset_check_evaluation_record(key).run_id
+
+
+def test_inference_package_ships_the_cheaper_format_with_wheel_tarball_and_card(trained, released):
+    result, releases = released
+    release = releases / "frugal-small-cpu-0.1.0"
+    assert (release / "frugal_small_cpu-0.1.0-py3-none-any.whl").exists()
+    assert (release / "frugal_small_cpu-0.1.0.tar.gz").exists()
+    card = (release / "package" / "MODEL_CARD.md").read_text()
+    assert "curriculum_shards/manifest.json` sha256" in card and "| moe int4 | speculative |" in card
+    rows = json.loads((trained.data_dir / "benchmark_report" / "report.json").read_text())["rows"]
+    cheaper = min((r for r in rows if r["config"] in ("moe int8", "moe int4")), key=lambda r: r["usd_per_1m_tokens"])
+    shipped = json.loads((release / "package" / "package.json").read_text())
+    assert shipped["scheme"] == cheaper["config"].removeprefix("moe ") and shipped["kv_cache"] == "int8-channel"
+    checks = metadata_of(result, "inference_package")["blocking_checks"].value
+    assert checks == {"quantized_model/speculative_greedy_is_identical": f"passed in run {trained_check_run(trained)}"}
+
+
+def copy_for_gate(trained, tmp_path):
+    """A data folder with what the check and the gate read (the run folders are copied, not shared)."""
+    data = tmp_path / "data"
+    for name in ("moe_model", "draft_model", "dense_baseline_model", "quantized_model"):
+        shutil.copytree(trained.data_dir / name, data / name)
+    return data
+
+
+def materialize_only(data, instance, assets, selection, config=None):
+    return dg.materialize(
+        assets,
+        selection=selection,
+        instance=instance,
+        resources={"paths": CurationPaths(data_dir=str(data)), "wandb": WandbResource(mode="disabled")},
+        run_config={"ops": config or {}},
+        raise_on_error=False,
+    )
+
+
+def failure_message(result) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return failure.event_specific_data.error.message
+
+
+def test_a_blocking_check_that_has_not_passed_blocks_the_benchmark_and_the_release(trained, quantized, tmp_path):
+    data = copy_for_gate(trained, tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    check = "quantized_model/speculative_greedy_is_identical"
+    downstream = [benchmark_report, inference_package]
+    everything = [quantized_model, speculative_greedy_is_identical, *downstream]
+
+    def gate_message(asset) -> str:
+        result = materialize_only(data, instance, everything, [asset.key])
+        assert not result.success
+        return failure_message(result)
+
+    # quantized_model materialized (a run that selected it without its checks): the check never ran on it
+    instance.report_runless_asset_event(dg.AssetMaterialization("quantized_model"))
+    for asset in downstream:
+        assert f"{check} has never been evaluated" in gate_message(asset)
+
+    # the check crashes on this materialization (its draft weights are gone), as the AVX-512 segfault did
+    weights = data / "quantized_model" / "int8" / "draft" / "model.safetensors"
+    weights.rename(weights.with_suffix(".moved"))
+    crashed = materialize_only(data, instance, everything, dg.AssetSelection.checks(speculative_greedy_is_identical))
+    assert not crashed.success
+    weights.with_suffix(".moved").rename(weights)
+    for asset in downstream:
+        assert f"{check}: its latest execution (run {crashed.run_id}) never finished" in gate_message(asset)
+
+    # it passes, then quantized_model is materialized again: the pass was for the older materialization
+    passed = materialize_only(data, instance, everything, dg.AssetSelection.checks(speculative_greedy_is_identical))
+    assert passed.success and passed.get_asset_check_evaluations()[0].passed
+    instance.report_runless_asset_event(dg.AssetMaterialization("quantized_model"))
+    for asset in downstream:
+        assert f"{check} passed in run {passed.run_id}, but not on the latest materialization" in gate_message(asset)
 
 
 def run(tmp_path, config: dict):
@@ -29,5 +184,4 @@ def run(tmp_path, config: dict):
 def test_bad_config_or_missing_models_fail_before_any_work(tmp_path, config, message):
     result = run(tmp_path, config)
     assert not result.success
-    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert message in failure.event_specific_data.error.message
+    assert message in failure_message(result)

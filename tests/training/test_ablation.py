@@ -169,7 +169,7 @@ def test_a_tiny_ablation_runs_end_to_end_and_repeats(corpus, tmp_path):
     assert sum(line.startswith("run ") for line in lines) == 3
     saved = json.loads((tmp_path / "one" / RESULTS_FILE).read_text())
     assert (tmp_path / "one" / "heldout_loss.png").stat().st_size > 0
-    assert "not reached" in (tmp_path / "one" / "results.md").read_text() or saved["to_target"]
+    table = (tmp_path / "one" / "results.md").read_text()
     for run in RUNS:
         curve = saved["runs"][run]["curve"]
         assert [t for t, _ in curve] == [1024, 2048, 3072, 4096]
@@ -177,9 +177,21 @@ def test_a_tiny_ablation_runs_end_to_end_and_repeats(corpus, tmp_path):
     raw = saved["runs"]["raw"]
     assert saved["target_heldout_loss"] == raw["final_heldout_loss"] == raw["curve"][-1][1]
     assert saved["to_target"]["raw"]["reached"] and saved["to_target"]["raw"]["tokens"] <= 4096
-    for run in ("curated_shuffled", "curated_curriculum"):
-        t = saved["to_target"][run]
-        assert t["tokens"] is None if not t["reached"] else 0 < t["share_of_raw_tokens"] <= 1.0
+    raw_tokens = saved["to_target"]["raw"]["tokens"]
+    for run in RUNS:  # tokens to (a)'s final loss: what the curve says, interpolated, never extrapolated
+        t, expected = (
+            saved["to_target"][run],
+            tokens_to_target(saved["runs"][run]["curve"], saved["target_heldout_loss"]),
+        )
+        assert t["reached"] == (expected is not None)
+        if expected is None:
+            assert t["tokens"] is None and f"| {saved['runs'][run]['label']} |" in table
+            assert table.split(f"| {saved['runs'][run]['label']} |")[1].split("\n")[0].count("not reached") == 2
+        else:
+            assert t["tokens"] == pytest.approx(expected) and t["share_of_raw_tokens"] == pytest.approx(
+                expected / raw_tokens
+            )
+            assert f"| {expected:,.0f} |" in table
     assert 0.4 < saved["curation"]["removed_share"] < 0.6  # half the documents were curated away
     assert saved["heldout"]["tokens_evaluated"] == 1024 // 33 * 32
     # the three runs evaluate on identical rows

@@ -1,0 +1,22 @@
+"""What `make demo` ends with (inference.demo): the benchmark table, then the package decoding the same greedy text
+with and without its draft."""
+
+import pytest
+
+from inference import demo
+
+
+def test_the_demo_prints_the_report_and_identical_plain_and_speculative_samples(tiny_package, tmp_path, capsys):
+    report = tmp_path / "report.md"
+    report.write_text("| config | decoding |\n|---|---|\n| dense fp32 | plain |\n")
+    demo.main(["--package", str(tiny_package), "--report", str(report), "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"Benchmark ({report}):") and "| dense fp32 | plain |" in out
+    assert "verified against its manifest" in out and "int8 weights" in out
+    assert out.count("identical: True") == len(demo.PROMPTS)
+    assert "acceptance rate" in out and "proposals in" in out
+
+
+def test_the_demo_names_the_missing_release(tmp_path):
+    with pytest.raises(SystemExit, match="no release: materialize inference_package first"):
+        demo.main(["--releases", str(tmp_path), "--report", str(tmp_path / "none.md")])
