@@ -217,7 +217,9 @@ def run(
     build_executors(folder, output_dir, config, **kwargs)[-1].run()
     for kind in ("kept", "removed"):
         for path in sorted((output_dir / kind).glob("*.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: U+2028 is JSON string content
+                if not line:
+                    continue
                 doc = json.loads(line)
                 cluster = doc.get("metadata", {}).get("minhash_cluster_id", -1)
                 location = doc.get("metadata", {}).get("file_path", str(path))

@@ -51,6 +51,7 @@ TEXT = st.one_of(
     st.text(alphabet=st.characters(codec="utf-8"), max_size=50).map(lambda t: f"{t}\x00{t}"),  # NUL bytes
     st.just(""),
     st.just(" \n\t "),
+    st.builds(lambda s: f"{prose(s, 10)}\u2028{prose(s + 1, 10)}\x85end", st.integers(0, 99)),  # Unicode line breaks
 )
 WRONG = st.one_of(st.integers(), st.floats(allow_nan=True), st.lists(st.integers(), max_size=3), st.none(),
                   st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))  # fmt: skip
@@ -62,8 +63,8 @@ def jsonl_line(draw) -> bytes:
     kind = draw(st.sampled_from(["good", "good", "wrong_text", "wrong_id", "wrong_meta", "no_text", "surrogate",
                                  "garbage", "not_object", "truncated_json", "deep", "huge"]))  # fmt: skip
     record: dict = {"id": draw(IDS), "text": draw(TEXT)}
-    if draw(st.booleans()):  # what scored_documents adds, which curriculum_shards reads: sometimes not a number
-        record["quality_score"] = draw(st.one_of(st.floats(0, 1), st.floats(0, 1), WRONG, st.text(max_size=5)))
+    if draw(st.integers(0, 3)):  # what scored_documents adds, which curriculum_shards reads: sometimes not a number
+        record["quality_score"] = draw(st.one_of(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), WRONG))
     if kind == "wrong_text":
         record["text"] = draw(WRONG)
     elif kind == "wrong_id":
@@ -111,7 +112,7 @@ def compressed(payload: bytes, suffix: str) -> bytes:
 
 @st.composite
 def jsonl_file(draw, folder: Path) -> Input:
-    lines = draw(st.lists(jsonl_line(), max_size=12))
+    lines = draw(st.lists(jsonl_line(), min_size=1, max_size=12))
     payload = b"\n".join(lines) + (b"\n" if lines and draw(st.booleans()) else b"")
     n_records = sum(1 for line in payload.split(b"\n") if line.strip())
     suffix = draw(st.sampled_from(["", "", ".gz", ".zst"]))
@@ -300,11 +301,14 @@ def test_the_quality_classifier_cli_trains_or_names_the_file(tmp_path, data):
 
     folder = tmp_path / uuid.uuid4().hex[:8]
     folder.mkdir()
-    positives = write_jsonl(folder / "reference.jsonl", [{"id": f"p{i}", "text": prose(i, 60)} for i in range(40)])
+    positives = write_jsonl(folder / "reference.jsonl", [{"id": f"p{i}", "text": prose(i, 60)} for i in range(150)])
+    # enough valid raw documents beside the generated files that the classifier can train, whatever they hold
+    junk = [{"id": f"r{i}", "text": f"BUY NOW {i} cheap " * 9} for i in range(150)]
+    padding = write_jsonl(folder / "padding.jsonl", junk)
     inputs = data.draw(files(st.one_of(jsonl_file(folder), parquet_file(folder))))
     out = folder / "out"
     with contextlib.redirect_stderr(io.StringIO()) as err:
-        rc = quality.main(["--negatives", *(str(i.path) for i in inputs), "--positives", str(positives),
+        rc = quality.main(["--negatives", str(padding), *(str(i.path) for i in inputs), "--positives", str(positives),
                            "--output", str(out)])  # fmt: skip
     assert rc in (0, 2)
     event("refused" if rc == 2 else "trained")
@@ -323,6 +327,11 @@ def check_stage_cli(stage: str, quality_model: Path, tmp_path: Path, data) -> No
     folder = tmp_path / uuid.uuid4().hex[:8] / "in"
     folder.mkdir(parents=True)
     inputs = data.draw(files(st.one_of(jsonl_file(folder), parquet_file(folder))))
+    if takes_folder:  # exactly the drawn files (a draw hypothesis discarded may have left its file behind)
+        folder = folder.parent / "only"
+        folder.mkdir()
+        for i in inputs:
+            i.path = i.path.rename(folder / i.path.name)
     out = folder.parent / "out"
     args = [str(folder)] if takes_folder else [str(i.path) for i in inputs]
     with contextlib.redirect_stderr(io.StringIO()) as err:
