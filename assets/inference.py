@@ -266,7 +266,7 @@ def benchmark_report(
     report = {"device": device, "price_per_hour": price, "best": best, "rows": table, "note": note}
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "report.md", f"{headline}\n\n{markdown}\n\n{note}\n")
-    # BENCHMARKS.md is tracked: the asset never edits it. This section is for a person to paste there.
+    # The repository's benchmark record is a tracked file, which an asset never edits: this is for a person to paste.
     command = "make demo  # the benchmark_report asset (or: dagster asset materialize --select benchmark_report)"
     write_text_atomic(
         out / "BENCHMARKS_section.md",

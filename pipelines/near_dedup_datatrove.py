@@ -198,8 +198,11 @@ def validate_input(input_folder: str, output_dir: Path) -> Ledger:
     finally:
         if handle:
             handle.close()
-    for path, final in targets.items():
-        written[path].replace(final) if path in written else final.write_text("")
+    for path, final in targets.items():  # a file without documents still gets its (empty) file
+        if path in written:
+            written[path].replace(final)
+        else:
+            final.write_text("")
     return ledger
 
 

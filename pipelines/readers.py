@@ -204,11 +204,9 @@ def _open(path: str, compression: str | None = "infer"):
     """The file's (decompressed) bytes as a line-iterable binary stream. .gz and .zst go through _CheckedStream,
     which raises at a stream that ends early: the gzip and zstd readers that fsspec and warcio use can stop
     quietly there, and a truncated file would read as a shorter one."""
-    name = path.lower()
-    kind = (compression if compression != "infer" else None) or next(
-        (kind for suffix, kind in COMPRESSION_SUFFIXES.items() if name.endswith(suffix) and compression == "infer"),
-        None,
-    )
+    kind = compression
+    if compression == "infer":
+        kind = next((k for suffix, k in COMPRESSION_SUFFIXES.items() if path.lower().endswith(suffix)), None)
     try:
         raw = fsspec.open(path, "rb").open()
     except (OSError, ValueError) as e:
