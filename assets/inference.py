@@ -164,23 +164,23 @@ def blocking_checks_passed(context: dg.AssetExecutionContext) -> dict[str, str]:
         if not latest:
             problems.append(f"{name}: {spec.asset_key.to_user_string()} has never been materialized")
             continue
-        status = None if record is None else record.status.value  # PLANNED, SUCCEEDED or FAILED (not passed)
-        target = None
-        if status in ("SUCCEEDED", "FAILED") and record.event is not None:
-            target = record.event.dagster_event.event_specific_data.target_materialization_data
-        if record is None:
+        status = record.status.value if record else None  # PLANNED, SUCCEEDED or FAILED (not passed)
+        if status is None:
             problems.append(f"{name} has never been evaluated")
         elif status == "PLANNED":
             problems.append(f"{name}: its latest execution (run {record.run_id}) never finished: it crashed or stopped")
         elif status == "FAILED":
             problems.append(f"{name} failed in run {record.run_id}")
-        elif target is None or target.storage_id != latest[0].storage_id:
-            problems.append(
-                f"{name} passed in run {record.run_id}, but not on the latest materialization of "
-                f"{spec.asset_key.to_user_string()} (run {latest[0].run_id})"
-            )
         else:
-            found[name] = f"passed in run {record.run_id}"
+            evaluation = record.event.dagster_event.event_specific_data if record.event else None
+            target = evaluation.target_materialization_data if evaluation else None
+            if target is None or target.storage_id != latest[0].storage_id:
+                problems.append(
+                    f"{name} passed in run {record.run_id}, but not on the latest materialization of "
+                    f"{spec.asset_key.to_user_string()} (run {latest[0].run_id})"
+                )
+            else:
+                found[name] = f"passed in run {record.run_id}"
     if problems:
         raise dg.Failure(
             description=f"{context.asset_key.to_user_string()}: a blocking check has not passed on its input: "

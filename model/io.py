@@ -61,6 +61,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _cannot_write(final: Path, e: OSError) -> OSError:
+    """The same error, naming the file it was writing (a temp name or a folder would say less)."""
+    return OSError(e.errno, f"{final}: cannot write: {e.strerror or e}")
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """Yields a temp path to write; on success it is flushed to disk and renamed over `final`, on error
@@ -70,7 +75,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(final)
     except OSError as e:
-        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
+        raise _cannot_write(final, e) from e
     tmp = temp_path(final)
     try:
         yield tmp
@@ -78,7 +83,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, final)
     except OSError as e:
-        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
+        raise _cannot_write(final, e) from e
     finally:
         with contextlib.suppress(OSError):  # a read-only folder refuses even this; nothing was written there
             tmp.unlink(missing_ok=True)
@@ -96,7 +101,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         remove_stale_temps(final)
         staging.mkdir()
     except OSError as e:
-        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
+        raise _cannot_write(final, e) from e
     try:
         yield staging
         old = temp_path(final)
@@ -105,7 +110,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.replace(staging, final)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        raise OSError(e.errno, f"{final}: cannot write: {e.strerror or e}") from e
+        raise _cannot_write(final, e) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

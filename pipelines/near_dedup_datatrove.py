@@ -35,7 +35,7 @@ from pipelines.document import Document, Ledger
 from pipelines.minhash import tokenize_words
 from pipelines.near_dedup import STAGE, NearDedupConfig
 from pipelines.readers import expand_inputs, read_documents
-from pipelines.stage import StageStats, atomic_path, finish_stage
+from pipelines.stage import Pending, StageStats, finish_stage
 
 INPUT_DIR = "input"
 
@@ -179,8 +179,8 @@ def validate_input(input_folder: str, output_dir: Path) -> Ledger:
     out = output_dir / INPUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     files = expand_inputs([input_folder])
-    targets = {f: out / f"{i:05d}-{Path(f).name.split('.')[0]}.jsonl" for i, f in enumerate(files)}
-    written: dict[str, Path] = {}  # input file -> its temp file, renamed into place at the end
+    # one output per input file, renamed into place once all are written
+    pending = {f: Pending(out / f"{i:05d}-{Path(f).name.split('.')[0]}.jsonl") for i, f in enumerate(files)}
     current, handle = None, None
     try:
         for record in read_documents(files):  # one pass over all files, so ids are checked unique across them
@@ -191,18 +191,22 @@ def validate_input(input_folder: str, output_dir: Path) -> Ledger:
             if path != current:
                 if handle:
                     handle.close()
-                current, written[path] = path, atomic_path(targets[path])
-                handle = open(written[path], "w", encoding="utf-8")  # noqa: SIM115 (closed when the next opens)
+                current = path
+                handle = open(pending[path].tmp, "w", encoding="utf-8")  # noqa: SIM115 (closed when the next opens)
             row = {"id": record.id, "text": record.text, "metadata": {**record.metadata, "source": record.source}}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
         if handle:
             handle.close()
-    for path, final in targets.items():  # a file without documents still gets its (empty) file
-        if path in written:
-            written[path].replace(final)
-        else:
-            final.write_text("")
+    except BaseException:
+        if handle:
+            handle.close()
+        for p in pending.values():
+            p.discard()
+        raise
+    for p in pending.values():
+        if not p.tmp.exists():  # an input without documents still gets its (empty) file
+            p.tmp.write_text("")
+        p.commit()
     return ledger
 
 
