@@ -9,7 +9,7 @@
 
 `load_package` checks every file against the manifest before reading any weight (a changed, missing or
 unlisted file is refused, naming it), then loads safetensors and JSON only: nothing is ever unpickled.
-Runtime dependencies: torch, tokenizers, safetensors.
+Dependencies: torch, tokenizers, safetensors.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Building a release of the inference package (build time: this module is not part of the runtime).
 
 `assemble` lays out the package folder (see inference.package) from a target and a draft folder;
-`build_wheel` turns it into a pip-installable wheel whose only dependencies are torch, tokenizers and
-safetensors: the runtime modules (inference generation, quantized layers, KV cache, speculative decoding,
-the server; the model code; the kernels) are vendored under one top-level package, `frugal_runtime`,
+`build_wheel` turns it into a pip-installable wheel whose only dependencies are torch, tokenizers,
+safetensors and the server's (FastAPI, uvicorn, prometheus_client): the runtime modules (inference
+generation, quantized layers, KV cache, speculative decoding, the serving engine and the server; the model
+code; the kernels) are vendored under one top-level package, `frugal_runtime`,
 with the package folder inside it as `frugal_runtime/package/`, and `frugal-serve` as a console script.
 `tarball` packs the folder as a .tar.gz.
 """
@@ -28,11 +29,16 @@ RUNTIME_MODULES = {
     "inference": (
         "__init__.py", "generate.py", "speculative.py", "quantize.py", "kv_cache.py", "package.py", "serve.py",
         "lm_eval_adapter.py",
+        "engine/__init__.py", "engine/block_pool.py", "engine/paged_cache.py", "engine/runner.py",
+        "engine/sampler.py", "engine/scheduler.py", "engine/spec_decode.py", "engine/engine.py",
+        "server/__init__.py", "server/protocol.py", "server/serving.py", "server/app.py",
     ),
     "kernels": ("__init__.py", "dispatch.py", "native.py", "kv_int8.py", "w4a16.py", "attention_int8.py"),
 }  # fmt: skip
 """What the wheel carries: the modules a served model imports (no training, assets or pipelines)."""
-RUNTIME_DEPENDENCIES = ("torch>=2.4", "tokenizers>=0.19", "safetensors>=0.4")
+RUNTIME_DEPENDENCIES = (
+    "torch>=2.4", "tokenizers>=0.19", "safetensors>=0.4", "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20",
+)  # fmt: skip
 VENDOR = "frugal_runtime"
 
 
@@ -77,6 +83,7 @@ def build_wheel(package_dir: Path, dist_dir: Path, work_dir: Path) -> Path:
     for pkg, modules in RUNTIME_MODULES.items():
         (vendor / pkg).mkdir()
         for module in modules:
+            (vendor / pkg / module).parent.mkdir(parents=True, exist_ok=True)
             (vendor / pkg / module).write_text(_vendored((ROOT / pkg / module).read_text()))
     shutil.copytree(package_dir, vendor / "package")
     deps = ", ".join(f'"{d}"' for d in RUNTIME_DEPENDENCIES)

@@ -97,10 +97,15 @@ class GammaPolicy:
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
-    def observe(self, proposed: int, accepted: int, draft_s: float, target_s: float) -> None:
-        if proposed:
+    def observe(
+        self, proposed: int, accepted: int, draft_s: float, target_s: float, draft_steps: int | None = None
+    ) -> None:
+        """One round: `draft_steps` draft forwards (default: one per proposal; a batched round proposes for
+        every request in each forward) that took draft_s, then a target forward of target_s."""
+        steps = proposed if draft_steps is None else draft_steps
+        if proposed and steps:
             self.alpha = self._average(self.alpha, accepted / proposed)
-            self.t_draft = self._average(self.t_draft, draft_s / proposed)
+            self.t_draft = self._average(self.t_draft, draft_s / steps)
         self.t_target = self._average(self.t_target, target_s)
 
 

@@ -39,3 +39,19 @@ def tiny_package(tmp_path_factory, tiny_tokenizer):
     meta = {"name": "frugal-tiny", "version": "0.0.1", "scheme": "int8", "kv_cache": "int8", "gamma": 3}
     assemble(d / "pkg", d / "target", d / "draft", meta, "# frugal-tiny\n\nA test package.\n")
     return d / "pkg"
+
+
+@pytest.fixture(scope="session")
+def long_package(tmp_path_factory, tiny_tokenizer):
+    """An fp32 package with a 2048-token context and no draft: greedy decoding of 2000 tokens takes seconds,
+    long enough to disconnect a client or pass a time limit mid-request."""
+    import dataclasses
+
+    d = tmp_path_factory.mktemp("long-package")
+    torch.manual_seed(0)
+    target = Transformer(dataclasses.replace(debug_tiny(), max_seq_len=2048))
+    save_model(target.state_dict(), target.config, d / "target")
+    shutil.copy(tiny_tokenizer, d / "target" / "tokenizer.json")
+    meta = {"name": "frugal-long", "version": "0.0.1", "scheme": "fp32", "kv_cache": "fp32", "gamma": 3}
+    assemble(d / "pkg", d / "target", None, meta, "# frugal-long\n\nA test package.\n")
+    return d / "pkg"

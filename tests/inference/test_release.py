@@ -2,11 +2,13 @@
 and loads the package it carries, and generates what the project's own runtime generates."""
 
 import json
+import select
 import subprocess
 import tarfile
 import venv
 
 import torch
+from openai import OpenAI
 
 from inference.generate import SamplingConfig
 from inference.package import load_package
@@ -44,6 +46,19 @@ def test_the_wheel_installs_into_a_fresh_venv_and_generates(tiny_package, tmp_pa
         [str(tmp_path / "venv" / "bin" / "frugal-serve"), "--help"], capture_output=True, text=True
     )
     assert help_text.returncode == 0 and "--package" in help_text.stdout
+    # the installed console script serves its bundled package: the same greedy text over HTTP
+    cmd = [str(tmp_path / "venv" / "bin" / "frugal-serve"), "--port", "0", "--threads", "1"]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path)
+    try:
+        ready, _, _ = select.select([server.stdout], [], [], 120)
+        line = server.stdout.readline() if ready else ""
+        assert line.startswith("serving frugal-tiny on http://127.0.0.1:"), line
+        client = OpenAI(base_url=f"{line.split()[-1]}/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model="frugal-tiny", prompt="ka lo mi", max_tokens=8, temperature=0)
+        assert out.choices[0].text == package.target.tokenizer.decode(got["ids"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_the_tarball_holds_the_package_folder(tiny_package, tmp_path):
