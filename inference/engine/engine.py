@@ -390,7 +390,7 @@ class Engine:
 
     def _emit(self, seq: Sequence, emitted: list[int], logits_KV: torch.Tensor):
         """Append a round's tokens up to a stop token or max_tokens: (tokens, log-probs, finish reason)."""
-        stops = set(seq.params.stop_ids) | ({self.eos} if self.eos is not None else set())
+        stops = set(seq.params.stop_ids) | ({self.eos} if self.eos is not None and not seq.params.ignore_eos else set())
         tokens, reason = [], None
         for t in emitted:
             if t in stops:

@@ -26,6 +26,8 @@ class SamplingParams(SamplingConfig):
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     """Return each generated token's log-prob and this many most likely alternatives (0: none)."""
+    ignore_eos: bool = False
+    """Go on past the end-of-sequence token (benchmarks: exactly max_new_tokens)."""
     prompt_logprobs: bool = False
     """Return each prompt token's log-prob (echo with logprobs); such a request does not reuse cached
     prefix blocks, since it needs the logits of every prompt position."""

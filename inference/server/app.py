@@ -22,7 +22,8 @@ Endpoints:
 Parameters: model, max_tokens (max_completion_tokens for chat), temperature (default 1; 0 = greedy),
 top_p, seed, stop (up to 4 strings), n, stream and stream_options.include_usage, frequency_penalty,
 presence_penalty, logit_bias, logprobs (completions: how many alternatives; chat: logprobs true and
-top_logprobs), echo (completions; with logprobs, the prompt tokens' log-probs too), user (ignored). Null
+top_logprobs), echo (completions; with logprobs, the prompt tokens' log-probs too), user (ignored), and
+vLLM's ignore_eos (decode exactly max_tokens, as serving benchmarks do). Null
 means the default; any other field is refused (400, naming it). Usage reports prefix-cache hits in
 usage.prompt_tokens_details.cached_tokens, as OpenAI does.
 
@@ -125,8 +126,8 @@ class EngineCollector:
         yield counter("frugal_prefix_cache_hits", "prompt tokens found in the prefix cache", e.scheduler.prefix_hits)
         yield counter("frugal_engine_steps", "engine steps", s.steps)
         yield counter("frugal_engine_busy_seconds", "seconds the engine spent in steps", s.busy_seconds)
-        batch = sum(k * v for k, v in s.batch_sizes.items()) / s.steps if s.steps else 0.0
-        yield gauge("frugal_engine_mean_batch_size", "requests per step, mean since start", batch)
+        scheduled = sum(k * v for k, v in s.batch_sizes.items())
+        yield counter("frugal_engine_scheduled_requests", "requests per step, summed over steps", scheduled)
         rounds = CounterMetricFamily("frugal_spec_decode_rounds", "decoding rounds per request", labels=["kind"])
         rounds.add_metric(["speculative"], s.spec_rounds)
         rounds.add_metric(["plain"], s.plain_rounds)

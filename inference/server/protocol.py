@@ -16,8 +16,9 @@ CHAT_STOP = "\nUser:"
 
 COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
-    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "user",
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "user", "ignore_eos",
 }  # fmt: skip
+"""OpenAI's parameters, and vLLM's ignore_eos (benchmarks use it to generate exactly max_tokens)."""
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 

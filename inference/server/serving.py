@@ -190,12 +190,15 @@ class Serving:
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise ApiError(400, f"echo must be a boolean, got {echo!r}", "echo")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise ApiError(400, f"ignore_eos must be a boolean, got {ignore_eos!r}", "ignore_eos")
         logprobs = self._logprobs(body, chat)
         stop = _stop_strings(body.get("stop"))
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=float(temperature), top_p=top_p, seed=seed,
             logit_bias=self._logit_bias(body.get("logit_bias")), logprobs=logprobs,
-            prompt_logprobs=echo and logprobs is not None, **penalties,
+            prompt_logprobs=echo and logprobs is not None, ignore_eos=ignore_eos, **penalties,
         )  # fmt: skip
         return GenerationRequest(
             chat=chat, prompts=prompts, params=params, n=n, stop=(*stop, protocol.CHAT_STOP) if chat else stop,
