@@ -33,7 +33,8 @@ RUNTIME_MODULES = {
         "engine/sampler.py", "engine/scheduler.py", "engine/spec_decode.py", "engine/engine.py",
         "server/__init__.py", "server/protocol.py", "server/serving.py", "server/app.py",
     ),
-    "kernels": ("__init__.py", "dispatch.py", "native.py", "kv_int8.py", "w4a16.py", "attention_int8.py"),
+    "kernels": ("__init__.py", "dispatch.py", "native.py", "kv_int8.py", "w4a16.py", "attention_int8.py",
+                "paged_attention_int8.py"),
 }  # fmt: skip
 """What the wheel carries: the modules a served model imports (no training, assets or pipelines)."""
 RUNTIME_DEPENDENCIES = (

@@ -8,6 +8,9 @@ keys and values to their cache slots, gathers each sequence's blocks through its
 queries out as (B, T) with T the longest run, and masks key j of query (b, t) unless j <= position(b, t).
 A padding query sits at position 0 and sees key 0 only, so its (discarded) output stays finite.
 
+On a GPU, an INT8 cache is attended in place by kernels/paged_attention_int8.py (Triton), through the
+block tables, without gathering or dequantizing it first.
+
 The model's own modules are called (its attention projections, norms, MoE), so quantized layers and the
 INT8 caches work here exactly as in the eager path (model.transformer), which this is tested against.
 
@@ -23,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from inference.engine.paged_cache import PagedKVCache
+from kernels.dispatch import use_triton
+from kernels.paged_attention_int8 import paged_attention_int8
 from model.transformer import Attention, Transformer, apply_rope
 
 
@@ -78,9 +83,13 @@ def _attention(attn: Attention, x_ND: torch.Tensor, batch: Batch, cache: PagedKV
     q_NHDh = apply_rope(attn.wq(x_ND).view(N, H, Dh), cos, sin)
     k_NGDh = apply_rope(attn.wk(x_ND).view(N, G, Dh), cos, sin)
     cache.write(layer, batch.slots_N, k_NGDh, attn.wv(x_ND).view(N, G, Dh))
-    k_BGSDh, v_BGSDh = cache.read(layer, batch.block_tables_BM)
     B, T = batch.positions_BT.shape
     q_BHTDh = q_NHDh.new_zeros(B * T, H, Dh).index_copy_(0, batch.padded_N, q_NHDh).view(B, T, H, Dh).transpose(1, 2)
+    if cache.kind != "fp32" and use_triton(q_BHTDh):  # a GPU: attend over the INT8 blocks where they lie
+        out = paged_attention_int8(q_BHTDh, cache.k[layer], cache.k_scale[layer], cache.v[layer],
+                                   cache.v_scale[layer], batch.block_tables_BM, batch.positions_BT)  # fmt: skip
+        return attn.wo(out.transpose(1, 2).reshape(B * T, H * Dh)[batch.padded_N])
+    k_BGSDh, v_BGSDh = cache.read(layer, batch.block_tables_BM)
     S = k_BGSDh.shape[2]
     allowed_B1TS = torch.arange(S)[None, None, None, :] <= batch.positions_BT[:, None, :, None]
     out = F.scaled_dot_product_attention(

@@ -147,3 +147,47 @@ def test_lm_eval_cli_runs_the_local_tasks_offline(tiny_package, tmp_path):
     )
     for task, metric in (("frugal_tiny_mc", "acc,none"), ("frugal_tiny_gen", "exact_match,none")):
         assert in_process["results"][task][metric] == results["results"][task][metric]
+
+
+def test_lm_eval_local_completions_against_frugal_serve_matches_the_adapter(tiny_package, tmp_path):
+    """A client written elsewhere: lm_eval's own `local-completions` model (OpenAI completions with echo and
+    logprobs for loglikelihood, vLLM's /tokenize for the remote tokenizer) against a frugal-serve process
+    gives, sample by sample, the in-process adapter's log-likelihoods and generations."""
+    from tests.inference.test_serve import running_server
+
+    tasks = ["frugal_tiny_mc", "frugal_tiny_gen"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    with running_server(tiny_package, log=tmp_path / "server.log") as (port, _, _):
+        model_args = (
+            f"base_url=http://127.0.0.1:{port}/v1/completions,model=frugal-tiny,tokenizer_backend=remote,"
+            "tokenized_requests=True,max_length=64,num_concurrent=4,max_retries=1"
+        )
+        cmd = [
+            *(sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args),
+            *("--tasks", ",".join(tasks), "--include_path", str(TASKS), "--limit", "6", "--log_samples"),
+            *("--output_path", str(tmp_path / "out")),
+        ]
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    served = {}
+    for task in tasks:
+        [path] = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+        served[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    in_process = simple_evaluate(
+        model=FrugalLM(package=str(tiny_package), batch_size=4, speculative=False),
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
+        limit=6,
+        log_samples=True,
+    )
+    for task in tasks:
+        mine = {s["doc_id"]: s for s in in_process["samples"][task]}
+        assert len(served[task]) == len(mine) == (6 if task == "frugal_tiny_mc" else 4)
+        for sample in served[task]:
+            want = mine[sample["doc_id"]]["resps"]
+            if task == "frugal_tiny_mc":  # per choice: (log-likelihood, is_greedy), logged as strings
+                got = [r[0] for r in sample["resps"]]
+                assert [g[1] for g in got] == [str(w[0][1]) for w in want]
+                assert [float(g[0]) for g in got] == pytest.approx([w[0][0] for w in want], abs=2e-3)
+            else:
+                assert sample["resps"] == want, sample["doc_id"]
