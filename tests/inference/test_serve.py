@@ -466,8 +466,11 @@ def test_a_public_address_without_a_key_is_warned_about(tmp_path, capsys):
 def test_an_api_key_guards_every_endpoint_but_health(tiny_package, tmp_path):
     key = "sk-frugal-test-7f3a9c"
     with running_server(tiny_package, env={"FRUGAL_API_KEY": key}, log=tmp_path / "server.log") as (port, _, log):
-        for method, path, body in [("GET", "/v1/models", None), ("GET", "/metrics", None),
-                                   ("POST", "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2})]:
+        for method, path, body in [
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+            ("POST", "/v1/completions", {"model": NAME, "prompt": "a", "max_tokens": 2}),
+        ]:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
                 status, payload = call(port, method, path, body, headers)
                 assert status == 401, (path, headers)
