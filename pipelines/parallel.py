@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -20,6 +21,13 @@ R = TypeVar("R")
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _terminable() -> None:
+    """A worker dies on SIGTERM whatever its parent ignored (a stage started under nohup, or in the background
+    of a non-interactive shell, hands its ignored signals down): Pool.terminate relies on it, and a worker left
+    blocked would keep the stage's output pipes open after the stage has exited."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def ordered_map(
@@ -39,7 +47,7 @@ def ordered_map(
         return
     window = window or 4 * workers
     ctx = multiprocessing.get_context("forkserver")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_terminable) as pool:
         pending: deque = deque()
         for item in items:
             pending.append((item, pool.apply_async(fn, (payload(item),))))

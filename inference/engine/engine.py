@@ -263,8 +263,9 @@ class Engine:
             results, accepted = self._verify(decoding, gammas, proposals, qs, chunks)
             t2 = time.perf_counter()
         except Exception as e:  # a failed step fails its requests, not the engine
-            for seq in in_step:
-                self._finish(seq, "error", f"decoding failed: {type(e).__name__}: {e}")
+            with self._lock:
+                for seq in in_step:
+                    self._finish(seq, "error", f"decoding failed: {type(e).__name__}: {e}")
             return
         self._observe(decoding, gammas, accepted, t1 - t0, t2 - t1)
         with self._lock:

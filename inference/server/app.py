@@ -124,6 +124,10 @@ class EngineCollector:
             "frugal_prefix_cache_queries", "prompt tokens looked up in the prefix cache", e.scheduler.prefix_queries
         )
         yield counter("frugal_prefix_cache_hits", "prompt tokens found in the prefix cache", e.scheduler.prefix_hits)
+        finished = CounterMetricFamily("frugal_engine_finished", "requests that left the batch", labels=["reason"])
+        for reason, n in sorted(s.finished.items()):
+            finished.add_metric([reason], n)
+        yield finished
         yield counter("frugal_engine_steps", "engine steps", s.steps)
         yield counter("frugal_engine_busy_seconds", "seconds the engine spent in steps", s.busy_seconds)
         scheduled = sum(k * v for k, v in s.batch_sizes.items())

@@ -303,12 +303,15 @@ class Serving:
                     choice.done = True
                     raise ApiError(400, str(e), "prompt", "context_length_exceeded") from None
             prompt_sent = set()
+            checked = time.monotonic()
             while not all(c.done for c in choices):
+                if disconnected is not None and time.monotonic() - checked > 0.5:  # a client that left
+                    checked = time.monotonic()
+                    if await disconnected():
+                        return
                 try:
                     i, out = await asyncio.wait_for(outputs.get(), timeout=0.5)
                 except TimeoutError:
-                    if disconnected is not None and await disconnected():
-                        return
                     continue
                 choice = choices[i]
                 if choice.done:

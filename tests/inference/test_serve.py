@@ -500,7 +500,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(long_package, tmp
         while (health := call(port, "GET", "/health")[1])["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert health["running"] == 0 and health["kv_blocks"]["used"] == 0
-        assert metrics(port)["frugal_generation_tokens_total"] < 2000  # it stopped: it did not decode to the end
+        m = metrics(port)
+        assert m["frugal_generation_tokens_total"] < 2000  # it stopped: it did not decode to the end
+        assert m["frugal_engine_finished_total{reason=abort}"] == 1
 
 
 def test_a_request_past_its_time_limit_ends_with_504_and_frees_its_blocks(long_package, tmp_path):
@@ -512,7 +514,9 @@ def test_a_request_past_its_time_limit_ends_with_504_and_frees_its_blocks(long_p
         assert time.monotonic() - started < 3
         health = call(port, "GET", "/health")[1]
         assert health["running"] == 0 and health["kv_blocks"]["used"] == 0
-        assert math.isclose(metrics(port)["frugal_http_errors_total{status=504}"], 1)
+        m = metrics(port)
+        assert math.isclose(m["frugal_http_errors_total{status=504}"], 1)
+        assert m["frugal_engine_finished_total{reason=timeout}"] == 1
 
 
 def test_the_server_imports_only_the_runtime():

@@ -228,3 +228,28 @@ def test_the_configuration_is_checked():
     for field in ("max_batch", "max_queue", "max_step_tokens", "block_size", "gamma", "kv_blocks"):
         with pytest.raises(ValueError, match=f"{field} must be >= 1"):
             Engine(Generator(target), None, dataclasses.replace(EngineConfig(), **{field: 0}))
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
+    from inference.engine import runner
+
+    target, _ = models()
+    engine = Engine(Generator(target), None, EngineConfig(block_size=4))
+    out, errors = Collect(), []
+    real = runner.forward
+    calls = iter([RuntimeError("out of memory"), None])
+
+    def flaky(*args):
+        failure = next(calls, None)
+        if failure is not None:
+            raise failure
+        return real(*args)
+
+    monkeypatch.setattr(runner, "forward", flaky)
+    engine.add("unlucky", [5, 6, 7], SamplingParams(max_new_tokens=4), lambda o: errors.append(o.error) or out(o))
+    engine.step()
+    assert out.finish["unlucky"] == "error" and "RuntimeError: out of memory" in errors[-1]
+    assert engine.pool.used() == 0 and engine.pool.reserved == 0
+    engine.add("next", [5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0), out)
+    engine.run_until_done()
+    assert out.tokens["next"] == Generator(target).generate_ids([5, 6, 7], SamplingConfig(max_new_tokens=4))
