@@ -26,6 +26,7 @@ import torch
 
 from inference.engine import runner, spec_decode
 from inference.engine.block_pool import BlockPool
+from inference.engine.experts import GroupedExperts
 from inference.engine.paged_cache import PagedKVCache
 from inference.engine.runner import Batch, Run
 from inference.engine.sampler import SamplingParams, choose, logprobs_of, process
@@ -101,6 +102,11 @@ def _cache_for(gen: Generator, config: EngineConfig, num_blocks: int) -> PagedKV
     return PagedKVCache(mc.n_layers, num_blocks, config.block_size, G, mc.head_dim, kind, dtype, scales)
 
 
+def _grouped_experts(gen: Generator) -> dict[int, GroupedExperts]:
+    stacked = {id(moe): GroupedExperts(moe) for moe in gen.model.moe_layers()}
+    return {key: experts for key, experts in stacked.items() if experts.usable}
+
+
 class Engine:
     def __init__(self, target: Generator, draft: Generator | None = None, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
@@ -114,6 +120,8 @@ class Engine:
         self.caches = [_cache_for(target, config, num_blocks)]
         if draft is not None:
             self.caches.append(_cache_for(draft, config, num_blocks))
+        self.experts = [_grouped_experts(g) for g in (target, draft) if g is not None]
+        """Per model, its MoE layers' experts stacked for grouped computation (inference.engine.experts)."""
         self.policy = GammaPolicy(config.gamma) if draft is not None and config.adaptive_gamma else None
         self.stats = EngineStats()
         self.eos = target.eos
@@ -317,7 +325,7 @@ class Engine:
                 break
             batch = Batch.pack(runs, bs)
             logits_at = [batch.ends[k] - 1 for k in range(len(rows))]
-            logits_LV = runner.forward(self.draft.model, batch, self.caches[1], logits_at)
+            logits_LV = runner.forward(self.draft.model, batch, self.caches[1], logits_at, self.experts[1])
             for k, j in enumerate(rows):
                 seq = decoding[j]
                 token, q = spec_decode.propose(logits_LV[k], seq.params, seq.output_ids, proposals[j], seq.generator)
@@ -346,7 +354,7 @@ class Engine:
                 else:
                     wanted.append(range(batch.ends[k] - 1, batch.ends[k]) if done else range(0))
         flat = [i for r in wanted for i in r]
-        logits_LV = runner.forward(self.target.model, batch, self.caches[0], flat)
+        logits_LV = runner.forward(self.target.model, batch, self.caches[0], flat, self.experts[0])
         rows, at = [], 0
         for r in wanted:
             rows.append(logits_LV[at : at + len(r)])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inference.engine.experts import GroupedExperts
 from inference.engine.paged_cache import PagedKVCache
 from kernels.dispatch import use_triton
 from kernels.paged_attention_int8 import paged_attention_int8
@@ -98,15 +99,30 @@ def _attention(attn: Attention, x_ND: torch.Tensor, batch: Batch, cache: PagedKV
     return attn.wo(out.transpose(1, 2).reshape(B * T, H * Dh)[batch.padded_N])
 
 
+GROUPED_MAX_TOKENS = 64
+"""Up to this many tokens a step computes MoE experts grouped (inference.engine.experts: every expert for
+every token, in a few large products); beyond, prompt chunks use the per-expert loop, where FLOPs dominate."""
+
+
 @torch.no_grad()
-def forward(model: Transformer, batch: Batch, cache: PagedKVCache, logits_at: list[int]) -> torch.Tensor:
-    """Logits (L, V) of the packed tokens at indices `logits_at` (none: an empty tensor, and no head)."""
+def forward(
+    model: Transformer,
+    batch: Batch,
+    cache: PagedKVCache,
+    logits_at: list[int],
+    experts: dict[int, GroupedExperts] | None = None,
+) -> torch.Tensor:
+    """Logits (L, V) of the packed tokens at indices `logits_at` (none: an empty tensor, and no head).
+    experts: GroupedExperts by id of their MoE layer, used for steps of few tokens."""
     x_ND = model.embed(batch.tokens_N)
     cos = model.rope_cos[batch.positions_N][:, None, :]  # (N, 1, Dh / 2): one angle per token, all heads
     sin = model.rope_sin[batch.positions_N][:, None, :]
+    grouped = experts if experts and x_ND.shape[0] <= GROUPED_MAX_TOKENS else {}
     for i, block in enumerate(model.layers):
         x_ND = x_ND + _attention(block.attn, block.attn_norm(x_ND), batch, cache, i, cos, sin)
-        x_ND = x_ND + block.ffn(block.ffn_norm(x_ND)[None])[0]
+        h_ND = block.ffn_norm(x_ND)
+        ffn = grouped.get(id(block.ffn))
+        x_ND = x_ND + (ffn(h_ND) if ffn is not None else block.ffn(h_ND[None])[0])
     if not logits_at:
         return x_ND.new_zeros(0, model.config.vocab_size)
     return model.lm_head(model.norm(x_ND[torch.tensor(logits_at)])).float()
