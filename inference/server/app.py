@@ -303,7 +303,8 @@ def build_app(package: Package, engine: Engine, api_key: str | None = None, requ
         return await answer(serving.parse(json_object(await read_body(request)), chat=True), request)
 
     async def answer(req: GenerationRequest, request: Request):
-        events = serving.generate(req, request.is_disconnected)
+        # a stream learns of a client that left from Starlette cancelling it; a plain response polls
+        events = serving.generate(req, None if req.stream else request.is_disconnected)
         if req.stream:
             try:  # an error before the first event still gets its own status
                 first = await anext(events)

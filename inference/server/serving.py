@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -113,6 +114,29 @@ def _is_number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+class Relay:
+    """Outputs from the engine's thread to the event loop, with one wake-up per batch of outputs rather than
+    one per output: a step delivers to every request in the batch at once, and each call_soon_threadsafe
+    wakes the loop (and takes the GIL from the engine) separately."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple]] = []
+
+    def send(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: tuple) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            first = len(self.pending) == 1
+        if first:
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 class Serving:
     """Validation, generation and response building for one engine and its tokenizer."""
 
@@ -123,6 +147,7 @@ class Serving:
         self.context = engine.max_seq_len
         self.context_text = f"this model's context of {self.context} tokens"
         self.observe = observe
+        self._relay = Relay()
         """Called with (request, ttft_s, e2e_s, completion_tokens, finish) when a choice finishes (metrics)."""
 
     # -- validation ----------------------------------------------------------------------------------
@@ -289,7 +314,7 @@ class Serving:
                 choices.append(choice)
 
                 def deliver(out: SequenceOutput, i: int = i) -> None:
-                    loop.call_soon_threadsafe(outputs.put_nowait, (i, out))
+                    self._relay.send(loop, outputs, (i, out))
 
                 try:
                     self.engine.add(choice.request_id, prompt, params, deliver, self.request_timeout)
@@ -309,10 +334,13 @@ class Serving:
                     checked = time.monotonic()
                     if await disconnected():
                         return
-                try:
-                    i, out = await asyncio.wait_for(outputs.get(), timeout=0.5)
-                except TimeoutError:
-                    continue
+                if disconnected is None:  # a stream: the app cancels this generator if the client leaves
+                    i, out = await outputs.get()
+                else:
+                    try:
+                        i, out = await asyncio.wait_for(outputs.get(), timeout=0.5)
+                    except TimeoutError:
+                        continue
                 choice = choices[i]
                 if choice.done:
                     continue
