@@ -16,6 +16,7 @@ Shape legend as in inference.engine.runner.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -82,6 +83,17 @@ class EngineStats:
     last_gamma: int = 0
     finished: Counter = field(default_factory=Counter)
     busy_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    running: int
+    waiting: int
+    kv_blocks: dict[str, int]
+    """total, used (held by requests), cached (kept for prefix reuse), free."""
+    prefix_queries: int
+    prefix_hits: int
+    stats: EngineStats
 
 
 def _cache_for(gen: Generator, config: EngineConfig, num_blocks: int) -> PagedKVCache:
@@ -182,6 +194,19 @@ class Engine:
         """(running, waiting) requests."""
         with self._lock:
             return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def snapshot(self) -> EngineSnapshot:
+        """What the server reports (/health, /metrics), read under the lock."""
+        with self._lock:
+            pool = self.pool
+            return EngineSnapshot(
+                running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                kv_blocks={"total": pool.num_blocks, "used": pool.used(), "cached": len(pool.cached),
+                           "free": len(pool.free)},
+                prefix_queries=self.scheduler.prefix_queries, prefix_hits=self.scheduler.prefix_hits,
+                stats=dataclasses.replace(self.stats, batch_sizes=Counter(self.stats.batch_sizes),
+                                          finished=Counter(self.stats.finished)),
+            )  # fmt: skip
 
     # -- the loop ------------------------------------------------------------------------------------
 

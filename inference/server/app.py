@@ -30,8 +30,9 @@ usage.prompt_tokens_details.cached_tokens, as OpenAI does.
 The chat template is plain text, one line per message and an open assistant turn ("System: ...\\nUser:
 ...\\nAssistant:"), and "\\nUser:" is an implicit stop string.
 
-Requests are batched by inference.engine (continuous batching over a paged KV cache with prefix caching,
-speculative decoding with the package's draft unless --no-speculative). At most --max-queue requests wait
+Requests are batched by inference.engine, in a process of its own (inference.engine.process; the package
+is verified and loaded there): continuous batching over a paged KV cache with prefix caching, and
+speculative decoding with the package's draft unless --no-speculative. At most --max-queue requests wait
 for a place in the batch; another gets 429 (rate_limit_error, queue_full). A request past
 --request-timeout seconds ends with 504 (request_timeout) and frees its blocks; a client that disconnects
 frees them at the next step.
@@ -61,7 +62,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -77,9 +77,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from inference.engine.engine import Engine, EngineConfig
+from inference.engine.process import EngineProcess
 from inference.generate import EOS_TOKEN, PAD_TOKEN
 from inference.kv_cache import KV_CACHES
-from inference.package import Package, bundled_package, load_package
+from inference.package import bundled_package
 from inference.server import protocol
 from inference.server.protocol import ApiError
 from inference.server.serving import Delta, Finish, GenerationRequest, Serving
@@ -94,13 +95,12 @@ disable_created_metrics()  # no *_created series: counters are read as rates, as
 class EngineCollector:
     """The engine's counters and gauges, read at scrape time."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine | EngineProcess):
         self.engine = engine
 
     def collect(self):
-        e, s = self.engine, self.engine.stats
-        running, waiting = e.counts()
-        pool = e.pool
+        snap = self.engine.snapshot()
+        s, kv = snap.stats, snap.kv_blocks
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, value=value)
@@ -108,22 +108,17 @@ class EngineCollector:
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
 
-        yield gauge("frugal_num_requests_running", "requests in the batch", running)
-        yield gauge("frugal_num_requests_waiting", "requests queued for a place in the batch", waiting)
-        yield gauge(
-            "frugal_kv_cache_usage_ratio", "KV blocks held by requests / all blocks", pool.used() / pool.num_blocks
-        )
+        yield gauge("frugal_num_requests_running", "requests in the batch", snap.running)
+        yield gauge("frugal_num_requests_waiting", "requests queued for a place in the batch", snap.waiting)
+        yield gauge("frugal_kv_cache_usage_ratio", "KV blocks held by requests / all blocks", kv["used"] / kv["total"])
         blocks = GaugeMetricFamily("frugal_kv_cache_blocks", "KV blocks by state", labels=["state"])
-        blocks.add_metric(["used"], pool.used())
-        blocks.add_metric(["cached"], len(pool.cached))
-        blocks.add_metric(["free"], len(pool.free))
+        for state in ("used", "cached", "free"):
+            blocks.add_metric([state], kv[state])
         yield blocks
         yield counter("frugal_prompt_tokens", "prompt tokens computed (prefix-cache hits excluded)", s.prompt_tokens)
         yield counter("frugal_generation_tokens", "tokens generated", s.generated_tokens)
-        yield counter(
-            "frugal_prefix_cache_queries", "prompt tokens looked up in the prefix cache", e.scheduler.prefix_queries
-        )
-        yield counter("frugal_prefix_cache_hits", "prompt tokens found in the prefix cache", e.scheduler.prefix_hits)
+        yield counter("frugal_prefix_cache_queries", "prompt tokens looked up in the prefix cache", snap.prefix_queries)
+        yield counter("frugal_prefix_cache_hits", "prompt tokens found in the prefix cache", snap.prefix_hits)
         finished = CounterMetricFamily("frugal_engine_finished", "requests that left the batch", labels=["reason"])
         for reason, n in sorted(s.finished.items()):
             finished.add_metric([reason], n)
@@ -144,7 +139,7 @@ class EngineCollector:
 class Metrics:
     """prometheus_client metrics of one server (its own registry, so tests can run several)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine | EngineProcess):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -199,11 +194,11 @@ def json_object(raw: bytes) -> dict:
     return body
 
 
-def build_app(package: Package, engine: Engine, api_key: str | None = None, request_timeout: float | None = None):
-    """The FastAPI app serving `engine`; the engine's thread starts and stops with the app."""
+def build_app(engine, name: str, tokenizer, api_key: str | None = None, request_timeout: float | None = None):
+    """The FastAPI app serving model `name` from `engine`: an Engine in this process, or an EngineProcess
+    (inference.engine.process); the engine starts and stops with the app."""
     metrics = Metrics(engine)
-    tokenizer = package.target.tokenizer
-    serving = Serving(engine, tokenizer, package.name, request_timeout, observe=metrics.observe)
+    serving = Serving(engine, tokenizer, name, request_timeout, observe=metrics.observe)
     created = int(time.time())
     expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -245,26 +240,25 @@ def build_app(package: Package, engine: Engine, api_key: str | None = None, requ
         return error_response(ApiError(error.status_code, str(error.detail)), metrics)
 
     def model_object() -> dict:
-        return {"id": package.name, "object": "model", "created": created, "owned_by": "frugal",
+        return {"id": name, "object": "model", "created": created, "owned_by": "frugal",
                 "max_model_len": engine.max_seq_len}  # fmt: skip
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [model_object()]}
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        if name != package.name:
-            raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise ApiError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
         return model_object()
 
     @app.get("/health")
     async def health():
-        running, waiting, pool = *engine.counts(), engine.pool
+        snap = engine.snapshot()
         return {
-            "status": "ok", "model": package.name, "running": running, "waiting": waiting,
-            "max_batch": engine.config.max_batch, "max_queue": engine.config.max_queue,
-            "kv_blocks": {"total": pool.num_blocks, "used": pool.used(), "cached": len(pool.cached)},
+            "status": "ok", "model": name, "running": snap.running, "waiting": snap.waiting,
+            "max_batch": engine.config.max_batch, "max_queue": engine.config.max_queue, "kv_blocks": snap.kv_blocks,
         }  # fmt: skip
 
     @app.get("/metrics")
@@ -331,7 +325,7 @@ def build_app(package: Package, engine: Engine, api_key: str | None = None, requ
             else:
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finishes[i].reason})
         return {"id": req.id, "object": "chat.completion" if req.chat else "text_completion", "created": req.created,
-                "model": package.name, "choices": choices, "usage": total_usage(req, finishes)}  # fmt: skip
+                "model": name, "choices": choices, "usage": total_usage(req, finishes)}  # fmt: skip
 
     def format_logprobs(req: GenerationRequest, entries: list):
         if req.params.logprobs is None:
@@ -348,7 +342,7 @@ def build_app(package: Package, engine: Engine, api_key: str | None = None, requ
 
     async def stream(req: GenerationRequest, first, events) -> AsyncIterator[bytes]:
         base = {"id": req.id, "object": "chat.completion.chunk" if req.chat else "text_completion",
-                "created": req.created, "model": package.name}  # fmt: skip
+                "created": req.created, "model": name}  # fmt: skip
 
         def chunk(index: int, text: str | None, entries: list, finish: str | None = None) -> bytes:
             lp = format_logprobs(req, entries) if entries else None
@@ -439,20 +433,10 @@ def main(argv: list[str] | None = None) -> None:
             package_dir = bundled_package()
         except ValueError as e:
             parser.error(f"--package is required: {e}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        package = load_package(package_dir, kv_cache=args.kv_cache)
-    except ValueError as e:
-        parser.error(str(e))
     config = EngineConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, max_step_tokens=args.max_step_tokens,
         block_size=args.block_size, kv_blocks=args.kv_blocks, prefix_caching=not args.no_prefix_caching,
-        gamma=package.gamma,
     )  # fmt: skip
-    draft = None if args.no_speculative else package.draft
-    engine = Engine(package.target, draft, config)
-    app = build_app(package, engine, api_key, args.request_timeout)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -462,6 +446,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"cannot bind {args.host}:{args.port}: {e}")
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
+    try:  # the engine verifies and loads the package in a process of its own
+        engine = EngineProcess(package_dir, args.kv_cache, config, not args.no_speculative, args.threads)
+    except ValueError as e:
+        sock.close()
+        parser.error(str(e))
+    app = build_app(engine, engine.name, engine.tokenizer, api_key, args.request_timeout)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_keep_alive=120))
-    print(f"serving {package.name} on http://{host}:{port}", flush=True)  # the socket already queues connections
+    print(f"serving {engine.name} on http://{host}:{port}", flush=True)  # the socket already queues connections
     server.run(sockets=[sock])

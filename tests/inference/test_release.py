@@ -66,3 +66,16 @@ def test_the_tarball_holds_the_package_folder(tiny_package, tmp_path):
     with tarfile.open(path) as tar:
         names = set(tar.getnames())
     assert {"frugal_tiny-0.0.1/manifest.json", "frugal_tiny-0.0.1/target/model.safetensors"} <= names
+
+
+def test_the_wheel_carries_every_runtime_module():
+    """Each module of the engine and the server is in the wheel's list (a module left out breaks the
+    installed server at import)."""
+    from pathlib import Path
+
+    from inference.release import RUNTIME_MODULES
+
+    root = Path(__file__).resolve().parents[2] / "inference"
+    for sub in ("engine", "server"):
+        on_disk = {f"{sub}/{p.name}" for p in (root / sub).glob("*.py")}
+        assert on_disk <= set(RUNTIME_MODULES["inference"]), on_disk - set(RUNTIME_MODULES["inference"])
