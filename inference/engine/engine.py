@@ -96,6 +96,22 @@ class EngineSnapshot:
     stats: EngineStats
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, max_seq_len: int, block_size: int, num_blocks: int):
+    """A ValueError for a request that can never run: bad parameters, an empty prompt, or more positions than
+    the context or the whole KV cache holds."""
+    params.check()
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    n, wanted = len(prompt_ids), params.max_new_tokens
+    if n + wanted > max_seq_len:
+        raise ValueError(f"prompt ({n}) + max_new_tokens ({wanted}) exceed the context {max_seq_len}")
+    if -(-(n + wanted) // block_size) > num_blocks:
+        raise ValueError(
+            f"prompt ({n}) + max_new_tokens ({wanted}) need more KV blocks than the cache holds ({num_blocks} of "
+            f"{block_size} positions)"
+        )
+
+
 def _cache_for(gen: Generator, config: EngineConfig, num_blocks: int) -> PagedKVCache:
     """A paged cache in the format the Generator's contiguous cache uses (see inference.kv_cache)."""
     from inference.kv_cache import Int8LayerCache
@@ -157,23 +173,11 @@ class Engine:
     ) -> None:
         """Queue a request; its outputs arrive through on_output (on the engine thread). Raises ValueError
         for a request that can never run, QueueFull when the queue is at its limit."""
-        params.check()
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceed the context "
-                f"{self.max_seq_len}"
-            )
+        check_request(prompt_ids, params, self.max_seq_len, self.pool.block_size, self.pool.num_blocks)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
         seq = Sequence(request_id, list(prompt_ids), params, on_output, generator=generator)
         if timeout is not None:
             seq.deadline = seq.arrival + timeout
-        if not self.scheduler.fits_ever(seq):
-            raise ValueError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) need more KV blocks "
-                f"than the cache holds ({self.pool.num_blocks} of {self.pool.block_size} positions)"
-            )
         with self._lock:
             if request_id in self._by_id:
                 raise ValueError(f"request id {request_id!r} is already in use")

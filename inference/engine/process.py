@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from inference.engine.engine import EngineConfig, EngineSnapshot, EngineStats, QueueFull
+from inference.engine.engine import EngineConfig, EngineSnapshot, EngineStats, QueueFull, check_request
 from inference.engine.sampler import SamplingParams
 from inference.engine.scheduler import SequenceOutput
 
@@ -138,20 +138,7 @@ class EngineProcess:
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
             on_output: Callable[[SequenceOutput], None], timeout: float | None = None) -> None:  # fmt: skip
         """Queue a request in the engine process; the same checks, raised here, as Engine.add."""
-        params.check()
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) exceed the context "
-                f"{self.max_seq_len}"
-            )
-        blocks = -(-(len(prompt_ids) + params.max_new_tokens) // self.config.block_size)
-        if blocks > self.num_blocks:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) need more KV blocks "
-                f"than the cache holds ({self.num_blocks} of {self.config.block_size} positions)"
-            )
+        check_request(prompt_ids, params, self.max_seq_len, self.config.block_size, self.num_blocks)
         with self._lock:
             if request_id in self._callbacks:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -172,4 +159,3 @@ class EngineProcess:
     def counts(self) -> tuple[int, int]:
         snap = self.snapshot()
         return snap.running, snap.waiting
-

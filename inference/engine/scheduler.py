@@ -97,10 +97,6 @@ class Scheduler:
     def blocks_for(self, positions: int) -> int:
         return math.ceil(positions / self.pool.block_size)
 
-    def fits_ever(self, seq: Sequence) -> bool:
-        """Whether the request could run on an empty cache."""
-        return self.blocks_for(len(seq.prompt_ids) + seq.params.max_new_tokens) <= self.pool.num_blocks
-
     def admit(self) -> list[Sequence]:
         """Move waiting requests into the batch while they fit; the ones admitted."""
         admitted = []

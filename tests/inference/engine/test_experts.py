@@ -8,6 +8,7 @@ from inference.engine.experts import GroupedExperts
 from inference.quantize import QuantConfig, apply_quantized, quantize_weights
 from model.config import debug_tiny
 from model.transformer import Transformer
+from tests.conftest import cpu_capabilities, run_under_capability
 
 
 def moe_layer(scheme: str, awq_scales: bool = False):
@@ -41,3 +42,12 @@ def test_grouped_experts_match_the_loop(scheme, exact, n_tokens):
 def test_int4_and_differing_input_scales_keep_the_loop():
     assert not GroupedExperts(moe_layer("int4")).usable
     assert not GroupedExperts(moe_layer("int8", awq_scales=True)).usable
+
+
+@pytest.mark.parametrize("capability", cpu_capabilities())
+def test_grouped_int8_experts_under_every_cpu_capability(capability):
+    """The stacked INT8 products go through torch's native kernel: run them in a subprocess per
+    ATEN_CPU_CAPABILITY the machine supports, so that a crash fails this test instead of a server."""
+    proc = run_under_capability(capability, ["-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                                             "-k", "test_grouped_experts_match_the_loop and int8"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:]
