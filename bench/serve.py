@@ -100,7 +100,7 @@ def scrape(port: int) -> dict[str, float]:
 def stream_one(port: int, name: str, prompt: str, max_tokens: int) -> dict:
     """One streamed greedy completion over plain HTTP (a light client, as vLLM's benchmark_serving uses:
     the openai client's per-chunk parsing would compete with the server for the same two cores): time to
-    first token, total time and tokens."""
+    first token, total time, tokens and the usage."""
     body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -109,19 +109,18 @@ def stream_one(port: int, name: str, prompt: str, max_tokens: int) -> dict:
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"{response.status}: {response.read()[:500]!r}")
-    first, tokens = None, 0
+    first, usage = None, {}
     for line in response:
         if not line.startswith(b"data: {"):
             continue
         chunk = json.loads(line[6:])
         if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
             first = time.perf_counter()
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
+        usage = chunk.get("usage") or usage
     end = time.perf_counter()
     conn.close()
-    first = first or end
-    return {"ttft": first - start, "total": end - start, "tokens": tokens,
+    first, tokens = first or end, usage.get("completion_tokens", 0)
+    return {"ttft": first - start, "total": end - start, "tokens": tokens, "usage": usage,
             "tpot": (end - first) / (tokens - 1) if tokens > 1 else float("nan")}  # fmt: skip
 
 
@@ -142,23 +141,6 @@ def measure(port: int, name: str, concurrency: int, n_requests: int, max_tokens:
     }  # fmt: skip
 
 
-def raw_stream(port: int, body: dict) -> tuple[float, dict]:
-    """A streamed completion over plain HTTP: seconds to the first event, and the usage."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    start = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    first, usage = None, None
-    for line in response:
-        if not line.startswith(b"data: "):
-            continue
-        first = first or time.perf_counter()
-        if line.strip() != b"data: [DONE]":
-            usage = json.loads(line[6:]).get("usage") or usage
-    conn.close()
-    return first - start, usage
-
-
 def prefix_ttft(port: int, name: str, n: int = 8, prefix_tokens: int = 200) -> dict:
     """Cold and warm time to first token for requests that share a fresh prefix of about prefix_tokens."""
     tokenize = f"http://127.0.0.1:{port}/tokenize"
@@ -174,12 +156,10 @@ def prefix_ttft(port: int, name: str, n: int = 8, prefix_tokens: int = 200) -> d
                 if json.loads(response.read())["count"] >= prefix_tokens:
                     break
         for bucket, question in ((cold, " Question one:"), (warm, " Question two:")):
-            body = {"model": name, "prompt": text + question, "max_tokens": 2, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
-            ttft, usage = raw_stream(port, body)  # plain HTTP: the server's time, not a client library's
-            bucket.append(ttft)
+            answer = stream_one(port, name, text + question, max_tokens=2)
+            bucket.append(answer["ttft"])
             if bucket is warm:
-                cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+                cached.append(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
     return {"cold_ttft_ms": 1000 * statistics.median(cold), "warm_ttft_ms": 1000 * statistics.median(warm),
             "warm_over_cold": statistics.median(warm) / statistics.median(cold),
             "cached_tokens_median": statistics.median(cached)}  # fmt: skip

@@ -194,11 +194,6 @@ class Engine:
                 self._aborts[request_id] = reason
                 self._wake.notify()
 
-    def counts(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
-        with self._lock:
-            return len(self.scheduler.running), len(self.scheduler.waiting)
-
     def snapshot(self) -> EngineSnapshot:
         """What the server reports (/health, /metrics), read under the lock."""
         with self._lock:

@@ -155,7 +155,3 @@ class EngineProcess:
     def snapshot(self) -> EngineSnapshot:
         with self._lock:
             return self._snapshot
-
-    def counts(self) -> tuple[int, int]:
-        snap = self.snapshot()
-        return snap.running, snap.waiting

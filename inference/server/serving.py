@@ -382,8 +382,7 @@ class Serving:
             choice.tokens += 1
             pieces.append(choice.text.push(token))
             if logprobs is not None and out.logprobs is not None:
-                lp, top = out.logprobs[k]
-                entries.append((self.tokenizer.decode([token]), lp, [(self.tokenizer.decode([t]), v) for t, v in top]))
+                entries.append(self._entry(token, *out.logprobs[k]))
             if choice.text.stopped:
                 break
         return "".join(pieces), entries
@@ -391,9 +390,12 @@ class Serving:
     def _echo(self, index: int, prompt: list[int], out: SequenceOutput, logprobs: int | None) -> Delta:
         entries = []
         if logprobs is not None and out.prompt_logprobs is not None:
-            for token, lp, top in zip(prompt, out.prompt_logprobs, out.prompt_top_logprobs):
-                entries.append((self.tokenizer.decode([token]), lp, [(self.tokenizer.decode([t]), v) for t, v in top]))
+            entries = [self._entry(*e) for e in zip(prompt, out.prompt_logprobs, out.prompt_top_logprobs)]
         return Delta(index, self.tokenizer.decode(prompt), entries)
+
+    def _entry(self, token: int, logprob: float | None, top: list[tuple[int, float]]):
+        """A token's log-prob entry as text: (token, log-prob, [(alternative, log-prob)])."""
+        return self.tokenizer.decode([token]), logprob, [(self.tokenizer.decode([t]), v) for t, v in top]
 
 
 def _stop_strings(stop) -> tuple[str, ...]:
