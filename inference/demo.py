@@ -1,5 +1,7 @@
-"""What `make demo` ends with: the benchmark table, then samples from the published package (the quantized
-MoE model), decoded plainly and with speculative decoding by its draft, with speed and acceptance rate.
+"""What `make demo` ends with: the benchmark table, then text from the published package (the quantized MoE
+model): seeded samples (temperature, top-p and a frequency penalty, which keeps a small model from repeating
+itself), decoded together by the serving engine; then the check that speculative decoding is lossless (greedy
+text with and without the draft, identical), with speed and acceptance rate.
 
 python -m inference.demo [--package releases/<name>-<version>/package] [--kv-cache fp32|int8|int8-channel]
 (the newest release under releases/ by default)
@@ -20,6 +22,8 @@ from inference.package import load_package
 from inference.speculative import SpeculativeGenerator
 
 PROMPTS = ("The function returns", "This module provides")
+SAMPLE_PROMPTS = ("The function returns", "This module provides", "Once upon a time", "The results show")
+SAMPLING = {"temperature": 0.8, "top_p": 0.95, "frequency_penalty": 0.5}
 
 
 def newest_release(releases: Path) -> Path:
@@ -27,6 +31,30 @@ def newest_release(releases: Path) -> Path:
     if not packages:
         raise SystemExit(f"{releases}: no release: materialize inference_package first")
     return packages[-1]
+
+
+def samples(package, max_new_tokens: int) -> dict[str, str]:
+    """Seeded samples of SAMPLE_PROMPTS, decoded as one batch by the engine (with the draft); printed and
+    returned by prompt."""
+    from inference.engine.engine import Engine, EngineConfig
+    from inference.engine.sampler import SamplingParams
+
+    tok = package.target.tokenizer
+    engine = Engine(package.target, package.draft, EngineConfig(gamma=package.gamma))
+    out: dict[str, list[int]] = {p: [] for p in SAMPLE_PROMPTS}
+    for seed, prompt in enumerate(SAMPLE_PROMPTS):
+        params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed, **SAMPLING)
+        engine.add(prompt, tok.encode(prompt).ids, params, lambda o: out[o.request_id].extend(o.token_ids))
+    start = time.perf_counter()
+    engine.run_until_done()
+    seconds = time.perf_counter() - start
+    settings = ", ".join(f"{k} {v}" for k, v in SAMPLING.items())
+    n = sum(map(len, out.values()))
+    print(f"\nsamples ({settings}, seeds 0-{len(SAMPLE_PROMPTS) - 1}; one batch: {n / seconds:.1f} tok/s):")
+    texts = {p: tok.decode(ids) for p, ids in out.items()}
+    for prompt, text in texts.items():
+        print(f"  {prompt}{text}".replace("\n", "\n    "))
+    return texts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         f"package {package.root} ({package.name} {package.meta['version']}: {package.meta['scheme']} weights, "
         f"{args.kv_cache or package.meta['kv_cache']} KV cache), verified against its manifest"
     )
+    samples(package, args.max_new_tokens)
+    print("\nspeculative decoding is lossless: greedy text with and without the draft")
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)  # greedy: speculation must not change a token
     spec = SpeculativeGenerator(target, draft, gamma=package.gamma, adaptive=True)
     for prompt in PROMPTS:

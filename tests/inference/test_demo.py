@@ -1,9 +1,10 @@
-"""What `make demo` ends with (inference.demo): the benchmark table, then the package decoding the same greedy text
-with and without its draft."""
+"""What `make demo` ends with (inference.demo): the benchmark table, seeded samples from the serving engine, then
+the package decoding the same greedy text with and without its draft."""
 
 import pytest
 
 from inference import demo
+from inference.package import load_package
 
 
 def test_the_demo_prints_the_report_and_identical_plain_and_speculative_samples(tiny_package, tmp_path, capsys):
@@ -15,6 +16,19 @@ def test_the_demo_prints_the_report_and_identical_plain_and_speculative_samples(
     assert "verified against its manifest" in out and "int8 weights" in out
     assert out.count("identical: True") == len(demo.PROMPTS)
     assert "acceptance rate" in out and "proposals in" in out
+    assert out.index("samples (temperature 0.8") < out.index("speculative decoding is lossless")
+    for prompt in demo.SAMPLE_PROMPTS:
+        assert f"  {prompt}" in out
+
+
+def test_the_samples_are_seeded_and_not_one_token_repeated(tiny_package):
+    package = load_package(tiny_package)
+    first, again = demo.samples(package, 16), demo.samples(package, 16)
+    assert first == again  # seeded: the demo prints the same text every time
+    tok = package.target.tokenizer
+    for text in first.values():
+        ids = tok.encode(text).ids
+        assert len(set(ids)) > 1  # the frequency penalty keeps even this untrained model off one token
 
 
 def test_the_demo_names_the_missing_release(tmp_path):
