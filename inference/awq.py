@@ -38,6 +38,7 @@ from inference.quantize import (
     Int8Weight,
     QuantConfig,
     effective_weight,
+    group_for,
     matrices,
     quantize_int4,
     quantize_int8,
@@ -207,7 +208,7 @@ class AWQCalibration:
 def _quantize(w_NK: torch.Tensor, cfg: QuantConfig, input_scale_K: torch.Tensor) -> Int8Weight | Int4Weight:
     if cfg.scheme == "int8":
         return quantize_int8(w_NK, input_scale_K)
-    return quantize_int4(w_NK, cfg.group_size, cfg.symmetric, input_scale_K)
+    return quantize_int4(w_NK, group_for(w_NK.shape[1], cfg.group_size), cfg.symmetric, input_scale_K)
 
 
 def output_mse(w_NK: torch.Tensor, rows_MK: torch.Tensor, weight: Int8Weight | Int4Weight) -> float:

@@ -4,7 +4,9 @@ symmetric or asymmetric), with torch's native CPU kernels for the matmuls.
 INT8: w ~ q * s, q in [-127, 127], one s per output row (`aten._weight_int8pack_mm`).
 INT4 (the tinygemm layout of `aten._weight_int4pack_mm_for_cpu`): w ~ (q - 8) * s + z, q in [0, 15],
 one (s, z) per group of `group_size` consecutive inputs of a row. Asymmetric: s = (max - min) / 15 and
-z = min + 8 s, so q = 0 and 15 hit the group's min and max. Symmetric: z = 0 and s = absmax / 7.
+z = min + 8 s, so q = 0 and 15 hit the group's min and max. Symmetric: z = 0 and s = absmax / 7. The
+configured group size is a most: a matrix whose width it does not split uses the largest group size that
+does (`group_for`), so every width that llama.cpp's 32-wide Q4_0 blocks take is accepted.
 
 Activation-aware scaling (inference.awq): with a per-input scale s > 0, x W^T = (x / s) (W diag(s))^T, so
 W diag(s) is what gets quantized and the layer multiplies its input by input_scale = 1 / s first. Scaling
@@ -82,6 +84,15 @@ def quantize_int4(
         zero = lo + 8 * scale
     q = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.uint8)
     return Int4Weight(q.view(N, K), scale, zero, group_size, input_scale_K)
+
+
+def group_for(in_features: int, group_size: int) -> int | None:
+    """The INT4 group a matrix of `in_features` inputs uses under a configured `group_size`: that size where
+    the width splits into whole groups, else the largest smaller one in GROUP_SIZES that does (so every width
+    llama.cpp's 32-wide Q4_0 blocks take is accepted: d_ff 480 quantizes at group 64 with 32-wide groups for
+    its down projection); None when no group size divides the width."""
+    fits = [g for g in GROUP_SIZES if g <= group_size and in_features % g == 0]
+    return max(fits) if fits else None
 
 
 def _scaled(w_NK: torch.Tensor, input_scale_K: torch.Tensor | None) -> torch.Tensor:
@@ -186,9 +197,10 @@ def check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
     cfg.check()
     if cfg.scheme == "int4":
         for name, w in matrices(model).items():
-            if w.shape[1] % cfg.group_size:
+            if group_for(w.shape[1], cfg.group_size) is None:
                 raise ValueError(
-                    f"{name}: a weight with {w.shape[1]} inputs cannot be split into groups of {cfg.group_size}"
+                    f"{name}: a weight with {w.shape[1]} inputs cannot be split into groups of {cfg.group_size} "
+                    f"or of any smaller INT4 group size {GROUP_SIZES}"
                 )
             if w.shape[0] % native.INT4_N_MULTIPLE:
                 raise ValueError(
@@ -208,7 +220,9 @@ def quantize_weights(
         s = input_scales.get(name)
         try:
             out[name] = (
-                quantize_int8(w, s) if cfg.scheme == "int8" else quantize_int4(w, cfg.group_size, cfg.symmetric, s)
+                quantize_int8(w, s)
+                if cfg.scheme == "int8"
+                else quantize_int4(w, group_for(w.shape[1], cfg.group_size), cfg.symmetric, s)
             )
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
@@ -320,7 +334,12 @@ def load_quantized(run_dir: Path) -> nn.Module:
         if cfg.scheme == "int8":
             expected[f"{name}.scale"] = (N,)
         else:
-            expected[f"{name}.scale"] = expected[f"{name}.zero"] = (N, K // cfg.group_size)
+            group = group_for(K, cfg.group_size)
+            if group is None:
+                raise ValueError(
+                    f"{qpath}: {name} has {K} inputs, which no INT4 group of at most {cfg.group_size} splits"
+                )
+            expected[f"{name}.scale"] = expected[f"{name}.zero"] = (N, K // group)
         if f"{name}.input_scale" in tensors:
             expected[f"{name}.input_scale"] = (K,)
         for key, shape in expected.items():
@@ -333,7 +352,7 @@ def load_quantized(run_dir: Path) -> nn.Module:
             weights[name] = Int8Weight(t["q"], t["scale"], t.get("input_scale"))
         else:
             q = torch.stack([t["q"] & 15, t["q"] >> 4], -1).view(N, K)
-            weights[name] = Int4Weight(q, t["scale"], t["zero"], cfg.group_size, t.get("input_scale"))
+            weights[name] = Int4Weight(q, t["scale"], t["zero"], group, t.get("input_scale"))
     apply_quantized(model, weights)
     quantized_layers = {f"{n}." for n in shapes}
     expected = {k: v.shape for k, v in model.state_dict().items() if ".quantized." not in k}

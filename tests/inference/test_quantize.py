@@ -142,8 +142,8 @@ def test_broken_quantized_folders_are_refused_naming_the_file(tmp_path):
         load_quantized(tmp_path / "q")
     with pytest.raises(ValueError, match=r"unsupported INT4 group size 48"):
         quantize_weights(model, QuantConfig("int4", 48))
-    with pytest.raises(ValueError, match=r"layers\.0\.attn\.wq: a weight with 64 inputs cannot"):
-        quantize_weights(model, QuantConfig("int4", 128))  # d_model 64
+    # d_model 64 does not split into groups of 128: its matrices take the largest group that splits it
+    assert quantize_weights(model, QuantConfig("int4", 128))["layers.0.attn.wq"].group_size == 64
 
 
 @pytest.mark.parametrize("capability", cpu_capabilities())
@@ -162,3 +162,34 @@ def test_quantized_layers_run_on_misaligned_weights_under_every_cpu_capability(t
             assert report[f"{scheme}_{case}_error"] < tolerance, (scheme, case, report)
         assert report[f"{scheme}_empty_expert_shapes"] == [[0, 32], [0, 64]]  # (0, d_expert), (0, d_model)
     assert report["int8_width40_error"] < 0.01
+
+
+def test_int4_takes_every_width_llama_cpp_blocks_take(tmp_path):
+    """A dense model whose d_ff (480) splits into 32-wide blocks but not 64-wide groups quantizes at group 64:
+    its down projection falls back to groups of 32, saved and loaded as such; a width of no group (48) is
+    refused, naming the matrix."""
+    from dataclasses import replace
+
+    from inference.quantize import group_for
+    from model.config import dense_baseline
+
+    assert [group_for(k, 64) for k in (256, 480, 96, 40)] == [64, 32, 32, None]
+    assert group_for(480, 128) == 32 and group_for(384, 128) == 128
+    torch.manual_seed(0)
+    model = Transformer(replace(dense_baseline(debug_tiny()), d_ff=480)).eval()
+    cfg = QuantConfig("int4", 64)
+    weights = quantize_weights(model, cfg)
+    assert weights["layers.0.ffn.w2"].group_size == 32  # (64, 480): 480 % 64 != 0
+    assert weights["layers.0.ffn.w1"].group_size == 64
+    save_quantized(model, weights, cfg, tmp_path / "q")
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        ref = model(tokens)
+        apply_quantized(model, weights)
+        quantized = model(tokens)
+        loaded = load_quantized(tmp_path / "q")(tokens)
+    torch.testing.assert_close(loaded, quantized, rtol=0, atol=0)
+    assert F.cosine_similarity(quantized.flatten(0, 1), ref.flatten(0, 1), dim=-1).min() > 0.98
+    narrow = Transformer(replace(dense_baseline(debug_tiny()), d_ff=48)).eval()
+    with pytest.raises(ValueError, match=r"layers\.0\.ffn\.w2: a weight with 48 inputs cannot be split"):
+        quantize_weights(narrow, cfg)
