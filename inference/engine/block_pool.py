@@ -45,6 +45,9 @@ class BlockPool:
         self.hash_of: dict[int, bytes] = {}
         self.reserved = 0
         """Blocks promised to admitted sequences and not yet handed out."""
+        self.draft_ready: set[int] = set()
+        """Cached blocks whose positions the draft's cache holds too (the draft catches up lazily, so a block
+        the target computed may not be one yet)."""
         self.never_used = set(range(num_blocks))
         self.fresh: list[int] = []
         """Blocks handed out for the first time since the last `take_fresh`: the caches are allocated
@@ -89,6 +92,7 @@ class BlockPool:
         else:
             block, _ = self.cached.popitem(last=False)
             del self.block_of[self.hash_of.pop(block)]
+        self.draft_ready.discard(block)
         self.reserved -= 1
         self.refs[block] = 1
         if block in self.never_used:

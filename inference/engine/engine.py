@@ -290,7 +290,7 @@ class Engine:
         in_step = decoding + [s for s, _ in chunks]
         try:
             t0 = time.perf_counter()
-            proposals, qs = self._propose(decoding, gammas, chunks)
+            proposals, qs = self._propose(decoding, gammas)
             t1 = time.perf_counter()
             results, accepted = self._verify(decoding, gammas, proposals, qs, chunks)
             t2 = time.perf_counter()
@@ -302,9 +302,7 @@ class Engine:
         self._observe(decoding, gammas, accepted, t1 - t0, t2 - t1)
         with self._lock:
             for seq, (tokens, logprobs, reason) in results.items():
-                self.scheduler.register_full_blocks(
-                    seq, min(seq.computed, seq.draft_computed) if self.draft else seq.computed
-                )
+                self.scheduler.register_full_blocks(seq, seq.draft_computed if self.draft else None)
                 if reason is not None:
                     self._finish(seq, reason, None, tokens, logprobs)
                 elif tokens:
@@ -324,15 +322,16 @@ class Engine:
             gammas.append(min(self.config.gamma if fixed else shared, seq.left - 1))
         return gammas
 
-    def _propose(self, decoding, gammas, chunks) -> tuple[list[list[int]], list[list]]:
-        """Each decoding request's proposals and their draft distributions; prompt chunks go through the
-        draft too (in its first step), so its cache keeps up with the target's."""
+    def _propose(self, decoding, gammas) -> tuple[list[list[int]], list[list]]:
+        """Each decoding request's proposals and their draft distributions. Prompts do not go through the
+        draft as they are prefilled (so the first token never waits for it): a request's first draft step
+        feeds whatever its draft cache lacks, the prompt included."""
         proposals = [[] for _ in decoding]
         qs = [[] for _ in decoding]
-        if self.draft is None or (not any(gammas) and not chunks):
+        if self.draft is None or not any(gammas):
             return proposals, qs
         bs = self.config.block_size
-        for i in range(max(gammas, default=0) or 1):
+        for i in range(max(gammas)):
             runs, rows = [], []
             for j, (seq, g) in enumerate(zip(decoding, gammas)):
                 if g <= i:
@@ -342,11 +341,6 @@ class Engine:
                 else:
                     runs.append(Run([proposals[j][-1]], len(seq.tokens) - 1 + i, seq.block_table))
                 rows.append(j)
-            if i == 0:
-                runs += [Run(seq.prompt_ids[seq.computed : seq.computed + n], seq.computed, seq.block_table)
-                         for seq, n in chunks]  # fmt: skip
-            if not runs:
-                break
             batch = Batch.pack(runs, bs)
             logits_at = [batch.ends[k] - 1 for k in range(len(rows))]
             logits_LV = runner.forward(self.draft.model, batch, self.caches[1], logits_at, self.experts[1])
@@ -402,8 +396,6 @@ class Engine:
             logits_KV = rows[k]
             start = seq.computed
             seq.computed += n
-            if self.draft is not None:
-                seq.draft_computed = seq.computed
             self.stats.prompt_tokens += n
             if seq.params.prompt_logprobs:
                 nxt_prompt = seq.prompt_ids[start + 1 : seq.computed]

@@ -115,7 +115,9 @@ class Scheduler:
             self.waiting.popleft()
             self.pool.admit(hits, need)
             seq.block_table, seq.reserved = list(hits), need
-            seq.computed = seq.draft_computed = seq.cached_tokens = len(hits) * bs
+            seq.computed = seq.cached_tokens = len(hits) * bs
+            ready = next((i for i, b in enumerate(hits) if b not in self.pool.draft_ready), len(hits))
+            seq.draft_computed = ready * bs  # the draft catches up on the rest at its first proposal
             seq.registered = len(hits)
             if not seq.params.prompt_logprobs:
                 self.prefix_queries += len(seq.prompt_ids)
@@ -130,10 +132,11 @@ class Scheduler:
             seq.block_table.append(self.pool.allocate())
             seq.reserved -= 1
 
-    def register_full_blocks(self, seq: Sequence, computed: int) -> None:
-        """Name every block whose positions are all computed (in every cache) by its prefix hash."""
+    def register_full_blocks(self, seq: Sequence, draft_computed: int | None = None) -> None:
+        """Name every block whose positions the target's cache holds by its prefix hash, and mark those the
+        draft's cache holds too (draft_computed: its positions; None without a draft)."""
         bs = self.pool.block_size
-        full = min(computed, len(seq.tokens)) // bs
+        full = min(seq.computed, len(seq.tokens)) // bs
         while len(seq.hashes) < full:
             i = len(seq.hashes)
             parent = seq.hashes[-1] if seq.hashes else b""
@@ -141,6 +144,8 @@ class Scheduler:
         for i in range(seq.registered, full):
             self.pool.register(seq.block_table[i], seq.hashes[i])
         seq.registered = max(seq.registered, full)
+        if draft_computed is not None:
+            self.pool.draft_ready.update(seq.block_table[: min(full, draft_computed // bs)])
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:

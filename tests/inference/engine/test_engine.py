@@ -253,3 +253,32 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(monkeypatch):
     engine.add("next", [5, 6, 7], SamplingParams(max_new_tokens=4, temperature=0), out)
     engine.run_until_done()
     assert out.tokens["next"] == Generator(target).generate_ids([5, 6, 7], SamplingConfig(max_new_tokens=4))
+
+
+def test_prompts_skip_the_draft_and_it_catches_up_on_shared_blocks():
+    """The draft does not see a prompt as it is prefilled: a request that never drafts (one token) leaves
+    blocks the target holds but the draft does not; a later request reusing them has the draft catch up
+    on them at its first proposal (and gets the target's own greedy text), after which they are the
+    draft's too and a third request starts its draft past them."""
+    target, draft = models()
+    torch.manual_seed(3)
+    system = torch.randint(3, 512, (32,)).tolist()
+    ref = Generator(target)
+    engine = Engine(ref, Generator(draft), EngineConfig(block_size=8, gamma=3, adaptive_gamma=False))
+    out = Collect()
+    engine.add("one-token", [*system, 9], SamplingParams(max_new_tokens=1, temperature=0), out)
+    engine.run_until_done()
+    assert engine.stats.proposed == 0 and len(engine.pool.cached) == 4 and not engine.pool.draft_ready
+    second = [*system, 10, 11]
+    engine.add("second", second, SamplingParams(max_new_tokens=8, temperature=0), out)
+    engine.run_until_done()
+    assert out.cached["second"] == 32 and engine.stats.proposed > 0
+    assert out.tokens["second"] == ref.generate_ids(second, SamplingConfig(max_new_tokens=8))
+    assert len(engine.pool.draft_ready) >= 4  # the shared blocks, now in the draft's cache too
+    engine.add("third", [*system, 12], SamplingParams(max_new_tokens=2, temperature=0), out)
+    with engine._lock:
+        engine.scheduler.admit()
+    [third] = engine.scheduler.running
+    assert third.draft_computed == 32 and third.computed == 32
+    engine.run_until_done()
+    assert out.tokens["third"] == ref.generate_ids([*system, 12], SamplingConfig(max_new_tokens=2))
