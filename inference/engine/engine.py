@@ -3,8 +3,8 @@
 `Engine.add` queues a request (thread-safe); `Engine.step` runs one iteration: admit what fits, build
 the batch (decoding requests, then prompt chunks), run the draft's proposals and one target forward,
 sample or verify per request, deliver each request's new tokens through its callback, and release the
-requests that finished. `Engine.start` runs steps on a background thread while there is work; model code
-only ever runs on that thread.
+requests that finished. The server runs the steps in a process of its own (inference.engine.process);
+tests and offline callers step it themselves (`run_until_done`).
 
 Speculative decoding (with a draft): gamma adapts per step from the measured costs (inference.speculative
 .GammaPolicy, the same for the whole batch), down to plain steps when the draft does not pay. A request
@@ -154,12 +154,9 @@ class Engine:
         self.stats = EngineStats()
         self.eos = target.eos
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
         self._aborts: dict[str, str] = {}
         self._by_id: dict[str, Sequence] = {}
         self._generator = torch.Generator().manual_seed(int(time.time_ns()) % 2**63)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
 
     # -- requests in ---------------------------------------------------------------------------------
 
@@ -171,7 +168,7 @@ class Engine:
         on_output: Callable[[SequenceOutput], None],
         timeout: float | None = None,
     ) -> None:
-        """Queue a request; its outputs arrive through on_output (on the engine thread). Raises ValueError
+        """Queue a request; its outputs arrive through on_output (from step). Raises ValueError
         for a request that can never run, QueueFull when the queue is at its limit."""
         check_request(prompt_ids, params, self.max_seq_len, self.pool.block_size, self.pool.num_blocks)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self._generator
@@ -185,14 +182,12 @@ class Engine:
                 raise QueueFull(f"{self.config.max_queue} requests are waiting")
             self.scheduler.waiting.append(seq)
             self._by_id[request_id] = seq
-            self._wake.notify()
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop a request at the next step and free its blocks (a client that left, a stop string found)."""
         with self._lock:
             if request_id in self._by_id:
                 self._aborts[request_id] = reason
-                self._wake.notify()
 
     def snapshot(self) -> EngineSnapshot:
         """What the server reports (/health, /metrics), read under the lock."""
@@ -208,26 +203,6 @@ class Engine:
             )  # fmt: skip
 
     # -- the loop ------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="frugal-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._stopping or self._aborts or self.scheduler.running or self.scheduler.waiting):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-            self.step()
 
     def has_work(self) -> bool:
         with self._lock:

@@ -195,8 +195,9 @@ def json_object(raw: bytes) -> dict:
 
 
 def build_app(engine, name: str, tokenizer, api_key: str | None = None, request_timeout: float | None = None):
-    """The FastAPI app serving model `name` from `engine`: an Engine in this process, or an EngineProcess
-    (inference.engine.process); the engine starts and stops with the app."""
+    """The FastAPI app serving model `name` from `engine`, an EngineProcess (inference.engine.process), which
+    starts and stops with the app; a test may pass an Engine of this process that it steps itself, and not
+    run the app's lifespan."""
     metrics = Metrics(engine)
     serving = Serving(engine, tokenizer, name, request_timeout, observe=metrics.observe)
     created = int(time.time())
