@@ -202,7 +202,7 @@ class Engine:
                                           finished=Counter(self.stats.finished)),
             )  # fmt: skip
 
-    # -- the loop ------------------------------------------------------------------------------------
+    # -- running to the end ----------------------------------------------------------------------------
 
     def has_work(self) -> bool:
         with self._lock:
