@@ -31,7 +31,7 @@ RUNTIME_MODULES = {
         "lm_eval_adapter.py",
         "engine/__init__.py", "engine/block_pool.py", "engine/paged_cache.py", "engine/runner.py",
         "engine/sampler.py", "engine/scheduler.py", "engine/spec_decode.py", "engine/engine.py",
-        "engine/experts.py", "engine/process.py",
+        "engine/experts.py", "engine/process.py", "engine/compiled.py",
         "server/__init__.py", "server/protocol.py", "server/serving.py", "server/app.py",
     ),
     "kernels": ("__init__.py", "dispatch.py", "native.py", "kv_int8.py", "w4a16.py", "attention_int8.py",

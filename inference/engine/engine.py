@@ -27,6 +27,7 @@ import torch
 
 from inference.engine import runner, spec_decode
 from inference.engine.block_pool import BlockPool
+from inference.engine.compiled import BUCKETS, CompiledStep
 from inference.engine.experts import GroupedExperts
 from inference.engine.paged_cache import PagedKVCache
 from inference.engine.runner import Batch, Run
@@ -57,11 +58,18 @@ class EngineConfig:
     gamma: int = 4
     """The most tokens the draft proposes per round."""
     adaptive_gamma: bool = True
+    compile_sizes: tuple[int, ...] = BUCKETS
+    """Token counts the compiled step is built for (`Engine.compile`); a step of more tokens runs eager."""
+    compile_autotune: bool = True
+    """Let inductor pick each matmul's kernel by timing them (inference.engine.compiled.compile_options):
+    False compiles a few times faster and decodes slower."""
 
     def check(self) -> None:
         for name in ("max_batch", "max_queue", "max_step_tokens", "block_size", "gamma"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.compile_sizes or any(n < 1 for n in self.compile_sizes):
+            raise ValueError(f"compile_sizes must be token counts >= 1, got {self.compile_sizes}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError(f"kv_blocks must be >= 1, got {self.kv_blocks}")
 
@@ -150,6 +158,10 @@ class Engine:
             self.caches.append(_cache_for(draft, config, num_blocks))
         self.experts = [_grouped_experts(g) for g in (target, draft) if g is not None]
         """Per model, its MoE layers' experts stacked for grouped computation (inference.engine.experts)."""
+        sizes = tuple(sorted(set(config.compile_sizes)))
+        self.steps = [CompiledStep(g.model, cache, experts, config.block_size, sizes, config.compile_autotune)
+                      for g, cache, experts in zip((target, draft), self.caches, self.experts)]  # fmt: skip
+        """Per model, its compiled step for few-token batches; idle (the eager forward) until `compile`."""
         self.policy = GammaPolicy(config.gamma) if draft is not None and config.adaptive_gamma else None
         self.stats = EngineStats()
         self.eos = target.eos
@@ -157,6 +169,20 @@ class Engine:
         self._aborts: dict[str, str] = {}
         self._by_id: dict[str, Sequence] = {}
         self._generator = torch.Generator().manual_seed(int(time.time_ns()) % 2**63)
+
+    def compile(self) -> float:
+        """Compile every model's step for every token bucket (inference.engine.compiled), once, before
+        serving; returns the seconds it took. Without it every step runs the eager forward."""
+        return sum(step.compile() for step in self.steps)
+
+    def _forward(self, which: int, batch: Batch, logits_at: list[int]) -> torch.Tensor:
+        """Logits of model `which` (0 target, 1 draft) at `logits_at`: the compiled step when the batch fits
+        one of its buckets, else the eager packed forward."""
+        logits = self.steps[which](batch, logits_at)
+        if logits is not None:
+            return logits
+        model = (self.target, self.draft)[which].model
+        return runner.forward(model, batch, self.caches[which], logits_at, self.experts[which])
 
     # -- requests in ---------------------------------------------------------------------------------
 
@@ -318,7 +344,7 @@ class Engine:
                 rows.append(j)
             batch = Batch.pack(runs, bs)
             logits_at = [batch.ends[k] - 1 for k in range(len(rows))]
-            logits_LV = runner.forward(self.draft.model, batch, self.caches[1], logits_at, self.experts[1])
+            logits_LV = self._forward(1, batch, logits_at)
             for k, j in enumerate(rows):
                 seq = decoding[j]
                 token, q = spec_decode.propose(logits_LV[k], seq.params, seq.output_ids, proposals[j], seq.generator)
@@ -347,7 +373,7 @@ class Engine:
                 else:
                     wanted.append(range(batch.ends[k] - 1, batch.ends[k]) if done else range(0))
         flat = [i for r in wanted for i in r]
-        logits_LV = runner.forward(self.target.model, batch, self.caches[0], flat, self.experts[0])
+        logits_LV = self._forward(0, batch, flat)
         rows, at = [], 0
         for r in wanted:
             rows.append(logits_LV[at : at + len(r)])

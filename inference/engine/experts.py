@@ -46,34 +46,53 @@ def _stack_rows(layers: list) -> torch.nn.Module | None:
     return None
 
 
-class GroupedExperts:
-    """The routed experts of one MoE layer, stacked once (at engine start: the weights must not change)."""
+class GroupedExperts(torch.nn.Module):
+    """The routed experts of one MoE layer, stacked once (at engine start: the weights must not change).
+    A module whose stacks are buffers, so that a frozen compiled graph (inference.engine.compiled) folds
+    them in as constants, as it does the model's own weights."""
 
     def __init__(self, moe: MoE):
+        super().__init__()
         self.moe = moe
         E, F_, D = moe.config.n_routed_experts, moe.config.d_expert, moe.config.d_model
         self.E, self.F = E, F_
-        self.w13 = self.w2 = self.w13_layer = None
-        self.w2_experts: list | None = None
+        self.w13_layer = self.w2_experts = None
         if moe.quantized is None:
             with torch.no_grad():
-                self.w13 = torch.cat([moe.w1_EFD.reshape(E * F_, D), moe.w3_EFD.reshape(E * F_, D)]).contiguous()
-                self.w2 = moe.w2_EDF.permute(1, 0, 2).reshape(D, E * F_).contiguous()
+                w13 = torch.cat([moe.w1_EFD.reshape(E * F_, D), moe.w3_EFD.reshape(E * F_, D)]).contiguous()
+                self.register_buffer("w13", w13, persistent=False)
+                w2 = moe.w2_EDF.permute(1, 0, 2).reshape(D, E * F_).contiguous()
+                self.register_buffer("w2", w2, persistent=False)
         else:
+            self.w13 = self.w2 = None
             w1s, w3s, w2s = zip(*moe.quantized)
             self.w13_layer = _stack_rows([*w1s, *w3s])  # None: the per-expert loop
-            self.w2_experts = list(w2s)
+            self.w2_experts = torch.nn.ModuleList(w2s)
 
     @property
     def usable(self) -> bool:
         return self.w13 is not None or self.w13_layer is not None
 
-    def __call__(self, x_ND: torch.Tensor) -> torch.Tensor:
+    def _gates(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """(N, E) gating weights: each token's combine weight for the experts it chose, 0 for the others."""
+        routing = self.moe.router(x_ND)
+        weight_NE = torch.zeros(x_ND.shape[0], self.E, dtype=x_ND.dtype, device=x_ND.device)
+        return weight_NE.scatter_add_(1, routing.expert_NK, (routing.weight_NK * routing.used_NK).to(x_ND.dtype))
+
+    def dense(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The layer's output with every expert computed for every token, whatever the experts' format: the
+        stacked products when they exist, else one call per expert over all tokens. No operator depends on
+        which experts were chosen, so a compiled graph (inference.engine.compiled) never changes."""
+        if self.usable:
+            return self(x_ND)
+        weight_NE = self._gates(x_ND)
+        out_ND = sum(self.moe._expert(e, x_ND) * weight_NE[:, e, None] for e in range(self.E))
+        return out_ND + self.moe.shared(x_ND) if self.moe.shared is not None else out_ND
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         """The layer's output for x (the router and the shared experts included)."""
-        moe, N = self.moe, x_ND.shape[0]
-        routing = moe.router(x_ND)
-        weight_NE = torch.zeros(N, self.E, dtype=x_ND.dtype, device=x_ND.device)
-        weight_NE.scatter_add_(1, routing.expert_NK, (routing.weight_NK * routing.used_NK).to(x_ND.dtype))
+        N = x_ND.shape[0]
+        moe, weight_NE = self.moe, self._gates(x_ND)
         h13 = F.linear(x_ND, self.w13) if self.w13 is not None else self.w13_layer(x_ND)
         h1, h3 = h13.view(N, 2, self.E, self.F).unbind(1)
         h_NEF = F.silu(h1) * h3

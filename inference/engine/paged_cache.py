@@ -35,7 +35,10 @@ class PagedKVCache:
         if kind == "int8-channel" and (channel_scales is None or len(channel_scales) != n_layers):
             raise ValueError("the int8-channel cache needs per-channel scales for every layer")
         self.kind, self.block_size, self.dtype = kind, block_size, dtype
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        self.num_blocks = num_blocks + 1
+        """The block pool's blocks, and one more: the scratch block (the last), which no sequence owns and
+        where a compiled step's padding tokens write (inference.engine.compiled)."""
+        shape = (self.num_blocks, block_size, n_kv_heads, head_dim)
         store = torch.int8 if kind != "fp32" else dtype
         # empty, not zeros: pages are only touched (made resident) as blocks are first used, and zeroed
         # then (zero_blocks), so a block's unwritten positions read as 0, never as NaN bit patterns
@@ -43,7 +46,7 @@ class PagedKVCache:
         self.v = [torch.empty(shape, dtype=store) for _ in range(n_layers)]
         self.k_scale = self.v_scale = None
         if kind == "int8":
-            scale_shape = (num_blocks, block_size, n_kv_heads, 1)
+            scale_shape = (self.num_blocks, block_size, n_kv_heads, 1)
             self.k_scale = [torch.empty(scale_shape) for _ in range(n_layers)]
             self.v_scale = [torch.empty(scale_shape) for _ in range(n_layers)]
         elif kind == "int8-channel":
@@ -52,7 +55,8 @@ class PagedKVCache:
                     raise ValueError(f"layer {layer}: per-channel KV scales must have shape {(n_kv_heads, head_dim)}")
             self.k_scale = [k.float() for k, _ in channel_scales]
             self.v_scale = [v.float() for _, v in channel_scales]
-        self.zero_blocks([0])  # padding in a batch's block tables points at block 0
+        # padding in a batch's block tables points at block 0; the scratch block is read as padding too
+        self.zero_blocks([0, self.num_blocks - 1])
 
     def nbytes(self) -> int:
         tensors = [*self.k, *self.v, *(self.k_scale or []), *(self.v_scale or [])]

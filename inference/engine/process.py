@@ -2,7 +2,8 @@
 detokenizing, streaming) and the engine's steps then never wait for each other's turn at Python's GIL.
 
 `EngineProcess(package_dir, ...)` starts a child process that verifies and loads the package, builds the
-Engine and runs it: it takes requests and aborts from a pipe, steps while there is work, and after each
+Engine (compiling its step when asked: inference.engine.compiled) and runs it: it takes requests and
+aborts from a pipe, steps while there is work, and after each
 step sends back, as one message, every request's outputs and a snapshot of its state (running and waiting
 requests, KV blocks, counters). A thread in the server process reads those messages and calls each
 request's on_output, as the in-process Engine would, so the serving layer uses either one alike.
@@ -25,8 +26,9 @@ from inference.engine.scheduler import SequenceOutput
 
 
 def _child(package_dir: str, kv_cache: str | None, config: EngineConfig, speculative: bool, threads: int | None,
-           requests, outputs) -> None:  # fmt: skip
-    """The engine process: load, say ready (or why not), then serve the pipe until it closes."""
+           compile: bool, requests, outputs) -> None:  # fmt: skip
+    """The engine process: load (and compile the step), say ready (or why not), then serve the pipe until it
+    closes."""
     import torch
 
     from inference.engine.engine import Engine
@@ -38,11 +40,13 @@ def _child(package_dir: str, kv_cache: str | None, config: EngineConfig, specula
         package = load_package(Path(package_dir), kv_cache=kv_cache)
         config.gamma = package.gamma
         engine = Engine(package.target, package.draft if speculative else None, config)
+        compile_seconds = engine.compile() if compile else None
     except Exception as e:  # the server reports it and exits
         outputs.send(("failed", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
         return
     tokenizer = package.target.tokenizer
-    outputs.send(("ready", package.name, tokenizer.to_str(), engine.max_seq_len, engine.pool.num_blocks))
+    outputs.send(("ready", package.name, tokenizer.to_str(), engine.max_seq_len, engine.pool.num_blocks,
+                  compile_seconds))  # fmt: skip
     pending: list[SequenceOutput] = []
     while True:
         try:
@@ -73,13 +77,13 @@ class EngineProcess:
     process. Construction waits until the child has loaded the package; a ValueError says why it could not."""
 
     def __init__(self, package_dir: Path, kv_cache: str | None, config: EngineConfig, speculative: bool = True,
-                 threads: int | None = None, start_timeout: float = 600):  # fmt: skip
+                 threads: int | None = None, compile: bool = False, start_timeout: float = 1800):  # fmt: skip
         config.check()
         self.config = config
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
         requests_in, self._requests = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self._outputs, outputs_out = ctx.Pipe(duplex=False)
-        args = (str(package_dir), kv_cache, config, speculative, threads, requests_in, outputs_out)
+        args = (str(package_dir), kv_cache, config, speculative, threads, compile, requests_in, outputs_out)
         self._process = ctx.Process(target=_child, args=args, name="frugal-engine", daemon=True)
         self._process.start()
         requests_in.close()  # the child's ends: closed here, so a child that dies reads as EOF
@@ -96,7 +100,7 @@ class EngineProcess:
             raise ValueError(message[1])
         from tokenizers import Tokenizer
 
-        _, self.name, tokenizer_json, self.max_seq_len, self.num_blocks = message
+        _, self.name, tokenizer_json, self.max_seq_len, self.num_blocks, self.compile_seconds = message
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self._callbacks: dict[str, Callable[[SequenceOutput], None]] = {}
         self._lock = threading.Lock()

@@ -3,7 +3,7 @@
     frugal-serve [--package PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16]
                  [--max-queue 64] [--max-step-tokens 256] [--block-size 16] [--kv-blocks N]
                  [--no-prefix-caching] [--no-speculative] [--kv-cache fp32|int8|int8-channel]
-                 [--request-timeout 600] [--threads N]
+                 [--request-timeout 600] [--threads N] [--no-compile | --fast-compile] [--compile-sizes 1,4,8,16]
     (from a checkout: python -m inference.serve --package PATH ...)
 
 Without --package it serves the package bundled next to the module (a release wheel carries it as
@@ -76,6 +76,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
+from inference.engine.compiled import BUCKETS
 from inference.engine.engine import Engine, EngineConfig
 from inference.engine.process import EngineProcess
 from inference.generate import EOS_TOKEN, PAD_TOKEN
@@ -400,6 +401,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be >= 1, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="frugal-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", type=Path, help="the package folder (default: the one a release wheel carries)")
@@ -416,6 +427,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-cache", choices=KV_CACHES, help="override the package's KV cache")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--no-compile", action="store_true", help="run every step eager (no torch.compile at start)")
+    parser.add_argument("--fast-compile", action="store_true",
+                        help="compile without inductor's autotuning: a faster start, slower steps")
+    parser.add_argument("--compile-sizes", type=_sizes, default=",".join(map(str, BUCKETS)),
+                        help="token counts the compiled step is built for, comma-separated (default: %(default)s)")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_step_tokens", "block_size", "kv_blocks"):
@@ -437,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, max_step_tokens=args.max_step_tokens,
         block_size=args.block_size, kv_blocks=args.kv_blocks, prefix_caching=not args.no_prefix_caching,
+        compile_sizes=args.compile_sizes, compile_autotune=not args.fast_compile,
     )  # fmt: skip
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -448,11 +465,17 @@ def main(argv: list[str] | None = None) -> None:
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
     try:  # the engine verifies and loads the package in a process of its own
-        engine = EngineProcess(package_dir, args.kv_cache, config, not args.no_speculative, args.threads)
+        if not args.no_compile:
+            print(f"compiling the decode step for {len(args.compile_sizes)} batch sizes (--no-compile skips it)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        engine = EngineProcess(package_dir, args.kv_cache, config, not args.no_speculative, args.threads,
+                               compile=not args.no_compile)  # fmt: skip
     except ValueError as e:
         sock.close()
         parser.error(str(e))
     app = build_app(engine, engine.name, engine.tokenizer, api_key, args.request_timeout)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_keep_alive=120))
+    if engine.compile_seconds is not None:
+        print(f"compiled the decode step in {engine.compile_seconds:.1f} s", file=sys.stderr, flush=True)
     print(f"serving {engine.name} on http://{host}:{port}", flush=True)  # the socket already queues connections
     server.run(sockets=[sock])

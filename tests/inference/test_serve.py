@@ -7,6 +7,7 @@ import http.client
 import json
 import math
 import os
+import re
 import select
 import socket
 import subprocess
@@ -46,12 +47,14 @@ def running_server(package_dir: Path, *args: str, env: dict | None = None, log: 
     """A server process on a free port of 127.0.0.1: (port, process, log path); stopped on exit."""
     log = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"frugal-serve-{os.getpid()}-{time.monotonic_ns()}.log"
     cmd = [sys.executable, "-m", "inference.serve", "--package", str(package_dir), "--port", "0", "--threads", "1"]
+    if "--compile-sizes" not in args:
+        cmd.append("--no-compile")  # the compiled step: tests/inference/engine/test_compiled.py, and one test here
     with open(log, "w") as stderr:
         server = subprocess.Popen(
             [*cmd, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
         )
     try:
-        ready, _, _ = select.select([server.stdout], [], [], 60)
+        ready, _, _ = select.select([server.stdout], [], [], 300)
         line = server.stdout.readline() if ready else ""
         assert line.startswith("serving "), f"no ready line ({line!r}): {log.read_text()}"
         yield int(line.rsplit(":", 1)[1]), server, log
@@ -448,6 +451,20 @@ def test_a_batch_or_queue_below_one_is_refused_at_start_up(tiny_package, capsys,
         server_app.main(["--package", str(tiny_package), flag, value])
     assert exit_info.value.code == 2
     assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_the_server_compiles_its_step_at_start_up_and_says_how_long_it_took(tiny_package, package, tmp_path):
+    """--compile-sizes 4 (--fast-compile: no autotuning, to keep the test short): both models compiled before the
+    ready line, the time logged, and the greedy text is still the target's own decoding."""
+    args = ("--compile-sizes", "4", "--fast-compile")
+    with running_server(tiny_package, *args, log=tmp_path / "server.log") as (port, _, log):
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0)
+        assert out.choices[0].text == greedy_text(package, PROMPT, 12)[0]
+        assert re.search(r"compiled the decode step in [0-9.]+ s", log.read_text()), log.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        server_app.main(["--package", str(tiny_package), "--compile-sizes", "4,0"])
+    assert exit_info.value.code == 2
 
 
 def test_without_a_package_or_a_bundled_one_it_says_so(capsys):
