@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve clean-data
+.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,15 @@ bench-ablation: install $(DAGSTER_HOME)/dagster.yaml
 # measures the models `make demo` trains (data/moe_model, data/draft_model)
 bench-inference: install
 	$(BIN)/python bench/inference.py
+
+# llama.cpp (llama-cpp-python 0.3.36, built for this CPU's instruction sets once: about 10 minutes on 2 cores,
+# cached under ~/.cache/frugal) for bench-peers and the GGUF parity test
+llama-cpp: install
+	$(BIN)/python bench/llama_cpp.py
+
+# decode speed against llama.cpp and transformers on the same dense weights; MoE eager vs compiled; speculative
+bench-peers: llama-cpp
+	$(BIN)/python bench/peers.py
 
 # the newest release under releases/ against the dense fp32 baseline, each served by frugal-serve
 bench-serve: install

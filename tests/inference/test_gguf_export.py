@@ -1,0 +1,84 @@
+"""The GGUF export and the transformers twin (inference.gguf_export): the file holds the model's tensors and
+hyperparameters (read back with gguf's reader), LlamaForCausalLM computes Frugal's logits, and llama.cpp
+(llama-cpp-python, built by `make llama-cpp`, which CI runs first) decodes Frugal's greedy tokens from it."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from inference.generate import Generator, SamplingConfig
+from inference.gguf_export import tensors, to_hf_llama, write_gguf
+from model.config import debug_tiny, dense_baseline
+from model.transformer import Transformer
+
+PROMPT = [5, 17, 300, 42, 99, 101, 7, 64]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(dense_baseline(debug_tiny()), n_kv_heads=2, d_ff=96)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # sharper logits: greedy choices far from ties
+    return model
+
+
+@pytest.fixture(scope="module")
+def gguf_file(dense, tiny_tokenizer, tmp_path_factory):
+    return write_gguf(dense, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def test_the_file_holds_the_tensors_and_hyperparameters(dense, gguf_file):
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_file))
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    cfg = dense.config
+    assert fields["general.architecture"] == "llama"
+    assert (fields["llama.block_count"], fields["llama.embedding_length"]) == (cfg.n_layers, cfg.d_model)
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (4, 2)
+    assert fields["llama.feed_forward_length"] == 96 and fields["llama.rope.dimension_count"] == cfg.head_dim
+    assert len(fields["tokenizer.ggml.tokens"]) == cfg.vocab_size and fields["tokenizer.ggml.model"] == "gpt2"
+    want = tensors(dense)
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(want) and "output.weight" not in got  # tied: llama.cpp projects with token_embd
+    for name, t in want.items():
+        assert np.array_equal(np.asarray(got[name].data).reshape(t.shape), t.numpy()), name
+
+
+def test_llama_for_causal_lm_computes_the_same_logits(dense):
+    hf = to_hf_llama(dense)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, dense(ids), rtol=1e-4, atol=1e-4)
+        out = hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert out[0, len(PROMPT) :].tolist() == Generator(dense).generate_ids(PROMPT, SamplingConfig(max_new_tokens=12))
+
+
+def test_llama_cpp_decodes_frugals_greedy_tokens(dense, gguf_file):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by `make llama-cpp`")
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(PROMPT)
+    got = []
+    for _ in range(12):
+        got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([got[-1]])
+    assert got == Generator(dense).generate_ids(PROMPT, SamplingConfig(max_new_tokens=12))
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(llm.scores[len(PROMPT) - 1])), dense(torch.tensor([PROMPT]))[0, -1].detach(),
+        rtol=1e-3, atol=1e-3,
+    )  # fmt: skip
+
+
+def test_moe_and_quantized_models_are_refused(tiny_tokenizer, tmp_path):
+    from inference.quantize import quantize_linears
+
+    with pytest.raises(ValueError, match="MoE layers"):
+        write_gguf(Transformer(debug_tiny()), tiny_tokenizer, tmp_path / "moe.gguf")
+    model = Transformer(dense_baseline(debug_tiny()))
+    quantize_linears(model, "int8")
+    with pytest.raises(ValueError, match="fp32 model"):
+        write_gguf(model, tiny_tokenizer, tmp_path / "int8.gguf")
+    assert not (tmp_path / "moe.gguf").exists()
