@@ -40,7 +40,7 @@ def quantized_model(
     context: dg.AssetExecutionContext, config: QuantizedModelConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
     from inference.quantized_model import QuantizeOptions, build
-    from training.train import run_training_rows, run_validation_rows
+    from training.data import run_training_rows, run_validation_rows
 
     options = QuantizeOptions(
         group_size=config.group_size,
@@ -127,7 +127,7 @@ def speculative_greedy_is_identical(paths: CurationPaths) -> dg.AssetCheckResult
 
     from inference.generate import Generator, SamplingConfig
     from inference.speculative import SpeculativeGenerator
-    from training.train import run_validation_rows
+    from training.data import run_validation_rows
 
     folder: Path = paths.stage_dir("quantized_model")
     rows = torch.cat(list(run_validation_rows(paths.stage_dir("moe_model")).values()))
@@ -231,7 +231,7 @@ def benchmark_report(
     import torch
 
     from inference import benchmark
-    from training.train import run_validation_rows
+    from training.data import run_validation_rows
 
     checks = blocking_checks_passed(context)
     configs = report_configs(paths)

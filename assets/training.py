@@ -260,7 +260,7 @@ def reload_validation_loss(run_dir: Path) -> tuple[float, int]:
     import torch.nn.functional as F
 
     from model.io import load_model
-    from training.train import run_validation_rows
+    from training.data import run_validation_rows
 
     model = load_model(run_dir)
     bucket, batch = next(iter(run_validation_rows(run_dir).items()))

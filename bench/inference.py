@@ -52,7 +52,7 @@ CONFIGS = [  # (label, weights, KV cache)
 def prepare(data_dir: Path, work: Path, calibration_rows: int) -> dict:
     """What the quantized_model asset builds, into `work`: int8/ and int4/ (AWQ) {target,draft}."""
     from inference.quantized_model import QuantizeOptions, build
-    from training.train import run_training_rows, run_validation_rows
+    from training.data import run_training_rows, run_validation_rows
 
     target = data_dir / "moe_model"
     options = QuantizeOptions(calibration_rows=calibration_rows)
@@ -118,7 +118,7 @@ def table(results: dict, bandwidth: float) -> str:
 
 
 def main() -> None:
-    from training.train import run_validation_rows
+    from training.data import run_validation_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FRUGAL_DATA_DIR", ROOT / "data")))

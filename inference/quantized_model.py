@@ -183,7 +183,7 @@ def describe(cfg: QuantConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.train import run_training_rows, run_validation_rows
+    from training.data import run_training_rows, run_validation_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", type=Path, required=True)

@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,6 +26,9 @@ import torch
 from model.config import ModelConfig
 from model.tokenizer import EOS
 from pipelines.curriculum import MANIFEST_FILE
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -151,3 +155,56 @@ class PackedLoader:
             if not chunk:  # end of the schedule: the next iteration is a new epoch; the partial buffer carries over
                 self.docs_consumed, self.epoch = 0, self.epoch + 1
                 return
+
+
+# -- rows rebuilt from a run folder (held-out evaluation, calibration) ------------------------------------
+
+
+def validation_rows(loader: PackedLoader, cfg: TrainConfig) -> dict[int, torch.Tensor]:
+    """Held-out documents of each bucket, packed into rows of seq_len + 1 tokens, capped per bucket."""
+    row = cfg.data.seq_len + 1
+    n_rows = max(1, cfg.val_tokens_per_bucket // row)
+    out = {}
+    for bucket, texts in loader.validation_texts().items():
+        ids: list[int] = []
+        for enc in loader.tokenizer.encode_batch(texts):
+            ids += [*enc.ids, loader.eos]
+            if len(ids) >= n_rows * row:
+                break
+        usable = min(n_rows, len(ids) // row) * row
+        if usable:
+            out[bucket] = torch.tensor(ids[:usable], dtype=torch.int64).view(-1, row)
+    if not out:
+        raise ValueError(
+            f"{cfg.shard_dir}: no held-out validation rows (validation_fraction={cfg.data.validation_fraction}): "
+            "raise it or give more documents"
+        )
+    return out
+
+
+def run_validation_rows(run_dir: Path) -> dict[int, torch.Tensor]:
+    """The held-out rows a finished or running run validates on, rebuilt from its folder (its config,
+    shards and tokenizer): what inference measures quantized models on."""
+    from model.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from training.config import TrainConfig
+    from training.launch import CONFIG_FILE
+
+    cfg = TrainConfig.from_file(Path(run_dir) / CONFIG_FILE)
+    return validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(Path(run_dir) / TOKENIZER_FILE), cfg.data), cfg)
+
+
+def run_training_rows(run_dir: Path, n_rows: int) -> torch.Tensor:
+    """The first n_rows rows (seq_len + 1 tokens each) of the run's training stream: calibration data for
+    quantization that the held-out rows never overlap."""
+    from model.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from training.config import TrainConfig
+    from training.launch import CONFIG_FILE
+
+    cfg = TrainConfig.from_file(Path(run_dir) / CONFIG_FILE)
+    loader = PackedLoader(cfg.shard_dir, load_tokenizer(Path(run_dir) / TOKENIZER_FILE), cfg.data)
+    rows: list[torch.Tensor] = []
+    for batch in loader:
+        rows += list(batch)
+        if len(rows) >= n_rows:
+            break
+    return torch.stack(rows[:n_rows])

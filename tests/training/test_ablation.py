@@ -23,8 +23,7 @@ from training.ablation import (
     tokens_to_target,
     write_shards,
 )
-from training.data import ShardReader, is_validation
-from training.train import run_validation_rows
+from training.data import ShardReader, is_validation, run_validation_rows
 
 
 def test_tokens_to_target_interpolates_between_evaluation_points():

@@ -20,9 +20,9 @@ from model.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
 from training.config import TrainConfig
-from training.data import PackedLoader
+from training.data import PackedLoader, validation_rows
 from training.metrics import read_metrics
-from training.train import main, validation_rows
+from training.train import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
