@@ -75,7 +75,7 @@ bench-inference: install
 # llama.cpp (llama-cpp-python 0.3.36, built for this CPU's instruction sets once: about 10 minutes on 2 cores,
 # cached under ~/.cache/frugal) for bench-peers and the GGUF parity test
 llama-cpp: install
-	$(BIN)/python bench/llama_cpp.py
+	$(BIN)/python bench/build_llama_cpp.py
 
 # decode speed against llama.cpp and transformers on the same dense weights; MoE eager vs compiled; speculative
 bench-peers: llama-cpp

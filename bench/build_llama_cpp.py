@@ -1,7 +1,7 @@
 """llama.cpp for the peer benchmark (bench/peers.py) and the GGUF parity test: the `llama-cpp-python` sdist,
 built once per CPU feature set into a cached wheel, then installed into the running venv.
 
-    .venv/bin/python bench/llama_cpp.py          # = make llama-cpp: build (about 10 minutes on 2 cores) or reuse
+    .venv/bin/python bench/build_llama_cpp.py          # = make llama-cpp: build (about 10 minutes on 2 cores) or reuse
 
 The wheel compiles the sdist's vendored llama.cpp with GGML_NATIVE=OFF and explicit instruction sets read from
 /proc/cpuinfo: a native build dies with "Illegal instruction" on VMs that report AMX, and a wheel built with

@@ -1,9 +1,13 @@
 """Serving benchmark: frugal-serve's continuous batching under 1, 4, 16 and 64 concurrent streaming
-clients, for the release (speculative, as it ships; and plain batched decoding of the same weights) and for
-the dense fp32 baseline served the same way; prefix-cache hits; what a generated token costs.
+clients, for the release (speculative, as it ships; and plain batched decoding of the same weights, compiled
+and eager: the decode step before and after inference.engine.compiled) and for the dense fp32 baseline served
+the same way; prefix-cache hits; what a generated token costs.
 
     .venv/bin/python bench/serve.py [--package PATH] [--baseline-run data/dense_baseline_model]
         [--concurrency 1 4 16 64] [--requests 64] [--max-tokens 64] [--threads 1] [--price-per-hour 0.10]
+        [--compile-sizes 1,4,16,64]
+
+Every compiled server compiles its step for --compile-sizes at start-up (minutes on 2 cores; not counted).
 
 Each configuration is its own server process (`python -m inference.serve --port 0`, 127.0.0.1, --threads
 torch threads), checked with the official openai client and warmed up, then driven by C client threads
@@ -64,7 +68,7 @@ def running_server(package: Path, threads: int, *flags: str) -> Iterator[tuple[s
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
-            ready, _, _ = select.select([server.stdout], [], [], 300)
+            ready, _, _ = select.select([server.stdout], [], [], 3600)  # compiling takes minutes
             line = server.stdout.readline() if ready else ""
             if not line.startswith("serving "):
                 log.seek(0)
@@ -284,6 +288,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--threads", type=int, default=1, help="each server's torch threads")
+    parser.add_argument("--compile-sizes", default="1,4,16,64",
+                        help="the servers' compiled batch sizes (frugal-serve --compile-sizes)")  # fmt: skip
     parser.add_argument("--no-wandb", action="store_true")
     args = parser.parse_args()
     if args.package is None:
@@ -292,11 +298,14 @@ def main() -> None:
         args.package = newest_release(ROOT / "releases")
     baseline = package_run(args.baseline_run, OUT.parent / "serve" / "baseline-package")
     batch = ["--max-batch", str(max(args.concurrency))]
+    compiled = [*batch, "--compile-sizes", args.compile_sizes]
     runs = [
-        bench_config("release, speculative", args.package, batch, args, with_prefix=True),
-        bench_config("release, plain", args.package, [*batch, "--no-speculative"], args, with_prefix=False),
-        bench_config("dense fp32 baseline", baseline, batch, args, with_prefix=False),
-    ]
+        bench_config("release, plain, eager", args.package, [*batch, "--no-speculative", "--no-compile"], args,
+                     with_prefix=False),
+        bench_config("release, speculative", args.package, compiled, args, with_prefix=True),
+        bench_config("release, plain", args.package, [*compiled, "--no-speculative"], args, with_prefix=False),
+        bench_config("dense fp32 baseline", baseline, compiled, args, with_prefix=False),
+    ]  # fmt: skip
     chart = OUT.with_suffix(".png")
     plot(runs, chart)
     summary = {

@@ -137,7 +137,12 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
     else:
         options["cpp_wrapper"] = True
         if autotune:
-            options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN", autotune_num_choices_displayed=0)
+            options.update(
+                max_autotune=True,
+                max_autotune_gemm_backends="CPP,ATEN",
+                autotune_num_choices_displayed=0,
+                max_autotune_report_choices_stats=False,
+            )
     return options
 
 
@@ -172,6 +177,10 @@ class CompiledStep:
     def compile(self) -> float:
         """Compile and warm every bucket; returns the seconds it took."""
         start = time.perf_counter()
+        # dynamo keeps one graph per bucket and per CompiledStep under the one code object of `_forward`:
+        # its default limit of 8 is a target and a draft at 4 buckets each
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         self._fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
         # inductor reads some settings (freezing among them) from its global config, not from compile's
         # options: they hold while the graphs are traced and compiled, here, on each bucket's first call

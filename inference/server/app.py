@@ -428,10 +428,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-compile", action="store_true", help="run every step eager (no torch.compile at start)")
-    parser.add_argument("--fast-compile", action="store_true",
-                        help="compile without inductor's autotuning: a faster start, slower steps")
-    parser.add_argument("--compile-sizes", type=_sizes, default=",".join(map(str, BUCKETS)),
-                        help="token counts the compiled step is built for, comma-separated (default: %(default)s)")
+    parser.add_argument(
+        "--fast-compile",
+        action="store_true",
+        help="compile without inductor's autotuning: a faster start, slower steps",
+    )
+    parser.add_argument(
+        "--compile-sizes",
+        type=_sizes,
+        default=",".join(map(str, BUCKETS)),
+        help="token counts the compiled step is built for, comma-separated (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = parser.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_step_tokens", "block_size", "kv_blocks"):
