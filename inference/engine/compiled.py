@@ -5,7 +5,7 @@ Why: at Frugal's sizes a decoding step's time goes to dispatching a few hundred 
 not to reading weights. A graph whose shapes never change from step to step can be compiled once and replayed.
 So everything a step varies is a tensor of fixed shape:
 
-- the N packed tokens are padded to a bucket (BUCKETS: 1, 2, 4, ... 64), so a server compiles a handful of
+- the N packed tokens are padded to a bucket (BUCKETS by default: 1, 4, 8, 16), so a server compiles a handful of
   graphs, not one per batch size. Padding tokens write their keys and values to a scratch block that no
   sequence owns (the cache's last block), and their logits are dropped;
 - each token brings its own position and its own row of block table, padded to the context's full length
@@ -147,7 +147,7 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
 
 
 class CompiledStep:
-    """One model's compiled step, for batches of up to max(BUCKETS) tokens.
+    """One model's compiled step, for batches of up to its largest bucket's tokens.
 
     `compile()` traces and compiles every bucket (at server start-up, logged with its time); calling it
     with a Batch runs the bucket's graph. Without `compile()` (the `--no-compile` switch), `__call__`
