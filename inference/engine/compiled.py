@@ -37,7 +37,6 @@ import torch
 from inference.engine.experts import GroupedExperts
 from inference.engine.paged_cache import PagedKVCache
 from inference.engine.runner import Batch
-from kernels import kv_int8
 from model.transformer import SwiGLU, Transformer, apply_rope
 
 log = logging.getLogger(__name__)
@@ -72,22 +71,6 @@ def _attend(q_PHDh, cache: PagedKVCache, layer: int, slot_PS, allowed_PS, G: int
     return out_PGRDh.reshape(P, H * Dh).to(q_PHDh.dtype)
 
 
-def _write(cache: PagedKVCache, layer: int, slots_P: torch.Tensor, k_PGDh: torch.Tensor, v_PGDh: torch.Tensor):
-    """The new keys and values to their slots (in place), quantized as the eager cache quantizes them."""
-    for store, scales, x in ((cache.k, cache.k_scale, k_PGDh), (cache.v, cache.v_scale, v_PGDh)):
-        flat = store[layer].view(-1, *store[layer].shape[2:])
-        if cache.kind == "fp32":
-            flat.index_copy_(0, slots_P, x.to(flat.dtype))
-            continue
-        x_1GPDh = x.float().transpose(0, 1)[None]
-        if cache.kind == "int8":
-            q, scale = kv_int8.quantize_per_token_reference(x_1GPDh)
-            scales[layer].view(-1, *scales[layer].shape[2:]).index_copy_(0, slots_P, scale[0].transpose(0, 1))
-        else:
-            q = kv_int8.quantize_per_channel_reference(x_1GPDh, scales[layer])
-        flat.index_copy_(0, slots_P, q[0].transpose(0, 1))
-
-
 def static_forward(
     model: Transformer,
     cache: PagedKVCache,
@@ -115,7 +98,7 @@ def static_forward(
         h_PD = block.attn_norm(x_PD)
         q_PHDh = apply_rope(attn.wq(h_PD).view(P, H, Dh), cos, sin)
         k_PGDh = apply_rope(attn.wk(h_PD).view(P, G, Dh), cos, sin)
-        _write(cache, i, slots_P, k_PGDh, attn.wv(h_PD).view(P, G, Dh))
+        cache.write(i, slots_P, k_PGDh, attn.wv(h_PD).view(P, G, Dh))  # in place, traced into the graph
         x_PD = x_PD + attn.wo(_attend(q_PHDh, cache, i, slot_PS, allowed_PS, G))
         h_PD = block.ffn_norm(x_PD)
         dense = isinstance(block.ffn, SwiGLU)
