@@ -125,8 +125,8 @@ def quantization_within_budget(paths: CurationPaths) -> dg.AssetCheckResult:
 def speculative_greedy_is_identical(paths: CurationPaths) -> dg.AssetCheckResult:
     import torch
 
-    from inference.generate import Generator, SamplingConfig
-    from inference.speculative import SpeculativeGenerator
+    from inference.runtime.generate import Generator, SamplingConfig
+    from inference.runtime.speculative import SpeculativeGenerator
     from training.data import run_validation_rows
 
     folder: Path = paths.stage_dir("quantized_model")
@@ -314,7 +314,7 @@ class InferencePackageConfig(dg.Config):
 
 def model_card(name: str, version: str, meta: dict, paths: CurationPaths) -> str:
     """MODEL_CARD.md: what the model is, its data lineage and training run, quantization, benchmark, use."""
-    from inference.package import sha256
+    from inference.runtime.package import sha256
 
     shards = paths.stage_dir("curriculum_shards") / "manifest.json"
     train = json.loads((paths.stage_dir("moe_model") / "summary.json").read_text())
@@ -359,7 +359,7 @@ lm_eval --model frugal --model_args package=PATH/package --tasks ...
 ```
 
 ```python
-from frugal_runtime.inference.package import load_package
+from inference.runtime.package import load_package
 package = load_package(PATH)        # verifies every file against manifest.json
 ```
 
@@ -381,8 +381,8 @@ def inference_package(
 ) -> dg.MaterializeResult:
     import os
 
-    from inference.kv_cache import KV_CACHES
     from inference.release import assemble, build_wheel, tarball
+    from inference.runtime.kv_cache import KV_CACHES
 
     if config.scheme not in ("int8", "int4", "best") or config.kv_cache not in KV_CACHES:
         raise dg.Failure(description=f"scheme must be int8, int4 or best, and kv_cache one of {KV_CACHES}")

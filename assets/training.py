@@ -226,7 +226,7 @@ draft_model = _training_asset(
     DraftAssetConfig,
     dense=True,
     description="The speculative-decoding draft: a small dense model trained on the same shards and tokens "
-    "with the same tokenizer (inference.speculative checks that the tokenizers are identical), distilled from "
+    "with the same tokenizer (inference.runtime.speculative checks that the tokenizers are identical), distilled from "
     "moe_model's next-token distributions.",
     deps=[moe_model],
 )

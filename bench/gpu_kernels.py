@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.quantize import quantize_int4
+from inference.runtime.quantize import quantize_int4
 from kernels.attention_int8 import attention_int8_triton
 from kernels.kv_int8 import quantize_per_token_reference
 from kernels.w4a16 import pack_int4, w4a16_matmul_triton

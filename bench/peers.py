@@ -76,8 +76,8 @@ class FrugalDecoder:
     """One model in an Engine, decoding one greedy request at a time; compiled for a batch of 1 or eager."""
 
     def __init__(self, model, compiled: bool):
-        from inference.engine.engine import Engine, EngineConfig
-        from inference.generate import Generator
+        from inference.runtime.engine.engine import Engine, EngineConfig
+        from inference.runtime.generate import Generator
 
         if compiled:  # the graphs of the models measured before go: their guards would be checked on every call
             torch._dynamo.reset()
@@ -86,7 +86,7 @@ class FrugalDecoder:
         self.compile_s = self.engine.compile() if compiled else None
 
     def decode(self, prompt: list[int], n: int) -> tuple[list[int], float]:
-        from inference.engine.sampler import SamplingParams
+        from inference.runtime.engine.sampler import SamplingParams
 
         out: list[int] = []
         self.engine.add("r", prompt, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True),
@@ -100,7 +100,7 @@ class FrugalDecoder:
 def frugal_model(base, fmt: str):
     import copy
 
-    from inference.quantize import quantize_linears
+    from inference.runtime.quantize import quantize_linears
 
     model = copy.deepcopy(base)
     if fmt != "fp32":
@@ -191,7 +191,7 @@ def interleaved(decoders: dict, prompt, n: int, repeats: int, bar) -> dict[str, 
 
 def dense_size(label: str, base, tokenizer_json: Path, args, work: Path, bandwidth: float, bar) -> dict:
     from inference.gguf_export import write_gguf
-    from inference.quantize import weight_bytes
+    from inference.runtime.quantize import weight_bytes
 
     f32 = write_gguf(base, tokenizer_json, work / f"{label}-f32.gguf")
     n_ctx = len(PROMPT) + args.tokens + 8
@@ -224,7 +224,7 @@ def dense_size(label: str, base, tokenizer_json: Path, args, work: Path, bandwid
 def moe_speed(run: Path, args, bar) -> list[dict]:
     """The demo's MoE model, fp32 and INT8 (the release's format): today's Generator, the engine eager, the
     engine compiled."""
-    from inference.generate import Generator, SamplingConfig
+    from inference.runtime.generate import Generator, SamplingConfig
     from model.io import load_model
 
     class GeneratorDecoder:
@@ -260,9 +260,9 @@ def speculative(package: Path, args, bar) -> dict:
     """The release at batch 1 on the held-out prompts of the demo's benchmark workload, compiled: speculative
     (the package's gamma, adaptive) against plain decoding of the same target."""
     from inference.benchmark import Workload
-    from inference.engine.engine import Engine, EngineConfig
-    from inference.engine.sampler import SamplingParams
-    from inference.package import load_package
+    from inference.runtime.engine.engine import Engine, EngineConfig
+    from inference.runtime.engine.sampler import SamplingParams
+    from inference.runtime.package import load_package
 
     pkg = load_package(package)
     workload = Workload.load(ROOT / "data" / "benchmark_report" / "workload")

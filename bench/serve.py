@@ -1,6 +1,6 @@
 """Serving benchmark: frugal-serve's continuous batching under 1, 4, 16 and 64 concurrent streaming
 clients, for the release (speculative, as it ships; and plain batched decoding of the same weights, compiled
-and eager: the decode step before and after inference.engine.compiled) and for the dense fp32 baseline served
+and eager: the decode step before and after inference.runtime.engine.compiled) and for the dense fp32 baseline served
 the same way; prefix-cache hits; what a generated token costs.
 
     .venv/bin/python bench/serve.py [--package PATH] [--baseline-run data/dense_baseline_model]
@@ -9,7 +9,7 @@ the same way; prefix-cache hits; what a generated token costs.
 
 Every compiled server compiles its step for --compile-sizes at start-up (minutes on 2 cores; not counted).
 
-Each configuration is its own server process (`python -m inference.serve --port 0`, 127.0.0.1, --threads
+Each configuration is its own server process (`python -m inference.runtime.serve --port 0`, 127.0.0.1, --threads
 torch threads), checked with the official openai client and warmed up, then driven by C client threads
 (plain HTTP streaming, as vLLM's benchmark_serving drives a server; the openai client's per-chunk parsing
 costs as much CPU as the server on this 2-core machine), temperature 0, ignore_eos so that every request
@@ -63,7 +63,7 @@ WORDS = (
 @contextmanager
 def running_server(package: Path, threads: int, *flags: str) -> Iterator[tuple[str, int]]:
     """A frugal-serve process on a free port: (model name, port); stopped on exit."""
-    cmd = [sys.executable, "-m", "inference.serve", "--package", str(package), "--port", "0", "--threads",
+    cmd = [sys.executable, "-m", "inference.runtime.serve", "--package", str(package), "--port", "0", "--threads",
            str(threads), *flags]  # fmt: skip
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)

@@ -1,11 +1,10 @@
-"""Frugal inference. The runtime (what the release wheel ships): generation with a KV cache (`generate`),
-INT8/INT4 weight-only quantized layers (`quantize`), the INT8 KV cache (`kv_cache`), lossless speculative
-decoding with adaptive gamma (`speculative`), the verified package (`package`), the serving engine
-(`engine`: continuous batching, paged KV cache, prefix caching, batched speculative decoding), the
-OpenAI-compatible server (`server`, run as `serve`) and the lm-evaluation-harness adapter
-(`lm_eval_adapter`). `generate` and `speculative` are the eager references the engine is tested against.
+"""Frugal inference. The runtime, `inference.runtime`, is what the release wheel ships as it is: generation
+with a KV cache, INT8/INT4 quantized layers, the INT8 KV cache, lossless speculative decoding, the verified
+package, the serving engine (continuous batching, paged KV cache, prefix caching, the compiled decode step),
+the OpenAI-compatible server and the lm-evaluation-harness adapter. It imports neither `training/` nor
+`pipelines/`.
 
 Build-time tools beside it: AWQ calibration (`awq`), the quantized_model build (`quantized_model`),
-perplexity and memory measurement (`evaluate`), the benchmark (`benchmark`), the release (`release`) and the
-demo's ending (`demo`). None of them imports `training/` or `pipelines/` into the runtime.
+perplexity and memory measurement (`evaluate`), the benchmark (`benchmark`), GGUF export (`gguf_export`), the
+release (`release`) and the demo's ending (`demo`).
 """

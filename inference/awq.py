@@ -14,10 +14,10 @@ normalised by sqrt(max(s) min(s)) so that s sits around 1 (the quantized grid on
 the numbers tame). alpha = 0 is s = 1, plain quantization, so the chosen scales are never worse than plain
 quantization on the calibration rows. Matrices are searched independently (AWQ's scale search; no
 weight-clipping search, no folding of s into the previous layer: the quantized layer multiplies its input
-by input_scale = 1 / s itself, see inference.quantize).
+by input_scale = 1 / s itself, see inference.runtime.quantize).
 
 Conventions: `input_scales[name]` is `input_scale_K` = 1 / s, one positive value per input channel, for each
-name of `inference.quantize.matrices(model)`; pass the dict to `quantize_weights` / `quantize_linears`.
+name of `inference.runtime.quantize.matrices(model)`; pass the dict to `quantize_weights` / `quantize_linears`.
 A matrix that saw no calibration row (a routed expert no token reached) has no entry and is quantized plainly.
 
 Shape legend: M kept calibration rows, N outputs, K inputs, B batch, T positions.
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.quantize import (
+from inference.runtime.quantize import (
     Int4Weight,
     Int8Weight,
     QuantConfig,

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from inference.evaluate import ByteCounter, PeakMemory, perplexity
-from inference.generate import Generator, SamplingConfig
-from inference.quantize import weight_bytes
-from inference.speculative import SpeculativeGenerator
+from inference.runtime.generate import Generator, SamplingConfig
+from inference.runtime.quantize import weight_bytes
+from inference.runtime.speculative import SpeculativeGenerator
 from model.io import atomic_dir, atomic_file, read_tensors, save_tensors
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from inference.generate import SamplingConfig
-from inference.kv_cache import KV_CACHES
-from inference.package import load_package
-from inference.speculative import SpeculativeGenerator
+from inference.runtime.generate import SamplingConfig
+from inference.runtime.kv_cache import KV_CACHES
+from inference.runtime.package import load_package
+from inference.runtime.speculative import SpeculativeGenerator
 
 PROMPTS = ("The function returns", "This module provides")
 SAMPLE_PROMPTS = ("The function returns", "This module provides", "Once upon a time", "The results show")
@@ -36,8 +36,8 @@ def newest_release(releases: Path) -> Path:
 def samples(package, max_new_tokens: int) -> dict[str, str]:
     """Seeded samples of SAMPLE_PROMPTS, decoded as one batch by the engine (with the draft); printed and
     returned by prompt."""
-    from inference.engine.engine import Engine, EngineConfig
-    from inference.engine.sampler import SamplingParams
+    from inference.runtime.engine.engine import Engine, EngineConfig
+    from inference.runtime.engine.sampler import SamplingParams
 
     tok = package.target.tokenizer
     engine = Engine(package.target, package.draft, EngineConfig(gamma=package.gamma))

@@ -1,7 +1,7 @@
 """Build the quantized models that inference serves, and measure what quantization costs in quality.
 
 For each scheme (INT8 per channel; INT4 group-wise, AWQ-calibrated by default) the target and the draft
-are quantized and saved under OUT/<scheme>/{target,draft} (inference.quantize.save_quantized: portable
+are quantized and saved under OUT/<scheme>/{target,draft} (inference.runtime.quantize.save_quantized: portable
 safetensors, tokenizer.json beside them), and the target also gets per-channel KV-cache scales
 (`kv_scales.safetensors`, for `Generator.from_run(..., kv_cache="int8-channel")`). Then the target's
 validation perplexity is measured, through the KV cache, for every weight format and KV-cache format:
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from inference.evaluate import perplexity
-from inference.kv_cache import KV_SCALES_FILE, calibrate_channel_scales, save_kv_scales, use_int8_kv_cache
-from inference.quantize import (
+from inference.runtime.kv_cache import KV_SCALES_FILE, calibrate_channel_scales, save_kv_scales, use_int8_kv_cache
+from inference.runtime.quantize import (
     QuantConfig,
     check_quantizable,
     load_quantized,
@@ -146,7 +146,7 @@ def _build(target_run, draft_run, out_dir: Path, calibration_BT, heldout_NT, opt
         )
         if scheme == "int4" and cfg.awq:  # what calibration buys: the same scheme without it
             plain = load_model(target_run)
-            from inference.quantize import apply_quantized
+            from inference.runtime.quantize import apply_quantized
 
             apply_quantized(plain, quantize_weights(plain, dataclasses.replace(cfg, awq=False)))
             rows.append(measure("int4 (no AWQ)", describe(dataclasses.replace(cfg, awq=False)), "fp32", plain, None))

@@ -1,11 +1,14 @@
 """Building a release of the inference package (build time: this module is not part of the runtime).
 
-`assemble` lays out the package folder (see inference.package) from a target and a draft folder;
+`assemble` lays out the package folder (see inference.runtime.package) from a target and a draft folder;
 `build_wheel` turns it into a pip-installable wheel whose only dependencies are torch, tokenizers,
-safetensors and the server's (FastAPI, uvicorn, prometheus_client): the runtime modules (inference
-generation, quantized layers, KV cache, speculative decoding, the serving engine and the server; the model
-code; the kernels) are vendored under one top-level package, `frugal_runtime`,
-with the package folder inside it as `frugal_runtime/package/`, and `frugal-serve` as a console script.
+safetensors and the server's (FastAPI, uvicorn, prometheus_client). The wheel carries the runtime
+subpackage, `inference/runtime/` (generation, quantized layers, KV caches, speculative decoding, the serving
+engine, package loading and the server), and the two folders it imports, `model/` and `kernels/`, each
+copied as it is in the checkout: the code a release runs is byte for byte the code the tests run. The
+package folder goes inside the runtime as `inference/runtime/package/`, and `frugal-serve` is a console
+script. Since the wheel provides the top-level packages `inference`, `model` and `kernels`, install a
+release into an environment of its own (not into a checkout's).
 `tarball` packs the folder as a .tar.gz.
 """
 
@@ -19,29 +22,16 @@ import sys
 import tarfile
 from pathlib import Path
 
-from inference.package import FORMAT, MODEL_CARD_FILE, PACKAGE_FILE, write_manifest
+from inference.runtime.package import FORMAT, MODEL_CARD_FILE, PACKAGE_FILE, write_manifest
 from model.io import atomic_dir, atomic_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILES = ("config.json", "quantization.json", "model.safetensors", "tokenizer.json", "kv_scales.safetensors")
-RUNTIME_MODULES = {
-    "model": ("__init__.py", "config.py", "transformer.py", "io.py"),
-    "inference": (
-        "__init__.py", "generate.py", "speculative.py", "quantize.py", "kv_cache.py", "package.py", "serve.py",
-        "lm_eval_adapter.py",
-        "engine/__init__.py", "engine/block_pool.py", "engine/paged_cache.py", "engine/runner.py",
-        "engine/sampler.py", "engine/scheduler.py", "engine/spec_decode.py", "engine/engine.py",
-        "engine/experts.py", "engine/process.py", "engine/compiled.py",
-        "server/__init__.py", "server/protocol.py", "server/serving.py", "server/app.py",
-    ),
-    "kernels": ("__init__.py", "dispatch.py", "native.py", "kv_int8.py", "w4a16.py", "attention_int8.py",
-                "paged_attention_int8.py"),
-}  # fmt: skip
-"""What the wheel carries: the modules a served model imports (no training, assets or pipelines)."""
+RUNTIME_PACKAGES = ("inference/runtime", "model", "kernels")
+"""The folders the wheel carries whole: the runtime and what it imports (no training, assets or pipelines)."""
 RUNTIME_DEPENDENCIES = (
     "torch>=2.4", "tokenizers>=0.19", "safetensors>=0.4", "fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20",
 )  # fmt: skip
-VENDOR = "frugal_runtime"
 
 
 def assemble(out_dir: Path, target_dir: Path, draft_dir: Path | None, meta: dict, model_card: str) -> dict:
@@ -61,12 +51,6 @@ def assemble(out_dir: Path, target_dir: Path, draft_dir: Path | None, meta: dict
         return write_manifest(staging)
 
 
-def _vendored(source: str) -> str:
-    """Rewrite absolute imports of the runtime packages to their vendored names."""
-    pattern = r"^(\s*)(from|import) (model|inference|kernels)\b"
-    return re.sub(pattern, rf"\1\2 {VENDOR}.\3", source, flags=re.MULTILINE)
-
-
 def wheel_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).lower()
 
@@ -77,17 +61,10 @@ def build_wheel(package_dir: Path, dist_dir: Path, work_dir: Path) -> Path:
     stage = Path(work_dir) / "wheel-src"
     if stage.exists():
         shutil.rmtree(stage)
-    vendor = stage / VENDOR
-    vendor.mkdir(parents=True)
-    (vendor / "__init__.py").write_text(
-        f'"""{meta["name"]} {meta["version"]}: the Frugal inference runtime and its model (see package/)."""\n'
-    )
-    for pkg, modules in RUNTIME_MODULES.items():
-        (vendor / pkg).mkdir()
-        for module in modules:
-            (vendor / pkg / module).parent.mkdir(parents=True, exist_ok=True)
-            (vendor / pkg / module).write_text(_vendored((ROOT / pkg / module).read_text()))
-    shutil.copytree(package_dir, vendor / "package")
+    for folder in RUNTIME_PACKAGES:
+        shutil.copytree(ROOT / folder, stage / folder, ignore=shutil.ignore_patterns("__pycache__", "package"))
+    shutil.copy(ROOT / "inference" / "__init__.py", stage / "inference" / "__init__.py")
+    shutil.copytree(package_dir, stage / "inference" / "runtime" / "package")
     deps = ", ".join(f'"{d}"' for d in RUNTIME_DEPENDENCIES)
     (stage / "pyproject.toml").write_text(
         f"""[build-system]
@@ -102,13 +79,13 @@ requires-python = ">=3.10"
 dependencies = [{deps}]
 
 [project.scripts]
-frugal-serve = "{VENDOR}.inference.serve:main"
+frugal-serve = "inference.runtime.serve:main"
 
 [project.entry-points."lm_eval.models"]
-frugal = "{VENDOR}.inference.lm_eval_adapter:FrugalLM"
+frugal = "inference.runtime.lm_eval_adapter:FrugalLM"
 
 [tool.setuptools.packages.find]
-include = ["{VENDOR}*"]
+include = ["inference", "inference.runtime*", "model*", "kernels*"]
 
 [tool.setuptools.package-data]
 "*" = ["*.json", "*.safetensors", "*.md"]

@@ -1,11 +1,11 @@
-"""INT8 KV cache quantization, in the layout of inference/kv_cache.py: keys or values x (B, G, T, Dh).
+"""INT8 KV cache quantization, in the layout of inference/runtime/kv_cache.py: keys or values x (B, G, T, Dh).
 
 Per token (what Int8LayerCache stores): one symmetric scale per (batch, kv head, position),
 s = max(absmax over Dh / 127, 1e-12), q = round(x / s) clamped to [-127, 127], x ~ q s. The rounding error
 is at most s / 2 and the scale travels with the token (B, G, T, 1), so appending to the cache never
 requantizes older positions.
 
-Per channel: a static scale (G, Dh) calibrated once (inference/kv_cache.py's calibrate_channel_scales:
+Per channel: a static scale (G, Dh) calibrated once (inference/runtime/kv_cache.py's calibrate_channel_scales:
 absmax over calibration text / 127), the same q = round(x / s) clamp. Keys have outlier channels that
 per-token scales spread over the whole token; a channel scale isolates them, at the price of clipping
 anything beyond the calibration range.

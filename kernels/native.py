@@ -1,6 +1,6 @@
 """torch's private CPU kernels for weight-only quantized matmuls, behind the preconditions they assume.
 
-Frugal's INT8 and INT4 layers (inference.quantize) run on three private aten ops. Their preconditions are
+Frugal's INT8 and INT4 layers (inference.runtime.quantize) run on three private aten ops. Their preconditions are
 written down nowhere, and some are not checked by the ops themselves: a breach is a segmentation fault, not
 an error. Every call of those ops goes through this module, which checks what they need and names the tensor
 that breaks it.
@@ -30,7 +30,7 @@ import torch
 ALIGNMENT = 64
 """Bytes: the alignment of torch's CPU allocator, above the 32 that the AVX-512 INT8 kernel needs."""
 INT8_K_MULTIPLE = 16
-"""The INT8 kernel's row width K must be a multiple of this (inference.quantize pads narrower weights)."""
+"""The INT8 kernel's row width K must be a multiple of this (inference.runtime.quantize pads narrower weights)."""
 INT4_N_MULTIPLE = 16
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_INNER_K_TILES = 2

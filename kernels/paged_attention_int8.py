@@ -1,4 +1,4 @@
-"""Attention that reads an INT8 KV cache through block tables (inference.engine.paged_cache's layout),
+"""Attention that reads an INT8 KV cache through block tables (inference.runtime.engine.paged_cache's layout),
 for a batch of sequences each bringing its own run of new queries: the serving engine's attention on a GPU.
 
 Layout: keys and values (num_blocks, block_size, G, Dh) int8; position s of sequence b lives in block

@@ -1,6 +1,6 @@
 """W4A16: y = x W^T with W in group-wise INT4 and x in 16-bit (or fp32) floats.
 
-Weights follow inference/quantize.py's Int4Weight: q in [0, 15], one fp32 scale s and zero z per group of
+Weights follow inference/runtime/quantize.py's Int4Weight: q in [0, 15], one fp32 scale s and zero z per group of
 `group_size` consecutive inputs of a row, w = (q - 8) s + z.
 
 Packing: two nibbles per byte along K, rows kept in order. Byte p of row n holds q[n, 2p] in its low

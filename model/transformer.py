@@ -202,7 +202,7 @@ class MoE(nn.Module):
         self.last_routing: Routing | None = None
         self.aux_loss = torch.zeros(())
         self.quantized: nn.ModuleList | None = None
-        """Set by inference.quantize: per expert, quantized (w1, w3, w2) replacing the weight stacks."""
+        """Set by inference.runtime.quantize: per expert, quantized (w1, w3, w2) replacing the weight stacks."""
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -285,7 +285,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[LayerCache]:
         """One cache per layer, in the embedding's dtype unless given; a model may set `cache_factory`
-        (e.g. inference.kv_cache's INT8 cache)."""
+        (e.g. inference.runtime.kv_cache's INT8 cache)."""
         dtype = dtype or self.embed.weight.dtype
         n_kv = self.config.n_kv_heads or self.config.n_heads
         shape = (batch, n_kv, max_len or self.config.max_seq_len, self.config.head_dim)

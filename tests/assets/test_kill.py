@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 from safetensors.torch import load_file
 
-from inference.package import verify
+from inference.runtime.package import verify
 from model.io import TEMP_SUFFIX
 from tests.assets.conftest import TINY, TINY_DRAFT
 from tests.conftest import ROOT

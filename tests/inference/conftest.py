@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from inference.quantize import QuantConfig, quantize_weights, save_quantized
 from inference.release import assemble
+from inference.runtime.quantize import QuantConfig, quantize_weights, save_quantized
 from model.config import debug_tiny, debug_tiny_draft
 from model.io import save_model
 from model.tokenizer import TokenizerConfig, train_tokenizer

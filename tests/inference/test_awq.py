@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.awq import awq_calibrate, collect_activations, output_mse, search_input_scale
-from inference.quantize import QuantConfig, matrices, quantize_linears, quantize_weights
+from inference.runtime.quantize import QuantConfig, matrices, quantize_linears, quantize_weights
 from model.config import debug_tiny
 from model.transformer import MoE, Transformer
 

@@ -4,7 +4,7 @@ the package decoding the same greedy text with and without its draft."""
 import pytest
 
 from inference import demo
-from inference.package import load_package
+from inference.runtime.package import load_package
 
 
 def test_the_demo_prints_the_report_and_identical_plain_and_speculative_samples(tiny_package, tmp_path, capsys):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from inference.evaluate import ByteCounter, PeakMemory, perplexity, tensor_bytes
-from inference.kv_cache import use_int8_kv_cache
-from inference.quantize import quantize_linears
+from inference.runtime.kv_cache import use_int8_kv_cache
+from inference.runtime.quantize import quantize_linears
 from model.config import debug_tiny
 from model.transformer import Transformer
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.generate import Generator, SamplingConfig
 from inference.gguf_export import tensors, to_hf_llama, write_gguf
+from inference.runtime.generate import Generator, SamplingConfig
 from model.config import debug_tiny, dense_baseline
 from model.transformer import Transformer
 
@@ -73,7 +73,7 @@ def test_llama_cpp_decodes_frugals_greedy_tokens(dense, gguf_file):
 
 
 def test_moe_and_quantized_models_are_refused(tiny_tokenizer, tmp_path):
-    from inference.quantize import quantize_linears
+    from inference.runtime.quantize import quantize_linears
 
     with pytest.raises(ValueError, match="MoE layers"):
         write_gguf(Transformer(debug_tiny()), tiny_tokenizer, tmp_path / "moe.gguf")

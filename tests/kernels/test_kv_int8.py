@@ -1,4 +1,4 @@
-"""INT8 KV quantization: the reference against inference/kv_cache.py, its error bounds, and the Triton
+"""INT8 KV quantization: the reference against inference/runtime/kv_cache.py, its error bounds, and the Triton
 kernels (interpreted on CPU), which must give the reference's exact bytes and scales."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.kv_cache import Int8LayerCache
+from inference.runtime.kv_cache import Int8LayerCache
 from kernels import kv_int8
 from kernels.kv_int8 import (
     dequantize,

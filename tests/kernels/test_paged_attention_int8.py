@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.engine.paged_cache import PagedKVCache
+from inference.runtime.engine.paged_cache import PagedKVCache
 from kernels.paged_attention_int8 import paged_attention_int8_reference, paged_attention_int8_triton
 
 

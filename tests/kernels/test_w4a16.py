@@ -1,4 +1,4 @@
-"""W4A16: the nibble packing, the reference against inference/quantize.py's Int4Weight and against fp32,
+"""W4A16: the nibble packing, the reference against inference/runtime/quantize.py's Int4Weight and against fp32,
 the Triton kernel (interpreted on CPU) against the reference, and the dispatcher.
 
 The interpreter runs tl.dot through numpy, which has no bfloat16 (triton-lang/triton#11584): the kernel is
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.quantize import quantize_int4
+from inference.runtime.quantize import quantize_int4
 from kernels.w4a16 import (
     dequantize_int4,
     pack_int4,

@@ -1,0 +1,53 @@
+"""Grouped experts against the MoE layer's own per-expert loop: fp32 close, INT8 bit for bit, and the
+formats that cannot be stacked (INT4's packed layout, differing AWQ input scales) left to the loop."""
+
+import pytest
+import torch
+
+from inference.runtime.engine.experts import GroupedExperts
+from inference.runtime.quantize import QuantConfig, apply_quantized, quantize_weights
+from model.config import debug_tiny
+from model.transformer import Transformer
+from tests.conftest import cpu_capabilities, run_under_capability
+
+
+def moe_layer(scheme: str, awq_scales: bool = False):
+    torch.manual_seed(0)
+    model = Transformer(debug_tiny()).eval()
+    if scheme != "fp32":
+        weights = quantize_weights(model, QuantConfig(scheme, group_size=32))
+        if awq_scales:  # AWQ gives each expert its own input scales
+            for name, w in weights.items():
+                if ".experts." in name:
+                    w.input_scale_K = torch.rand(w.q_NK.shape[1]) + 0.5
+        apply_quantized(model, weights)
+    return model.moe_layers()[0]
+
+
+@pytest.mark.parametrize("scheme,exact", [("fp32", False), ("int8", True)])
+@pytest.mark.parametrize("n_tokens", [1, 5, 33])
+def test_grouped_experts_match_the_loop(scheme, exact, n_tokens):
+    moe = moe_layer(scheme)
+    grouped = GroupedExperts(moe)
+    assert grouped.usable
+    x = torch.randn(n_tokens, 64) * 3
+    with torch.no_grad():
+        want, got = moe(x[None])[0], grouped(x)
+    if exact:
+        assert torch.equal(got, want)
+    else:
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_int4_and_differing_input_scales_keep_the_loop():
+    assert not GroupedExperts(moe_layer("int4")).usable
+    assert not GroupedExperts(moe_layer("int8", awq_scales=True)).usable
+
+
+@pytest.mark.parametrize("capability", cpu_capabilities())
+def test_grouped_int8_experts_under_every_cpu_capability(capability):
+    """The stacked INT8 products go through torch's native kernel: run them in a subprocess per
+    ATEN_CPU_CAPABILITY the machine supports, so that a crash fails this test instead of a server."""
+    proc = run_under_capability(capability, ["-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                                             "-k", "test_grouped_experts_match_the_loop and int8"])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:]
