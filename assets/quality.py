@@ -24,7 +24,9 @@ class FilteredDocumentsConfig(dg.Config):
     languages: list[str] = Field(default_factory=lambda: ["en"])
     """lid.176 language codes to keep."""
     min_language_score: float = 0.65
-    """Minimum probability of the document's top language."""
+    """Minimum language score of a document in a wanted language (below it: `language_score:<lang><threshold>`)."""
+    language_by: str = "paragraphs"
+    """paragraphs (each paragraph votes, weighted by its letters) or document (lid.176 on the whole text)."""
     disabled_filters: list[str] = Field(default_factory=list)
     """Heuristic filters to switch off: gopher_repetition, gopher_quality, c4, fineweb."""
     filter_overrides: str = "{}"
@@ -77,7 +79,10 @@ def filtered_documents(
     if unknown:
         raise ValueError(f"disabled_filters: unknown filters {sorted(unknown)}; known: {list(FILTER_NAMES)}")
     stage = FilterConfig(
-        languages=tuple(config.languages), min_language_score=config.min_language_score, workers=config.workers
+        languages=tuple(config.languages),
+        min_language_score=config.min_language_score,
+        language_by=config.language_by,
+        workers=config.workers,
     )
     for name, kwargs in json.loads(config.filter_overrides).items():
         if name not in FILTER_NAMES:

