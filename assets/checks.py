@@ -171,7 +171,51 @@ def no_empty_bucket(paths: CurationPaths) -> dg.AssetCheckResult:
     )
 
 
+class DropShareLimit(dg.Config):
+    max_drop_share: float = 0.5
+    """A stage that drops more than this share of its input warns (a bad default loses data quietly)."""
+    top_reasons: int = 5
+    """How many drop reasons the warning names, each with a few example ids."""
+
+
+def _drop_share_check(asset_name: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset=asset_name,
+        name="drop_share_below_limit",
+        description="Warns when the stage drops more than max_drop_share of its input, naming the top reasons.",
+    )
+    def check(config: DropShareLimit, paths: CurationPaths) -> dg.AssetCheckResult:
+        ledger = pq.read_table(paths.stage_dir(asset_name) / LEDGER_FILE, columns=["id", "outcome", "reason"])
+        dropped = ledger.filter(pc.equal(ledger["outcome"], "dropped"))
+        share = dropped.num_rows / ledger.num_rows if ledger.num_rows else 0.0
+        by_reason: dict[str, list[str]] = {}
+        for row in dropped.to_pylist():
+            by_reason.setdefault(row["reason"], []).append(row["id"])
+        top = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: config.top_reasons]
+        rows = [(reason, len(ids), f"{len(ids) / ledger.num_rows:.1%}", ", ".join(ids[:3])) for reason, ids in top]
+        passed = share <= config.max_drop_share
+        names = "; ".join(f"{reason} ({n})" for reason, n, _, _ in rows)
+        return dg.AssetCheckResult(
+            passed=passed,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(
+                f"drops {share:.0%} of its {ledger.num_rows} input documents"
+                + ("" if passed else f", over the limit of {config.max_drop_share:.0%}: {names}")
+            ),
+            metadata={
+                "drop_share": share,
+                "max_drop_share": config.max_drop_share,
+                "n_input": ledger.num_rows,
+                "n_dropped": dropped.num_rows,
+                "top_reasons": dg.MetadataValue.md(md_table(("reason", "dropped", "of input", "example ids"), rows)),
+            },
+        )
+
+    return check
+
+
 CHECKS = [
+    *(_drop_share_check(name) for name in CURATION_STAGES),
     *(_schema_check(name, files) for name, files in SCHEMAS.items()),
     *(_unique_ids_check(name) for name in DOCUMENT_ASSETS),
     near_duplicate_rate_in_bounds,

@@ -89,3 +89,30 @@ class Ledger:
     def to_table(self) -> pa.Table:
         columns = {name: [getattr(r, name) for r in self.rows] for name in LEDGER_SCHEMA.names}
         return pa.Table.from_pydict(columns, schema=LEDGER_SCHEMA)
+
+
+def kept_by_source(stage_ledgers: dict[str, pa.Table], source_of: dict[str, str], max_sources: int = 12) -> list[dict]:
+    """Per source, its input count and how many of its documents are still kept after each stage, in stage
+    order (the first ledger's rows are the input). A document's source is `source_of[id]`, else the input file
+    of its first ledger row (documents dropped on reading have no source yet). Past `max_sources`, the
+    smallest sources are summed as "(other)"."""
+    stages = list(stage_ledgers)
+    first = stage_ledgers[stages[0]]
+    group = {}
+    for doc_id, location in zip(first["id"].to_pylist(), first["location"].to_pylist()):
+        group[doc_id] = source_of.get(doc_id) or location.rpartition(":")[0] or "(unknown)"
+    sizes: dict[str, int] = {}
+    for g in group.values():
+        sizes[g] = sizes.get(g, 0) + 1
+    named = sorted(sizes, key=lambda g: (-sizes[g], g))[:max_sources]
+    if len(sizes) > max_sources:
+        group = {i: (g if g in named else "(other)") for i, g in group.items()}
+        named.append("(other)")
+    rows = {g: {"source": g, "input": 0, **dict.fromkeys(stages, 0)} for g in named}
+    for g in group.values():
+        rows[g]["input"] += 1
+    for stage, table in stage_ledgers.items():
+        for doc_id, outcome in zip(table["id"].to_pylist(), table["outcome"].to_pylist()):
+            if outcome == KEPT and doc_id in group:
+                rows[group[doc_id]][stage] += 1
+    return [rows[g] for g in named]

@@ -13,7 +13,7 @@ import pytest
 
 from assets.checks import CHECKS
 from assets.curation import clean_documents, near_dedup_documents, raw_documents
-from assets.ledger import CURATION_ASSETS, document_ledger
+from assets.ledger import CURATION_ASSETS, CURATION_STAGES, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
 from assets.training import tokenizer, tokenizer_round_trips
@@ -80,7 +80,7 @@ def test_first_half_materializes_and_passes_checks(tmp_path):
     assert raw["preview"].value.records[0].data == {"id": "d0", "source": "test", "text": prose(0, 120)[:160]}
 
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
-    assert len(checks) == len(checks_for(FIRST_HALF)) == 7
+    assert len(checks) == len(checks_for(FIRST_HALF)) == 10
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
 
     clean_ledger = pq.read_table(tmp_path / "data" / "clean_documents" / "ledger.parquet").to_pylist()
@@ -123,6 +123,25 @@ def test_failed_check_on_near_duplicate_bounds(tmp_path):
     assert checks["unique_ids"].passed
 
 
+def test_a_stage_that_drops_more_than_its_limit_warns_with_its_reasons(tmp_path):
+    src = corpus(tmp_path)
+    limit = {"config": {"max_drop_share": 0.02}}  # near-dedup drops 1 of 31 (3%)
+    run_config = {
+        "raw_documents": {"config": {"inputs": [str(src)]}},
+        "near_dedup_documents_drop_share_below_limit": limit,
+    }
+    result = materialize(tmp_path, {"ops": run_config})
+    checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    warning = checks[("near_dedup_documents", "drop_share_below_limit")]
+    assert not warning.passed and warning.severity == dg.AssetCheckSeverity.WARN
+    assert warning.metadata["drop_share"].value == pytest.approx(1 / 31)
+    [row] = [line for line in warning.metadata["top_reasons"].value.splitlines() if "near_duplicate:" in line]
+    assert "| 1 |" in row and "d4" in row  # the reason, its count and an example id
+    assert "over the limit of 2%" in warning.description and "near_duplicate:" in warning.description
+    raw_share = checks[("raw_documents", "drop_share_below_limit")]  # 2 of 34 at the default limit of 50%
+    assert raw_share.passed and raw_share.metadata["n_dropped"].value == 2
+
+
 def test_missing_input_fails_the_run_naming_the_path(tmp_path):
     with pytest.raises(Exception, match=r"nowhere\.jsonl"):
         materialize(tmp_path, {"ops": {"raw_documents": {"config": {"inputs": [str(tmp_path / "nowhere.jsonl")]}}}})
@@ -145,8 +164,10 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
     assert result.success
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
     assert len(checks) == len(CHECKS) + 1
-    failed = {k: c.metadata for k, c in checks.items() if not c.passed}
+    failed = {k: c.metadata for k, c in checks.items() if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR}
     assert not failed, failed
+    shares = {a: checks[(a, "drop_share_below_limit")].metadata["drop_share"].value for a in CURATION_STAGES}
+    assert shares["raw_documents"] == 0.0 and 0 < shares["near_dedup_documents"] < 0.5
 
     data = tmp_path / "data"
     ledger = pq.read_table(data / "document_ledger" / "ledger.parquet").to_pylist()
@@ -162,6 +183,12 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
     n_final = sum(r["outcome"] == "kept" for r in per_stage["curriculum_shards"])
     assert manifest["n_rows"] == n_final == sum(s["rows"] for s in manifest["shards"]) and len(manifest["shards"]) > 1
 
+    by_source = metadata_of(result, "document_ledger")["kept_by_source"].value
+    assert "data:image/png;base64," in by_source
+    share = {
+        line.split("|")[1].strip(): line.split("|")[-2].strip() for line in by_source.splitlines()[2:] if "|" in line
+    }
+    assert int(share["synthetic-low-quality"].rstrip("%")) < int(share["python-docs"].rstrip("%"))
     scored = metadata_of(result, "scored_documents")
     assert "data:image/png;base64," in scored["score_by_source"].value
     classifier = metadata_of(result, "quality_classifier")

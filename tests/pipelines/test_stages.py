@@ -6,10 +6,12 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.clean import CleanConfig, clean
+from pipelines.document import kept_by_source
 from pipelines.ingest import ingest
 from pipelines.near_dedup import NearDedupConfig, near_dedup
 from pipelines.readers import InputError, ReaderConfig
@@ -193,3 +195,24 @@ def test_a_full_disk_or_read_only_folder_names_the_path_and_keeps_the_previous_o
     assert error.startswith(f"error: {disk}/raw/documents.parquet: cannot write: ") and error.endswith(message), error
     assert (report / "after").read_text() == (report / "before").read_text()  # the first run's files, intact
     assert sorted((report / "listing").read_text().split()) == ["documents.parquet", "ledger.parquet", "stats.json"]
+
+
+def test_kept_by_source_follows_each_source_through_the_stages():
+    def ledger(rows):  # (id, outcome, location)
+        ids, outcomes, locations = zip(*rows)
+        return pa.table({"id": list(ids), "outcome": list(outcomes), "location": list(locations)})
+
+    raw = ledger([("a1", "kept", "a.jsonl:1"), ("a2", "kept", "a.jsonl:2"), ("b1", "kept", "b.warc:1"),
+                  ("bad", "dropped", "b.warc:2"), ("c1", "kept", "c.jsonl:1")])  # fmt: skip
+    clean = ledger([("a1", "kept", ""), ("a2", "dropped", ""), ("b1", "kept", ""), ("c1", "kept", "")])
+    final = ledger([("a1", "kept", ""), ("b1", "dropped", ""), ("c1", "kept", "")])
+    sources = {"a1": "docs", "a2": "docs", "b1": "book", "c1": "notes"}  # "bad" never got one
+    rows = kept_by_source({"raw": raw, "clean": clean, "final": final}, sources)
+    assert rows == [
+        {"source": "docs", "input": 2, "raw": 2, "clean": 1, "final": 1},  # largest first, then by name
+        {"source": "b.warc", "input": 1, "raw": 0, "clean": 0, "final": 0},  # dropped on reading: its file
+        {"source": "book", "input": 1, "raw": 1, "clean": 1, "final": 0},
+        {"source": "notes", "input": 1, "raw": 1, "clean": 1, "final": 1},
+    ]
+    folded = kept_by_source({"raw": raw, "clean": clean, "final": final}, sources, max_sources=1)
+    assert [(r["source"], r["input"], r["final"]) for r in folded] == [("docs", 2, 1), ("(other)", 3, 1)]
