@@ -19,6 +19,7 @@ import fsspec.core
 import pyarrow.parquet as pq
 
 from pipelines.document import Document, Rejected
+from pipelines.text import html_main_text
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd"}
@@ -317,7 +318,6 @@ def _read_warc(path: str, config: ReaderConfig) -> Iterator[Document | Rejected]
     A truncated or corrupt file is an InputError naming the record, never a silently shorter document: a .warc.gz
     is decompressed by Python's gzip (which notices a stream that ends early, where warcio's reader stops quietly),
     and each record must deliver every byte its Content-Length declares."""
-    from resiliparse.extract.html2text import extract_plain_text
     from resiliparse.parse.encoding import bytes_to_str, detect_encoding
     from resiliparse.parse.html import HTMLTree
     from warcio.archiveiterator import ArchiveIterator
@@ -345,7 +345,7 @@ def _read_warc(path: str, config: ReaderConfig) -> Iterator[Document | Rejected]
                 if missing:
                     raise InputError(f"{location}: truncated: {missing} bytes of its Content-Length are missing")
                 if "html" in ctype.lower():
-                    text = extract_plain_text(HTMLTree.parse_from_bytes(payload), main_content=True)
+                    text = html_main_text(HTMLTree.parse_from_bytes(payload))
                 elif ctype.lower().startswith("text/") or record.rec_type == "conversion":
                     text = bytes_to_str(payload, detect_encoding(payload))
                 else:

@@ -25,3 +25,19 @@ def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFC", _CONTROL_RE.sub("", text))
     lines = (_HSPACE_RE.sub(" ", line).strip() for line in text.split("\n"))
     return _BLANK_LINES_RE.sub("\n\n", "\n".join(lines)).strip()
+
+
+HTML_CHROME_SELECTORS = ("#mdbook-help-container", "#sidebar", "#menu-bar", "nav")
+"""Site chrome that resiliparse's main-content heuristic keeps: mdBook's keyboard-help box ("Keyboard shortcuts /
+Press ← or → to navigate"), its sidebar and menu bar, and <nav> elements."""
+
+
+def html_main_text(tree) -> str:
+    """The main content of a parsed page (resiliparse HTMLTree) as plain text, without HTML_CHROME_SELECTORS."""
+    from resiliparse.extract.html2text import extract_plain_text
+
+    if tree.body is not None:
+        for selector in HTML_CHROME_SELECTORS:
+            for node in tree.body.query_selector_all(selector):
+                node.parent.remove_child(node)
+    return extract_plain_text(tree, main_content=True)

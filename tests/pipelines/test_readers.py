@@ -44,7 +44,11 @@ def test_warc_html_and_text_records(tmp_path):
     path = tmp_path / "crawl.warc.gz"
     with open(path, "wb") as f:
         writer = WARCWriter(f, gzip=True)
-        html = b"<html><body><nav>Menu</nav><p>Hello from the page body.</p></body></html>"
+        html = (  # an mdBook page's chrome: its keyboard-help box, sidebar and menu bar
+            b'<html><body><div id="mdbook-help-container"><h2>Keyboard shortcuts</h2><p>Press \xe2\x86\x90 or '
+            b'\xe2\x86\x92 to navigate between chapters</p></div><nav id="sidebar">Chapter 1 Chapter 2</nav>'
+            b'<div id="menu-bar">Search this book</div><main><p>Hello from the page body.</p></main></body></html>'
+        )
         for uri, ctype, body in [
             ("http://x.test/a", "text/html; charset=utf-8", html),
             ("http://x.test/b", "image/png", b"\x89PNG"),
@@ -54,7 +58,7 @@ def test_warc_html_and_text_records(tmp_path):
                 writer.create_warc_record(uri, "response", payload=io.BytesIO(body), http_headers=headers)
             )
     records = read_all([path])
-    assert isinstance(records[0], Document) and "Hello from the page body." in records[0].text
+    assert isinstance(records[0], Document) and records[0].text.strip() == "Hello from the page body."
     assert records[0].metadata["url"] == "http://x.test/a"
     assert isinstance(records[1], Rejected) and "image/png" in records[1].detail
 
