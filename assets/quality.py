@@ -15,8 +15,9 @@ from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
 from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
 from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
-from pipelines.quality import MODEL_FILE, QualityModelConfig, train_quality_classifier
+from pipelines.quality import MODEL_FILE, QualityModelConfig, resemblance, train_quality_classifier
 from pipelines.quality_score import SCORES_FILE, ScoreConfig, score_documents
+from pipelines.reference import DOMAINS, ReferenceConfig
 from pipelines.stage import DOCUMENTS_FILE
 
 
@@ -27,6 +28,9 @@ class FilteredDocumentsConfig(dg.Config):
     """Minimum language score of a document in a wanted language (below it: `language_score:<lang><threshold>`)."""
     language_by: str = "paragraphs"
     """paragraphs (each paragraph votes, weighted by its letters) or document (lid.176 on the whole text)."""
+    decontaminate: list[str] = Field(default_factory=list)
+    """Evaluation files (JSONL or text): documents sharing a 13-word passage with one are dropped as
+    `contaminated:<file name>`."""
     disabled_filters: list[str] = Field(default_factory=list)
     """Heuristic filters to switch off: gopher_repetition, gopher_quality, c4, fineweb."""
     filter_overrides: str = "{}"
@@ -36,16 +40,21 @@ class FilteredDocumentsConfig(dg.Config):
 
 class QualityClassifierConfig(dg.Config):
     positives: list[str] = Field(default_factory=list)
-    """Reference (high-quality) documents; empty uses the embedded reference set."""
+    """Reference (high-quality) document files; empty uses the reference domains (pipelines.reference)."""
     negatives: list[str] = Field(default_factory=list)
-    """Documents to sample negatives from; empty uses raw_documents."""
+    """Extra negative files, e.g. a sample of a general crawl; junk made from the positives is always used.
+    Never the corpus being curated: the classifier would learn "not this corpus"."""
+    reference_domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
+    """The reference domains to use when no positives are given (those this machine lacks are left out)."""
+    max_per_domain: int = 400
+    """Reference documents per domain (a seeded sample)."""
+    measure_transfer: bool = True
+    """Measure leave-one-domain-out transfer (one more fastText model per domain)."""
     max_negatives: int = 20_000
     epoch: int = 25
     lr: float = 0.5
     dim: int = 16
     max_chars: int = 1000
-    reference_package_docs: bool = False
-    """Add installed packages' docstrings to the embedded reference (for sample corpora > ~3,000 documents)."""
     seed: int = 0
 
 
@@ -82,6 +91,7 @@ def filtered_documents(
         languages=tuple(config.languages),
         min_language_score=config.min_language_score,
         language_by=config.language_by,
+        decontaminate=tuple(config.decontaminate),
         workers=config.workers,
     )
     for name, kwargs in json.loads(config.filter_overrides).items():
@@ -106,21 +116,44 @@ def filtered_documents(
 def quality_classifier(
     context: dg.AssetExecutionContext, config: QualityClassifierConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
-    """A fastText classifier of reference-quality text, trained on the reference set against a random
-    sample of raw_documents (the DCLM recipe); held-out precision, recall, F1 and ROC-AUC."""
+    """A fastText classifier of edited text against junk: trained on reference documents of several domains
+    (or the given positives) against junk made from their vocabulary (and any given negatives), never on the
+    corpus being curated; held-out precision, recall, F1, ROC-AUC, and transfer leave-one-domain-out."""
     out_dir = paths.stage_dir("quality_classifier")
-    model_config = QualityModelConfig(**config.model_dump(exclude={"positives", "negatives"}))  # same names
+    reference = ReferenceConfig(domains=tuple(config.reference_domains), max_per_domain=config.max_per_domain,
+                                seed=config.seed)  # fmt: skip
+    fields = config.model_dump(exclude={"positives", "negatives", "reference_domains", "max_per_domain"})
+    model_config = QualityModelConfig(**fields, reference=reference)
     metrics = train_quality_classifier(
-        list(config.negatives) or [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
-        out_dir,
-        list(config.positives) or None,
-        model_config,
-        log=context.log,
+        list(config.negatives), out_dir, list(config.positives) or None, model_config, log=context.log
     )
-    summary = dataclasses.asdict(metrics)
-    run_dir = wandb.log_run(context, "quality_classifier", summary, config=config.model_dump())
+    summary = {k: v for k, v in dataclasses.asdict(metrics).items() if k not in ("positives_by_domain", "transfer")}
+    rows = [(t["domain"], t["n_real"], t["roc_auc"], f"{t['real_kept']:.0%}", f"{t['junk_kept']:.0%}")
+            for t in metrics.transfer]  # fmt: skip
+    columns = ("held-out domain", "documents", "ROC-AUC", "real kept", "junk kept")
+    if rows:
+        summary["transfer_min_roc_auc"] = min(t["roc_auc"] for t in metrics.transfer)
+        summary["transfer_min_real_kept"] = min(t["real_kept"] for t in metrics.transfer)
+        summary["transfer_max_junk_kept"] = max(t["junk_kept"] for t in metrics.transfer)
+    tables = {"transfer": (columns, rows)} if rows else {}
+    run_dir = wandb.log_run(context, "quality_classifier", summary, tables=tables, config=config.model_dump())
     metadata = {**summary, "model_path": dg.MetadataValue.path(str(out_dir / MODEL_FILE))}
-    metadata["positives"] = "embedded reference set" if not config.positives else ", ".join(config.positives)
+    metadata["positives_by_domain"] = text_table(("domain", "documents"), list(metrics.positives_by_domain.items()))
+    if rows:
+        metadata["transfer"] = dg.MetadataValue.md(
+            f"Leave one domain out, kept at quality_score >= {model_config.transfer_threshold}:\n\n"
+            + md_table(columns, rows)
+        )
+    if config.positives:
+        raw = pq.read_table(paths.stage_dir("raw_documents") / DOCUMENTS_FILE, columns=["text"])["text"].to_pylist()
+        share = resemblance(config.positives, raw)
+        metadata["positives_in_corpus"] = share
+        if share > 0.2:
+            metadata["warning"] = (
+                f"{share:.0%} of the positives are documents of raw_documents itself: quality_score then measures "
+                "resemblance to this corpus, not quality"
+            )
+            context.log.warning(metadata["warning"])
     if run_dir:
         metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
     return dg.MaterializeResult(metadata=metadata)

@@ -7,11 +7,10 @@ Corpus: the sample builder's default mixture scaled to --n-documents (real docum
 near-duplicates, and 15% synthetic low-quality documents of five kinds, labelled in metadata).
 
 1. Classifier: the documents are split 80/20 by a hash of their id. The classifier is trained as the
-   quality_classifier asset trains it: the embedded reference set as positives (with the package
-   docstrings, since the corpus has them at this size), a random sample of the training split as
-   negatives; reference documents whose clean text appears in the held-out split are left out, so
-   no held-out document was seen in training. It is then scored on the held-out split: real
-   documents (positive) against the synthetic low-quality ones (negative).
+   quality_classifier asset trains it: the reference domains (pipelines.reference) as positives against
+   junk made from their vocabulary, never the corpus; reference documents whose clean text appears in the
+   held-out split are left out, so no held-out document was seen in training. It is then scored on the
+   held-out split: real documents (positive) against the synthetic low-quality ones (negative).
 2. End to end: every curation stage function on the whole corpus, timed one by one (the classifier is
    the one step 1 trained; its training time is counted once).
 3. Scoring throughput: the trained model scores every document of raw_documents' Parquet output (what
@@ -41,11 +40,11 @@ from pipelines.quality import (
     QualityModelConfig,
     QualityScorer,
     precision_recall_f1,
-    reference_documents,
     roc_auc,
     train_quality_classifier,
 )
 from pipelines.quality_score import ScoreConfig, score_documents, score_texts
+from pipelines.reference import reference_domains
 from pipelines.sample_corpus import SampleCorpusConfig, build_sample_corpus
 from pipelines.text import normalize_text
 
@@ -74,23 +73,18 @@ def main() -> None:
     # --- 1. classifier on a held-out labelled split ---------------------------------------------
     with gzip.open(corpus, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    train_rows = [r for r in rows if not held_out(r["id"])]
     test_rows = [r for r in rows if held_out(r["id"])]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        negatives = tmp / "train_split.jsonl"
-        negatives.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
         held_texts = {normalize_text(r["text"]) for r in test_rows}
-        # The corpus holds package docstrings (source 4) at this size, so the reference set does too.
         reference = [
-            d for d in reference_documents(include_package_docs=True) if normalize_text(d.text) not in held_texts
+            d for docs in reference_domains().values() for d in docs if normalize_text(d.text) not in held_texts
         ]
         positives = tmp / "reference.jsonl"
         positives.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in reference))
         started = time.perf_counter()
-        metrics = train_quality_classifier(
-            [str(negatives)], work / "model", [str(positives)], QualityModelConfig(), log=None
-        )
+        config = QualityModelConfig(measure_transfer=False)  # bench/curation_transfer.py measures transfer
+        metrics = train_quality_classifier(None, work / "model", [str(positives)], config, log=None)
         train_seconds = time.perf_counter() - started
     scorer = QualityScorer(work / "model" / "model.bin")
     scores = scorer.score([r["text"] for r in test_rows])

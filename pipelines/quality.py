@@ -1,18 +1,20 @@
-"""quality_classifier: a fastText model of "reads like the reference set", trained the DCLM way.
+"""quality_classifier: a fastText model of "reads like edited text, not junk".
 
-Positives are a high-quality reference set, negatives a random sample of the raw corpus (most of it
-ordinary, some of it junk); the model's probability of the positive label is a document's
-`quality_score`. As in DCLM, text is flattened to one line; we also cut it at `max_chars` so that
-scoring cost does not grow with document length.
+Positives are edited reference text in several domains (pipelines.reference: the Python language reference,
+the standard library's docstrings, package READMEs, the HTML books of installed toolchains, other HTML
+manuals), or the files a user gives. Negatives are junk made from the positives' own vocabulary (spam,
+keyword lists, boilerplate, gibberish, templated pages), plus any negative files a user gives, e.g. a sample
+of a general web crawl. The corpus being curated is never part of the training set unless the user passes it:
+trained against a sample of the very corpus it judges, a classifier learns "not this corpus" and drops a
+clean documentation corpus as low quality.
 
-The embedded reference set (used when no positives are given) is the edited documentation that ships
-with every Python install: the pydoc topics (the language reference), the standard library's module,
-class and function docstrings, and the READMEs and license texts of the installed packages, each of at
-least 20 words, deduplicated (sources 1-3 of `pipelines.sample_corpus`); with `reference_package_docs`,
-also the installed packages' docstrings (source 4).
-Documents of the raw sample whose clean text equals a positive's are not used as negatives.
+The model's probability of the positive label is a document's `quality_score`. As in DCLM, text is
+flattened to one line; we also cut it at `max_chars` so that scoring cost does not grow with document length.
 
-CLI: python -m pipelines.quality --negatives RAW.parquet [--positives REF.jsonl] --output DIR
+Transfer is measured leave-one-domain-out (`transfer_by_domain`): trained on every reference domain but one,
+the model scores the held-out domain's real documents against junk made from them.
+
+CLI: python -m pipelines.quality --output DIR [--positives REF.jsonl ...] [--negatives CRAWL.jsonl ...]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import numpy as np
 from pipelines.cli import run_stage
 from pipelines.document import Document
 from pipelines.readers import ReaderConfig, read_documents
+from pipelines.reference import ReferenceConfig, junk_documents, reference_domains
 from pipelines.stage import atomic_path, logger
 from pipelines.text import normalize_text
 
@@ -46,9 +49,16 @@ class QualityModelConfig:
     """Training of the fastText quality classifier."""
 
     max_negatives: int = 20_000
-    """Size of the random sample of the raw corpus used as negatives."""
-    negatives_per_positive: float = 1.0
-    """Negatives drawn per positive (capped by max_negatives and what the corpus has)."""
+    """At most this many documents of the negative files are used (a seeded sample)."""
+    junk_per_positive: float = 1.0
+    """Junk pages made per positive document."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Which reference domains make the positives when no positive files are given."""
+    measure_transfer: bool = True
+    """Also measure transfer leave-one-domain-out (one more model per domain; seconds each)."""
+    transfer_threshold: float = 0.25
+    """The quality_score threshold at which transfer reports the share of real documents and of junk kept
+    (scored_documents' default)."""
     min_examples_per_class: int = 50
     """Fewer positives or negatives than this is an error."""
     validation_fraction: float = 0.2
@@ -73,10 +83,6 @@ class QualityModelConfig:
     """Seeds the negative sample, the split and fastText."""
     min_reference_words: int = 20
     """Reference documents need at least this many words."""
-    reference_package_docs: bool = False
-    """Add the installed packages' docstrings to the embedded reference set (~1 min to read). Right when
-    the corpus holds such docstrings too, as the sample corpus does beyond ~3,000 documents: otherwise
-    they dominate the negatives and the classifier learns to rank them below the reference."""
 
 
 @dataclass(slots=True)
@@ -91,6 +97,11 @@ class ClassifierMetrics:
     roc_auc: float
     threshold: float = 0.5
     seconds: float = 0.0
+    positives_by_domain: dict = field(default_factory=dict)
+    """Training and validation positives per reference domain (or per positive file)."""
+    transfer: list = field(default_factory=list)
+    """Leave-one-domain-out: per held-out domain, its AUC and the shares of its real documents and of junk
+    kept at transfer_threshold."""
 
 
 def fasttext_line(text: str, max_chars: int) -> str:
@@ -127,60 +138,16 @@ def precision_recall_f1(scores: np.ndarray, labels: np.ndarray, threshold: float
     return precision, recall, f1
 
 
-def reference_documents(min_words: int = 20, include_package_docs: bool = False) -> list[Document]:
-    """The embedded reference set: the real documents every Python install carries (see module doc)."""
-    from pipelines.sample_corpus import SampleCorpusConfig, real_documents
-
-    return real_documents(SampleCorpusConfig(min_words=min_words, include_package_docs=include_package_docs))
-
-
 def _texts(inputs: list[str], reader: ReaderConfig | None = None) -> list[Document]:
     return [r for r in read_documents(inputs, reader) if isinstance(r, Document)]
 
 
-def train_quality_classifier(
-    negatives: list[str],
-    output_dir: str | Path,
-    positives: list[str] | None = None,
-    config: QualityModelConfig | None = None,
-    log: logging.Logger | None = logger,
-) -> ClassifierMetrics:
-    """Train on positives (files, or the embedded reference set) against a random sample of the
-    documents in `negatives`; write model.bin, config.json and metrics.json into output_dir."""
+def _fit(pos: list[Document], neg: list[Document], config: QualityModelConfig, model_path: Path):
+    """Train fastText on the two classes (seeded order) and save it to model_path atomically."""
     import fasttext
 
-    config = config or QualityModelConfig()
-    started = time.monotonic()
-    output_dir = Path(output_dir)
-    if positives:
-        pos_docs = _texts(positives)
-        where = ", ".join(positives)
-    else:
-        pos_docs = reference_documents(config.min_reference_words, config.reference_package_docs)
-        where = "the embedded reference set"
-    if not pos_docs:
-        raise ValueError(f"no positive (reference) documents found in {where}")
-    positive_texts = {normalize_text(d.text) for d in pos_docs}
-    pool = [d for d in _texts(negatives) if normalize_text(d.text) not in positive_texts]
-    n_neg = min(len(pool), config.max_negatives, max(1, round(len(pos_docs) * config.negatives_per_positive)))
-    rng = random.Random(config.seed)
-    neg_docs = rng.sample(pool, n_neg) if n_neg < len(pool) else pool
-    if len(pos_docs) < config.min_examples_per_class or len(neg_docs) < config.min_examples_per_class:
-        raise ValueError(
-            f"too few examples to train the quality classifier: {len(pos_docs)} positives ({where}), "
-            f"{len(neg_docs)} negatives (from {', '.join(negatives)}); need {config.min_examples_per_class} of each"
-        )
-
-    def split(docs: list[Document]) -> tuple[list[Document], list[Document]]:
-        docs = sorted(docs, key=lambda d: d.id)
-        random.Random(f"{config.seed}:split").shuffle(docs)
-        n_val = max(1, round(len(docs) * config.validation_fraction))
-        return docs[n_val:], docs[:n_val]
-
-    pos_train, pos_val = split(pos_docs)
-    neg_train, neg_val = split(neg_docs)
-    lines = [f"{POSITIVE} {fasttext_line(d.text, config.max_chars)}" for d in pos_train]
-    lines += [f"{NEGATIVE} {fasttext_line(d.text, config.max_chars)}" for d in neg_train]
+    lines = [f"{POSITIVE} {fasttext_line(d.text, config.max_chars)}" for d in pos]
+    lines += [f"{NEGATIVE} {fasttext_line(d.text, config.max_chars)}" for d in neg]
     random.Random(f"{config.seed}:order").shuffle(lines)
     with tempfile.TemporaryDirectory() as tmp:
         train_file = Path(tmp) / "train.txt"
@@ -199,15 +166,91 @@ def train_quality_classifier(
             seed=config.seed,
             verbose=0,
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp_model = atomic_path(output_dir / MODEL_FILE)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_model = atomic_path(model_path)
     model.save_model(str(tmp_model))
-    os.replace(tmp_model, output_dir / MODEL_FILE)
+    os.replace(tmp_model, model_path)
+
+
+def _split(docs: list[Document], config: QualityModelConfig) -> tuple[list[Document], list[Document]]:
+    docs = sorted(docs, key=lambda d: d.id)
+    random.Random(f"{config.seed}:split").shuffle(docs)
+    n_val = max(1, round(len(docs) * config.validation_fraction))
+    return docs[n_val:], docs[:n_val]
+
+
+def _junk_for(docs: list[Document], config: QualityModelConfig, seed: str) -> list[Document]:
+    return junk_documents([d.text for d in docs], round(len(docs) * config.junk_per_positive), seed)
+
+
+def transfer_by_domain(domains: dict[str, list[Document]], config: QualityModelConfig) -> list[dict]:
+    """Leave-one-domain-out: for each domain, a model trained on the others (against junk made from them)
+    scores this domain's real documents and junk made from this domain's vocabulary. Per domain: its counts,
+    ROC-AUC, and the shares of real documents and of junk whose score reaches transfer_threshold."""
+    if len(domains) < 2:
+        raise ValueError(f"transfer needs at least two reference domains, got {list(domains)}")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for held_out, real in domains.items():
+            train = [d for name, docs in domains.items() if name != held_out for d in docs]
+            _fit(train, _junk_for(train, config, f"{config.seed}:transfer:{held_out}"), config, Path(tmp) / "m.bin")
+            junk = _junk_for(real, config, f"{config.seed}:heldout:{held_out}")
+            scorer = QualityScorer(Path(tmp) / "m.bin", config.max_chars)
+            real_scores, junk_scores = scorer.score([d.text for d in real]), scorer.score([d.text for d in junk])
+            labels = np.array([1] * len(real) + [0] * len(junk))
+            out.append({
+                "domain": held_out, "n_real": len(real), "n_junk": len(junk),
+                "roc_auc": round(roc_auc(np.concatenate([real_scores, junk_scores]), labels), 4),
+                "real_kept": round(float(np.mean(real_scores >= config.transfer_threshold)), 4),
+                "junk_kept": round(float(np.mean(junk_scores >= config.transfer_threshold)), 4),
+            })  # fmt: skip
+    return out
+
+
+def train_quality_classifier(
+    negatives: list[str] | None,
+    output_dir: str | Path,
+    positives: list[str] | None = None,
+    config: QualityModelConfig | None = None,
+    log: logging.Logger | None = logger,
+) -> ClassifierMetrics:
+    """Train on positives (files, or the reference domains) against junk made from them plus the documents of
+    `negatives` (files; none by default); write model.bin, config.json and metrics.json into output_dir."""
+    config = config or QualityModelConfig()
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    if positives:
+        domains = {}
+        for path in positives:
+            domains[path] = _texts([path])
+            if not domains[path]:
+                raise ValueError(f"{path}: no positive (reference) documents in it")
+        where = ", ".join(positives)
+    else:
+        domains = reference_domains(config.reference)
+        where = "the reference domains " + ", ".join(f"{d} ({len(v)})" for d, v in domains.items())
+    pos_docs = [d for docs in domains.values() for d in docs]
+    if not pos_docs:
+        raise ValueError(f"no positive (reference) documents found in {where or 'any reference domain'}")
+    positive_texts = {normalize_text(d.text) for d in pos_docs}
+    extra = [d for d in _texts(negatives) if normalize_text(d.text) not in positive_texts] if negatives else []
+    if len(extra) > config.max_negatives:
+        extra = random.Random(config.seed).sample(extra, config.max_negatives)
+    neg_docs = _junk_for(pos_docs, config, f"{config.seed}:train") + extra
+    if len(pos_docs) < config.min_examples_per_class or len(neg_docs) < config.min_examples_per_class:
+        raise ValueError(
+            f"too few examples to train the quality classifier: {len(pos_docs)} positives ({where}), "
+            f"{len(neg_docs)} negatives; need {config.min_examples_per_class} of each"
+        )
+    pos_train, pos_val = _split(pos_docs, config)
+    neg_train, neg_val = _split(neg_docs, config)
+    _fit(pos_train, neg_train, config, output_dir / MODEL_FILE)
 
     scorer = QualityScorer(output_dir / MODEL_FILE, config.max_chars)
     val_scores = scorer.score([d.text for d in pos_val + neg_val])
     val_labels = np.array([1] * len(pos_val) + [0] * len(neg_val))
     precision, recall, f1 = precision_recall_f1(val_scores, val_labels)
+    transfer = transfer_by_domain(domains, config) if config.measure_transfer and len(domains) > 1 else []
     metrics = ClassifierMetrics(
         n_train_positive=len(pos_train),
         n_train_negative=len(neg_train),
@@ -218,15 +261,24 @@ def train_quality_classifier(
         f1=round(f1, 4),
         roc_auc=round(roc_auc(val_scores, val_labels), 4),
         seconds=round(time.monotonic() - started, 2),
+        positives_by_domain={name: len(docs) for name, docs in domains.items()},
+        transfer=transfer,
     )
     _write_json(
         output_dir / CONFIG_FILE,
-        {"config": asdict(config), "positives": positives or "embedded", "negatives": negatives},
+        {"config": asdict(config), "positives": positives or "reference domains", "negatives": negatives or []},
     )
     _write_json(output_dir / METRICS_FILE, asdict(metrics))
     if log is not None:
         log.info(f"quality classifier: {metrics}")
     return metrics
+
+
+def resemblance(positives: list[str], corpus_texts: list[str]) -> float:
+    """The share of the positive files' documents whose normalized text is also in the corpus."""
+    corpus = {normalize_text(t) for t in corpus_texts}
+    docs = _texts(positives)
+    return sum(normalize_text(d.text) in corpus for d in docs) / len(docs) if docs else 0.0
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -272,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--negatives", nargs="+", required=True, help="raw corpus to sample negatives from")
-    parser.add_argument("--positives", nargs="*", default=None, help="reference set (default: embedded)")
+    parser.add_argument("--negatives", nargs="*", default=None, help="extra negatives, e.g. a general crawl sample")
+    parser.add_argument("--positives", nargs="*", default=None, help="reference set (default: the reference domains)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

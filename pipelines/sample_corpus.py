@@ -742,7 +742,7 @@ _LOW_QUALITY_PIECES = MappingProxyType({
 })  # fmt: skip
 
 
-def _low_quality(kind: str, rng: random.Random, vocab: list[str]) -> str:
+def low_quality_page(kind: str, rng: random.Random, vocab: list[str]) -> str:
     """A junk page of 30-400 words (log-uniform length)."""
     n_words = int(math.exp(rng.uniform(math.log(30), math.log(380))))
     if kind == "templated":
@@ -867,7 +867,7 @@ def build_sample_corpus(output_path: str | Path, config: SampleCorpusConfig) -> 
     kind_counts = _split(n_low, [1.0] * len(LOW_QUALITY_KINDS))
     for kind, count in zip(LOW_QUALITY_KINDS, kind_counts):
         for i in range(count):
-            text = _low_quality(kind, random.Random(f"{config.seed}:lowq:{kind}:{i}"), vocab)
+            text = low_quality_page(kind, random.Random(f"{config.seed}:lowq:{kind}:{i}"), vocab)
             records.append({"id": f"lowq:{kind}:{i}", "text": text, "source": "synthetic-low-quality",
                             "metadata": {"synthetic_low_quality": kind}})  # fmt: skip
 

@@ -154,7 +154,7 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
         {
             "ops": {
                 "raw_documents": {"config": {"sample_documents": 300}},
-                "quality_classifier": {"config": {"epoch": 10}},
+                "quality_classifier": {"config": {"epoch": 10, "measure_transfer": False, "max_per_domain": 150}},
                 "curriculum_shards": {"config": {"target_shard_mb": 0.05}},
                 "tokenizer": {"config": {"vocab_size": 1000}},
             }
@@ -235,13 +235,17 @@ def test_filters_that_drop_everything_stop_the_run(tmp_path):
     src = corpus(tmp_path)  # syllable soup: no language lid.176 is confident about
     result = materialize(
         tmp_path,
-        {"ops": {"raw_documents": {"config": {"inputs": [str(src)]}}}},
+        {
+            "ops": {
+                "raw_documents": {"config": {"inputs": [str(src)]}},
+                "quality_classifier": {"config": {"epoch": 5, "measure_transfer": False, "max_per_domain": 60}},
+            }
+        },
         assets=ALL_ASSETS,
         raise_on_error=False,
     )
     assert not result.success
     failures = {e.step_key: e for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
     assert "dropped all 30 documents" in str(failures["filtered_documents"].event_specific_data.error)
-    # 30 raw documents are also too few negatives for the classifier, and it says so with the counts
-    assert "too few examples" in str(failures["quality_classifier"].event_specific_data.error)
+    assert "quality_classifier" not in failures  # it never trains on the corpus, however little of it there is
     assert not (tmp_path / "data" / "curriculum_shards").exists()

@@ -48,7 +48,7 @@ def run_config(releases: Path) -> dict:
         "raw_documents": {"sample_documents": 300},
         "clean_documents": {"workers": 1},
         "near_dedup_documents": {"workers": 1},
-        "quality_classifier": {"epoch": 10},
+        "quality_classifier": {"epoch": 10, "measure_transfer": False, "max_per_domain": 150},
         "curriculum_shards": {"target_shard_mb": 0.05},
         "tokenizer": {"vocab_size": 512},
         "moe_model": {**TINY, "max_steps": MOE_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "eval_every": 40},

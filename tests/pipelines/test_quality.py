@@ -8,9 +8,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.quality import QualityModelConfig, QualityScorer, roc_auc, train_quality_classifier
+from pipelines.quality import (
+    QualityModelConfig,
+    QualityScorer,
+    resemblance,
+    roc_auc,
+    train_quality_classifier,
+    transfer_by_domain,
+)
 from pipelines.quality_score import ScoreConfig, keep_mask, score_documents
 from pipelines.readers import InputError
+from pipelines.reference import ReferenceConfig, junk_documents, reference_domains
 from tests.conftest import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +59,8 @@ def test_roc_auc_matches_pair_counting():
 
 def test_classifier_separates_and_reports_held_out_metrics(model):
     model_dir, metrics = model
-    assert metrics.n_validation_positive == 12 and metrics.n_validation_negative == 12
+    # negatives: the 60 given plus 60 junk pages made from the positives' vocabulary
+    assert metrics.n_validation_positive == 12 and metrics.n_validation_negative == 24
     assert metrics.roc_auc > 0.95 and metrics.f1 > 0.8
     scorer = QualityScorer(model_dir / "model.bin")
     good, bad = scorer.score([prose_doc(100), junk_doc(100)])
@@ -63,7 +72,7 @@ def test_classifier_separates_and_reports_held_out_metrics(model):
 def test_too_few_examples_gives_the_counts(tmp_path):
     pos = write_jsonl(tmp_path / "pos.jsonl", [{"id": f"p{i}", "text": prose_doc(i)} for i in range(5)])
     raw = write_jsonl(tmp_path / "raw.jsonl", [{"id": f"r{i}", "text": junk_doc(i)} for i in range(70)])
-    with pytest.raises(ValueError, match=r"5 positives .* 5 negatives .* need 20"):
+    with pytest.raises(ValueError, match=r"5 positives .* 75 negatives.* need 20"):
         train_quality_classifier([str(raw)], tmp_path / "m", [str(pos)], FAST, log=None)
 
 
@@ -123,3 +132,41 @@ def test_training_is_reproducible(model, tmp_path):
     raw = model_dir.parent / "raw.jsonl"
     train_quality_classifier([str(raw)], tmp_path / "again", [str(pos)], FAST, log=None)
     assert (tmp_path / "again" / "model.bin").read_bytes() == (model_dir / "model.bin").read_bytes()
+
+
+PYTHON_DOMAINS = ReferenceConfig(domains=("python-reference", "python-stdlib", "package-readmes"), max_per_domain=80)
+
+
+def test_quality_transfers_to_a_domain_it_never_saw():
+    """Leave one domain out: trained on the other reference domains against junk, the model keeps >= 80% of
+    the held-out domain's real documents and <= 5% of junk made from its words (issue 15's target)."""
+    domains = reference_domains(PYTHON_DOMAINS)
+    assert set(domains) == set(PYTHON_DOMAINS.domains) and all(len(v) >= 20 for v in domains.values())
+    results = transfer_by_domain(domains, QualityModelConfig(threads=1))
+    assert [r["domain"] for r in results] == list(domains)
+    for r in results:
+        assert r["roc_auc"] >= 0.95 and r["real_kept"] >= 0.8 and r["junk_kept"] <= 0.05, r
+    with pytest.raises(ValueError, match="at least two reference domains"):
+        transfer_by_domain({"python-stdlib": domains["python-stdlib"]}, FAST)
+
+
+def test_junk_is_made_from_the_given_words_in_every_kind():
+    texts = [prose_doc(i) for i in range(20)]
+    junk = junk_documents(texts, 10, "s")
+    assert [d.id for d in junk] == [d.id for d in junk_documents(texts, 10, "s")]  # seeded
+    assert {d.metadata["synthetic_low_quality"] for d in junk} == {
+        "spam", "keyword_list", "boilerplate", "gibberish", "templated"
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="too small a vocabulary"):
+        junk_documents(["one two"], 5, "s")
+
+
+def test_the_default_classifier_trains_on_no_corpus_and_says_how_positives_resemble_one(tmp_path):
+    metrics = train_quality_classifier(None, tmp_path / "m", None, QualityModelConfig(
+        epoch=5, threads=1, reference=PYTHON_DOMAINS, measure_transfer=False), log=None)  # fmt: skip
+    assert set(metrics.positives_by_domain) == set(PYTHON_DOMAINS.domains)
+    assert metrics.n_train_negative + metrics.n_validation_negative == sum(metrics.positives_by_domain.values())
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["negatives"] == []
+    pos = write_jsonl(tmp_path / "pos.jsonl", [{"id": f"p{i}", "text": prose_doc(i)} for i in range(10)])
+    # prose_doc repeats every 8: texts 0-2 are the positives 0-2 and 8-9
+    assert resemblance([str(pos)], [prose_doc(i) for i in range(3)] + ["other"]) == 0.5
