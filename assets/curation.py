@@ -10,6 +10,7 @@ from assets.resources import CurationPaths, WandbResource
 from pipelines.clean import CleanConfig, clean
 from pipelines.ingest import ingest
 from pipelines.near_dedup import CLUSTERS_FILE, NearDedupConfig, near_dedup
+from pipelines.pii import KINDS as PII_KINDS
 from pipelines.readers import ReaderConfig
 from pipelines.stage import DOCUMENTS_FILE, StageStats
 
@@ -34,6 +35,8 @@ class RawDocumentsConfig(dg.Config):
 class CleanDocumentsConfig(dg.Config):
     workers: int = 2
     """Processes normalising text."""
+    redact_pii: list[str] = Field(default_factory=lambda: list(PII_KINDS))
+    """PII kinds replaced by placeholders: email, ip (public addresses), phone; [] switches redaction off."""
 
 
 class NearDedupDocumentsConfig(dg.Config):
@@ -99,16 +102,17 @@ def raw_documents(
 def clean_documents(
     context: dg.AssetExecutionContext, config: CleanDocumentsConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
-    """Unicode-repaired (ftfy), NFC-normalised text without control characters; exact duplicates of
-    the clean text dropped (first kept)."""
+    """Unicode-repaired (ftfy), NFC-normalised text without control characters, e-mail addresses, public IPs
+    and phone numbers replaced by placeholders; exact duplicates of the clean text dropped (first kept)."""
     out_dir = paths.stage_dir("clean_documents")
     stats = clean(
         [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
         out_dir,
-        CleanConfig(workers=config.workers),
+        CleanConfig(workers=config.workers, redact_pii=tuple(config.redact_pii)),
         log=context.log,
     )
-    return finish_stage_asset(context, wandb, stats, out_dir, config)
+    pii = {f"pii_redacted_{kind}": n for kind, n in stats.extra["pii_redacted"].items()}
+    return finish_stage_asset(context, wandb, stats, out_dir, config, pii)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[clean_documents])

@@ -1,4 +1,7 @@
-"""clean_documents: Unicode repair and normalisation, then exact dedup on a hash of the clean text.
+"""clean_documents: Unicode repair and normalisation, PII redaction, then exact dedup on a hash of the clean text.
+
+PII (pipelines.pii): e-mail addresses, public IP addresses and phone numbers become placeholders; a document's
+counts per kind go into its metadata (`pii`) and its ledger row's detail, the totals into the stage's stats.
 
 CLI: python -m pipelines.clean --input PATH [PATH ...] --output DIR [--workers N]
 """
@@ -15,6 +18,7 @@ import xxhash
 from pipelines.cli import reader_config, run_stage, stage_parser
 from pipelines.document import Ledger
 from pipelines.parallel import default_workers, map_documents
+from pipelines.pii import KINDS, PIIRedactor
 from pipelines.progress import track
 from pipelines.readers import ReaderConfig, count_records, read_documents
 from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger
@@ -33,10 +37,23 @@ class CleanConfig:
     """Processes that normalise text (ftfy is the slow part); 1 runs inline."""
     batch_docs: int = 256
     """Documents per task sent to a worker."""
+    redact_pii: tuple[str, ...] = KINDS
+    """The PII kinds to replace by placeholders (email, ip, phone); () switches redaction off."""
 
 
-def normalize_texts(texts: list[str]) -> list[str]:
-    return [normalize_text(t) for t in texts]
+@dataclass(frozen=True, slots=True)
+class _CleanTask:
+    """Picklable task for worker processes: normalise, then redact, a batch of texts."""
+
+    pii_kinds: tuple[str, ...]
+
+    def __call__(self, texts: list[str]) -> list[tuple[str, dict[str, int]]]:
+        redactor = PIIRedactor(self.pii_kinds) if self.pii_kinds else None
+        out = []
+        for text in texts:
+            text = normalize_text(text)
+            out.append(redactor.redact(text) if redactor and text else (text, {}))
+        return out
 
 
 def clean(
@@ -52,9 +69,12 @@ def clean(
     first_with_hash: dict[bytes, str] = {}
     bytes_in = 0
     records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
-    results = map_documents(normalize_texts, records, ledger.rejected, config.workers, config.batch_docs)
+    PIIRedactor(config.redact_pii)  # unknown kinds fail before any work
+    task = _CleanTask(tuple(config.redact_pii))
+    results = map_documents(task, records, ledger.rejected, config.workers, config.batch_docs)
+    pii_totals = dict.fromkeys(config.redact_pii, 0)
     with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
-        for record, text in results:
+        for record, (text, pii) in results:
             bytes_in += len(record.text.encode("utf-8"))
             if not text:
                 ledger.dropped(record.id, "empty", "nothing left after normalisation", record.location)
@@ -65,9 +85,17 @@ def clean(
                 ledger.dropped(record.id, "exact_duplicate", f"same clean text as {first}", record.location)
                 continue
             record.text = text
+            found = {kind: n for kind, n in pii.items() if n}
+            if found:
+                record.metadata["pii"] = found
+                for kind, n in found.items():
+                    pii_totals[kind] += n
             writer.write(record)
-            ledger.kept(record)
-    return finish_stage(output_dir, ledger, started, [writer], bytes_in=bytes_in, bytes_kept=writer.n_bytes)
+            ledger.kept(record, " ".join(f"pii:{kind}={n}" for kind, n in found.items()))
+    extra = {"pii_redacted": pii_totals}
+    return finish_stage(
+        output_dir, ledger, started, [writer], bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

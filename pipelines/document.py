@@ -77,8 +77,8 @@ class Ledger:
         self.stage = stage
         self.rows: list[LedgerRow] = []
 
-    def kept(self, doc: Document) -> None:
-        self.rows.append(LedgerRow(doc.id, self.stage, KEPT, "", "", doc.location))
+    def kept(self, doc: Document, detail: str = "") -> None:
+        self.rows.append(LedgerRow(doc.id, self.stage, KEPT, "", detail, doc.location))
 
     def dropped(self, ledger_id: str, reason: str, detail: str = "", location: str = "") -> None:
         self.rows.append(LedgerRow(ledger_id, self.stage, DROPPED, reason, detail, location))
