@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers clean-data
+.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,14 @@ llama-cpp: install
 # decode speed against llama.cpp and transformers on the same dense weights; MoE eager vs compiled; speculative
 bench-peers: llama-cpp
 	$(BIN)/python bench/peers.py
+
+# issue 15: language ID of technical English, quality transfer, an unseen documentation corpus curated
+bench-transfer: install
+	$(BIN)/python bench/curation_transfer.py
+
+# main-content extraction of documentation HTML: resiliparse against trafilatura (datatrove's default)
+bench-html: install
+	$(BIN)/python bench/html_extraction.py
 
 # the newest release under releases/ against the dense fp32 baseline, each served by frugal-serve
 bench-serve: install
