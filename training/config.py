@@ -16,9 +16,27 @@ from pathlib import Path
 
 from model import config as model_presets
 from model.config import ModelConfig, dense_baseline, small_cpu
-from training.data import DataConfig
 
 PRESETS = ("debug_tiny", "debug_tiny_draft", "small_cpu", "small_cpu_draft", "moe_1b")
+
+
+CONFIG_FILE = "train_config.json"
+"""The config a run folder carries, as launched (training.launch writes it)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Packing and order of the training stream."""
+
+    seq_len: int = 256
+    """Tokens per training sequence (each batch row holds seq_len + 1 tokens: inputs and shifted targets)."""
+    batch_size: int = 8
+    bucket_schedule: list[int] | None = None
+    """Buckets in reading order, e.g. [0, 1, 2] or [2, 2, 0]; None = every bucket in manifest order."""
+    validation_fraction: float = 0.02
+    """Share of each bucket held out for validation (by a hash of the id)."""
+    encode_batch_docs: int = 256
+    """Documents tokenized together."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,24 +24,7 @@ import torch
 from model.config import ModelConfig
 from model.tokenizer import EOS
 from pipelines.curriculum import MANIFEST_FILE
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
-
-
-@dataclass(kw_only=True, slots=True)
-class DataConfig:
-    """Packing and order of the training stream."""
-
-    seq_len: int = 256
-    """Tokens per training sequence (each batch row holds seq_len + 1 tokens: inputs and shifted targets)."""
-    batch_size: int = 8
-    bucket_schedule: list[int] | None = None
-    """Buckets in reading order, e.g. [0, 1, 2] or [2, 2, 0]; None = every bucket in manifest order."""
-    validation_fraction: float = 0.02
-    """Share of each bucket held out for validation (by a hash of the id)."""
-    encode_batch_docs: int = 256
-    """Documents tokenized together."""
+from training.config import CONFIG_FILE, DataConfig, TrainConfig
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:
@@ -186,8 +167,6 @@ def run_validation_rows(run_dir: Path) -> dict[int, torch.Tensor]:
     """The held-out rows a finished or running run validates on, rebuilt from its folder (its config,
     shards and tokenizer): what inference measures quantized models on."""
     from model.tokenizer import TOKENIZER_FILE, load_tokenizer
-    from training.config import TrainConfig
-    from training.launch import CONFIG_FILE
 
     cfg = TrainConfig.from_file(Path(run_dir) / CONFIG_FILE)
     return validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(Path(run_dir) / TOKENIZER_FILE), cfg.data), cfg)
@@ -197,8 +176,6 @@ def run_training_rows(run_dir: Path, n_rows: int) -> torch.Tensor:
     """The first n_rows rows (seq_len + 1 tokens each) of the run's training stream: calibration data for
     quantization that the held-out rows never overlap."""
     from model.tokenizer import TOKENIZER_FILE, load_tokenizer
-    from training.config import TrainConfig
-    from training.launch import CONFIG_FILE
 
     cfg = TrainConfig.from_file(Path(run_dir) / CONFIG_FILE)
     loader = PackedLoader(cfg.shard_dir, load_tokenizer(Path(run_dir) / TOKENIZER_FILE), cfg.data)

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from model.io import write_text_atomic
 from model.tokenizer import load_tokenizer
-from training.config import TrainConfig
+from training.config import CONFIG_FILE, TrainConfig
 from training.data import ShardReader, check_compatible
 
-CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_DONE = "complete"

@@ -6,8 +6,7 @@ import math
 import pytest
 
 from model.config import debug_tiny
-from training.config import TrainConfig
-from training.data import DataConfig
+from training.config import DataConfig, TrainConfig
 
 
 def config(**changes) -> TrainConfig:

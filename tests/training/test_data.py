@@ -8,7 +8,8 @@ from model.config import debug_tiny
 from model.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
-from training.data import DataConfig, PackedLoader, check_compatible, is_validation
+from training.config import DataConfig
+from training.data import PackedLoader, check_compatible, is_validation
 
 
 @pytest.fixture(scope="module")
