@@ -156,9 +156,9 @@ def llama_quantize(f32: Path, out: Path, ftype: int) -> Path:
 
 class TransformersDecoder:
     def __init__(self, model):
-        from inference.gguf_export import to_hf_llama
+        from inference.hf_export import to_hf
 
-        self.hf = to_hf_llama(model)
+        self.hf = to_hf(model)
 
     @torch.no_grad()
     def decode(self, prompt: list[int], n: int) -> tuple[list[int], float]:

@@ -1,14 +1,13 @@
-"""A dense Frugal model as a GGUF file that llama.cpp runs (llama architecture), and as a Hugging Face
-`LlamaForCausalLM` holding the same weights: the peers of bench/peers.py.
+"""A dense Frugal model as a GGUF file that llama.cpp runs (llama architecture); with its Hugging Face twin
+(inference.hf_export), the peers of bench/peers.py.
 
     python -m inference.gguf_export RUN_DIR OUT.gguf
 
 Frugal's dense transformer is Llama's: RMSNorm, SwiGLU (w1 = gate, w3 = up, w2 = down), grouped-query
 attention and RoPE over adjacent (even, odd) feature pairs, which is llama.cpp's "normal" rope and the layout
-of Meta's original checkpoints. So the GGUF tensors are Frugal's own, unpermuted. Hugging Face's Llama rotates
-the two halves of each head instead (rotate_half), so `to_hf_llama` reorders the rows of every query and key
-head from (0, 1, 2, 3, ...) to (0, 2, 4, ..., 1, 3, 5, ...), which leaves every attention score unchanged.
-With tied embeddings the file carries no output.weight: llama.cpp then projects with token_embd.
+of Meta's original checkpoints. So the GGUF tensors are Frugal's own, unpermuted (Hugging Face's Llama rotates
+the two halves of each head instead, which inference.hf_export maps). With tied embeddings the file carries
+no output.weight: llama.cpp then projects with token_embd.
 
 The tokenizer (Frugal's byte-level BPE, model.tokenizer) goes in as a "gpt2" vocabulary: its tokens, merges,
 and the special tokens as control tokens. The file is F32; llama.cpp's own quantizer makes Q8_0 or Q4_0 from it
@@ -28,6 +27,9 @@ import torch
 from model.transformer import SwiGLU, Transformer
 
 SPECIAL = ("<|bos|>", "<|eos|>", "<|pad|>")
+OUTTYPES = ("f32", "f16", "q8_0")
+"""Tensor types of the file: matrices in F32, F16 or Q8_0 (the gguf package's quantizer, llama.cpp's
+format); norms always F32, as llama.cpp's converter writes them."""
 
 
 def _check_dense(model: Transformer) -> None:
@@ -56,13 +58,17 @@ def tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: t.detach().float().contiguous() for name, t in out.items()}
 
 
-def write_gguf(model: Transformer, tokenizer_json: Path, path: Path, name: str = "frugal") -> Path:
-    """The model and its tokenizer as an F32 llama-architecture GGUF file at `path`."""
+def write_gguf(
+    model: Transformer, tokenizer_json: Path, path: Path, name: str = "frugal", outtype: str = "f32"
+) -> Path:
+    """The model and its tokenizer as a llama-architecture GGUF file at `path` (matrices in `outtype`)."""
     import gguf
 
     from model.io import atomic_file
 
     _check_dense(model)
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {OUTTYPES}, not {outtype!r}")
     cfg = model.config
     spec = json.loads(Path(tokenizer_json).read_text())
     vocab: dict[str, int] = spec["model"]["vocab"]
@@ -75,11 +81,11 @@ def write_gguf(model: Transformer, tokenizer_json: Path, path: Path, name: str =
     types = [gguf.TokenType.CONTROL if t in SPECIAL else gguf.TokenType.NORMAL for t in tokens]
 
     with atomic_file(Path(path)) as tmp:  # never a partial file at `path`
-        _write(gguf.GGUFWriter(str(tmp), "llama"), model, name, tokens, types, merges, vocab)
+        _write(gguf.GGUFWriter(str(tmp), "llama"), model, name, tokens, types, merges, vocab, outtype)
     return path
 
 
-def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab) -> None:
+def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab, outtype: str) -> None:
     import gguf
 
     cfg = model.config
@@ -94,7 +100,9 @@ def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab) 
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
+    writer.add_file_type(file_type)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -106,52 +114,20 @@ def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab) 
             add(vocab[special])
     writer.add_add_bos_token(False)
     for tensor_name, t in tensors(model).items():
-        writer.add_tensor(tensor_name, t.numpy().astype(np.float32))
+        data = t.numpy().astype(np.float32)
+        if data.ndim == 1 or outtype == "f32":
+            writer.add_tensor(tensor_name, data)
+        elif outtype == "f16":
+            writer.add_tensor(tensor_name, data.astype(np.float16))
+        else:  # Q8_0: blocks of 32 along each row, one f16 scale per block
+            if data.shape[-1] % 32:
+                raise ValueError(f"{tensor_name}: rows of {data.shape[-1]} do not split into Q8_0's blocks of 32")
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(tensor_name, gguf.quants.quantize(data, q8), raw_dtype=q8)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def _halves(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of each head reordered from adjacent rope pairs to rotate_half's halves."""
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def to_hf_llama(model: Transformer):
-    """A transformers LlamaForCausalLM computing the same function (fp32, eval mode)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _check_dense(model)
-    cfg = model.config
-    G = cfg.n_kv_heads or cfg.n_heads
-    hf_config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=G,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-    )  # fmt: skip
-    hf = LlamaForCausalLM(hf_config).eval()
-    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    state["lm_head.weight"] = model.lm_head.weight
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        state |= {
-            p + "input_layernorm.weight": block.attn_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "self_attn.q_proj.weight": _halves(block.attn.wq.weight, cfg.n_heads),
-            p + "self_attn.k_proj.weight": _halves(block.attn.wk.weight, G),
-            p + "self_attn.v_proj.weight": block.attn.wv.weight,
-            p + "self_attn.o_proj.weight": block.attn.wo.weight,
-            p + "mlp.gate_proj.weight": block.ffn.w1.weight, p + "mlp.up_proj.weight": block.ffn.w3.weight,
-            p + "mlp.down_proj.weight": block.ffn.w2.weight,
-        }  # fmt: skip
-    missing, unexpected = hf.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=False)
-    if unexpected or any(not k.endswith("rotary_emb.inv_freq") for k in missing):
-        raise ValueError(f"LlamaForCausalLM's weights do not match: missing {missing}, unexpected {unexpected}")
-    return hf
 
 
 def main(argv: list[str] | None = None) -> None:

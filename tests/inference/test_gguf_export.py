@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.gguf_export import tensors, to_hf_llama, write_gguf
+from inference.gguf_export import tensors, write_gguf
+from inference.hf_export import to_hf
 from inference.runtime.generate import Generator, SamplingConfig
 from model.config import debug_tiny, dense_baseline
 from model.transformer import Transformer
@@ -49,7 +50,7 @@ def test_the_file_holds_the_tensors_and_hyperparameters(dense, gguf_file):
 
 
 def test_llama_for_causal_lm_computes_the_same_logits(dense):
-    hf = to_hf_llama(dense)
+    hf = to_hf(dense)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, dense(ids), rtol=1e-4, atol=1e-4)
