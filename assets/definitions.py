@@ -8,7 +8,7 @@ import dagster as dg
 
 from assets.ablation import data_ablation
 from assets.checks import CHECKS
-from assets.inference import INFERENCE_CHECKS, benchmark_report, inference_package, quantized_model
+from assets.inference import INFERENCE_CHECKS, benchmark_report, exported_model, inference_package, quantized_model
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
@@ -28,6 +28,7 @@ defs = dg.Definitions(
         quantized_model,
         benchmark_report,
         inference_package,
+        exported_model,
         data_ablation,
     ],
     asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS],

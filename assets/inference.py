@@ -442,4 +442,85 @@ def inference_package(
     return dg.MaterializeResult(metadata=metadata)
 
 
-INFERENCE_CHECKS = [quantization_within_budget, speculative_greedy_is_identical]
+EXPORTED_RUNS = ("moe_model", "draft_model", "dense_baseline_model")
+
+
+class ExportedModelConfig(dg.Config):
+    gguf_outtype: str = "q8_0"
+    """Tensor type of the dense models' GGUF files: f32, f16 or q8_0."""
+    approximate: bool = False
+    """Export top-p dynamic routing as top-k (the model card says so); otherwise such a model is refused."""
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"huggingface", "safetensors"},
+    deps=[moe_model, draft_model, dense_baseline_model],
+    description="moe_model, draft_model and dense_baseline_model for other engines: Hugging Face folders "
+    "(Glm4MoeForCausalLM, LlamaForCausalLM; transformers, vLLM, SGLang) and, for the dense models, GGUF files "
+    "(llama.cpp, Ollama), under exported_model/<model>/.",
+)
+def exported_model(
+    context: dg.AssetExecutionContext, config: ExportedModelConfig, paths: CurationPaths
+) -> dg.MaterializeResult:
+    from inference.export import export
+    from model.io import load_config
+
+    rows = []
+    for name in EXPORTED_RUNS:
+        run, out = paths.stage_dir(name), paths.stage_dir("exported_model") / name
+        if not (run / WEIGHTS_FILE).exists():
+            raise dg.Failure(description=f"{run / WEIGHTS_FILE}: missing: materialize {name} first")
+        try:
+            hf = export(run, "hf", out / "hf", overwrite=True, approximate=config.approximate)
+            architecture = json.loads((hf / "config.json").read_text())["architectures"][0]
+            rows.append((name, "hf", architecture, str(hf), _bytes(hf)))
+            if not load_config(run).n_routed_experts:
+                gguf = export(run, "gguf", out / f"{name}-{config.gguf_outtype}.gguf", config.gguf_outtype, True)
+                rows.append((name, f"gguf {config.gguf_outtype}", "llama", str(gguf), _bytes(gguf)))
+        except ValueError as e:
+            raise dg.Failure(description=f"exported_model: {name}: {e}") from e
+        context.log.info(f"exported {name}: {', '.join(r[1] for r in rows if r[0] == name)}")
+    return dg.MaterializeResult(
+        metadata={
+            "exports": dg.MetadataValue.md(md_table(("model", "format", "architecture", "path", "bytes"), rows)),
+            "not_exported": "the MoE model as GGUF (llama.cpp's glm4moe): not written yet",
+        }
+    )
+
+
+def _bytes(path: Path) -> str:
+    return (
+        f"{sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) if path.is_dir() else path.stat().st_size:,}"
+    )
+
+
+@dg.asset_check(asset=exported_model, description="Each Hugging Face export computes its run's logits (held-out rows).")
+def exports_match_frugal(paths: CurationPaths) -> dg.AssetCheckResult:
+    """transformers loads each export from disk; its fp32 logits on 4 validation rows are compared with Frugal's
+    own forward: the largest difference relative to the largest logit must stay under 1e-4."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model.io import load_model
+    from training.data import run_validation_rows
+
+    rows, worst = [], 0.0
+    for name in EXPORTED_RUNS:
+        run = paths.stage_dir(name)
+        tokens = torch.cat(list(run_validation_rows(run).values()))[:4, :-1]
+        frugal = load_model(run).eval()
+        hf = AutoModelForCausalLM.from_pretrained(paths.stage_dir("exported_model") / name / "hf").eval()
+        with torch.no_grad():
+            want, got = frugal(tokens).float(), hf(tokens).logits.float()
+        diff = ((got - want).abs().max() / want.abs().max()).item()
+        worst = max(worst, diff)
+        rows.append((name, type(hf).__name__, f"{diff:.2e}"))
+    return dg.AssetCheckResult(
+        passed=worst < 1e-4,
+        metadata={"max_relative_difference": worst,
+                  "models": dg.MetadataValue.md(md_table(("model", "architecture", "max |diff| / max |logit|"), rows))},
+    )  # fmt: skip
+
+
+INFERENCE_CHECKS = [quantization_within_budget, speculative_greedy_is_identical, exports_match_frugal]

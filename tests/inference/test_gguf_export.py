@@ -83,3 +83,23 @@ def test_moe_and_quantized_models_are_refused(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="fp32 model"):
         write_gguf(model, tiny_tokenizer, tmp_path / "int8.gguf")
     assert not (tmp_path / "moe.gguf").exists()
+
+
+def llama_cpp_nll(path, tokens: list[int]) -> float:
+    """Mean negative log-likelihood llama.cpp gives tokens[1:] after their prefixes."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by `make llama-cpp`")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(tokens)
+    logits = torch.from_numpy(np.array(llm.scores[: len(tokens) - 1]))
+    return -logits.log_softmax(-1).gather(1, torch.tensor(tokens[1:])[:, None]).mean().item()
+
+
+def test_llama_cpp_runs_the_f16_and_q8_0_files_within_a_perplexity_budget(dense, gguf_file, tiny_tokenizer, tmp_path):
+    """On a row of 48 tokens sampled from the model (seeded), the F16 and Q8_0 files' perplexities under llama.cpp stay
+    within 1% of F32's."""
+    row = Generator(dense).generate_ids(PROMPT, SamplingConfig(max_new_tokens=40, temperature=1.0, seed=3))
+    tokens = PROMPT + row
+    f32 = llama_cpp_nll(gguf_file, tokens)
+    for outtype in ("f16", "q8_0"):
+        path = write_gguf(dense, tiny_tokenizer, tmp_path / f"tiny-{outtype}.gguf", outtype=outtype)
+        assert abs(np.exp(llama_cpp_nll(path, tokens)) / np.exp(f32) - 1) < 0.01, outtype
