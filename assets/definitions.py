@@ -8,7 +8,14 @@ import dagster as dg
 
 from assets.ablation import data_ablation
 from assets.checks import CHECKS
-from assets.inference import INFERENCE_CHECKS, benchmark_report, exported_model, inference_package, quantized_model
+from assets.inference import (
+    EXPORT_CHECKS,
+    INFERENCE_CHECKS,
+    benchmark_report,
+    exported_model,
+    inference_package,
+    quantized_model,
+)
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
@@ -31,7 +38,7 @@ defs = dg.Definitions(
         exported_model,
         data_ablation,
     ],
-    asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS],
+    asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS, *EXPORT_CHECKS],
     jobs=[curation_job],
     # Steps run in parallel processes, but only one training run at a time: each one uses every core. The processes
     # fork from a server that has imported these definitions once (torch and dagster included), instead of each

@@ -523,4 +523,5 @@ def exports_match_frugal(paths: CurationPaths) -> dg.AssetCheckResult:
     )  # fmt: skip
 
 
-INFERENCE_CHECKS = [quantization_within_budget, speculative_greedy_is_identical, exports_match_frugal]
+INFERENCE_CHECKS = [quantization_within_budget, speculative_greedy_is_identical]
+EXPORT_CHECKS = [exports_match_frugal]

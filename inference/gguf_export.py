@@ -29,7 +29,8 @@ from model.transformer import SwiGLU, Transformer
 SPECIAL = ("<|bos|>", "<|eos|>", "<|pad|>")
 OUTTYPES = ("f32", "f16", "q8_0")
 """Tensor types of the file: matrices in F32, F16 or Q8_0 (the gguf package's quantizer, llama.cpp's
-format); norms always F32, as llama.cpp's converter writes them."""
+format; a matrix whose rows do not split into blocks of 32 falls back to F16); norms always F32, as
+llama.cpp's converter writes them."""
 
 
 def _check_dense(model: Transformer) -> None:
@@ -117,11 +118,9 @@ def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab, 
         data = t.numpy().astype(np.float32)
         if data.ndim == 1 or outtype == "f32":
             writer.add_tensor(tensor_name, data)
-        elif outtype == "f16":
-            writer.add_tensor(tensor_name, data.astype(np.float16))
+        elif outtype == "f16" or data.shape[-1] % 32:  # rows that Q8_0's blocks of 32 do not split: F16, as
+            writer.add_tensor(tensor_name, data.astype(np.float16))  # llama.cpp's converter falls back
         else:  # Q8_0: blocks of 32 along each row, one f16 scale per block
-            if data.shape[-1] % 32:
-                raise ValueError(f"{tensor_name}: rows of {data.shape[-1]} do not split into Q8_0's blocks of 32")
             q8 = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(tensor_name, gguf.quants.quantize(data, q8), raw_dtype=q8)
     writer.write_header_to_file()

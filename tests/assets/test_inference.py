@@ -8,8 +8,10 @@ import dagster as dg
 import pytest
 
 from assets.inference import (
+    EXPORT_CHECKS,
     INFERENCE_CHECKS,
     benchmark_report,
+    exported_model,
     inference_package,
     quantized_model,
     speculative_greedy_is_identical,
@@ -126,6 +128,17 @@ def materialize_only(data, instance, assets, selection, config=None):
 def failure_message(result) -> str:
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     return failure.event_specific_data.error.message
+
+
+def test_exported_model_writes_every_run_for_other_engines_and_its_parity_check_holds(trained):
+    result = materialize(trained.data_dir, [exported_model], {}, instance=trained.instance, checks=EXPORT_CHECKS)
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed and check.metadata["max_relative_difference"].value < 1e-4
+    exports = metadata_of(result, "exported_model")["exports"].value
+    assert "| moe_model | hf | Glm4MoeForCausalLM |" in exports and exports.count("| gguf q8_0 | llama |") == 2
+    out = trained.data_dir / "exported_model"
+    assert (out / "moe_model" / "hf" / "model.safetensors").exists()
+    assert (out / "dense_baseline_model" / "dense_baseline_model-q8_0.gguf").exists()
 
 
 def test_a_blocking_check_that_has_not_passed_blocks_the_benchmark_and_the_release(trained, quantized, tmp_path):
