@@ -457,8 +457,8 @@ class ExportedModelConfig(dg.Config):
     kinds={"huggingface", "safetensors"},
     deps=[moe_model, draft_model, dense_baseline_model],
     description="moe_model, draft_model and dense_baseline_model for other engines: Hugging Face folders "
-    "(Glm4MoeForCausalLM, LlamaForCausalLM; transformers, vLLM, SGLang) and, for the dense models, GGUF files "
-    "(llama.cpp, Ollama), under exported_model/<model>/.",
+    "(Glm4MoeForCausalLM, LlamaForCausalLM; transformers, vLLM, SGLang) and GGUF files (glm4moe, llama; "
+    "llama.cpp, Ollama), under exported_model/<model>/.",
 )
 def exported_model(
     context: dg.AssetExecutionContext, config: ExportedModelConfig, paths: CurationPaths
@@ -475,16 +475,15 @@ def exported_model(
             hf = export(run, "hf", out / "hf", overwrite=True, approximate=config.approximate)
             architecture = json.loads((hf / "config.json").read_text())["architectures"][0]
             rows.append((name, "hf", architecture, str(hf), _bytes(hf)))
-            if not load_config(run).n_routed_experts:
-                gguf = export(run, "gguf", out / f"{name}-{config.gguf_outtype}.gguf", config.gguf_outtype, True)
-                rows.append((name, f"gguf {config.gguf_outtype}", "llama", str(gguf), _bytes(gguf)))
+            gguf = export(run, "gguf", out / f"{name}-{config.gguf_outtype}.gguf", config.gguf_outtype, True)
+            gguf_arch = "glm4moe" if load_config(run).n_routed_experts else "llama"
+            rows.append((name, f"gguf {config.gguf_outtype}", gguf_arch, str(gguf), _bytes(gguf)))
         except ValueError as e:
             raise dg.Failure(description=f"exported_model: {name}: {e}") from e
         context.log.info(f"exported {name}: {', '.join(r[1] for r in rows if r[0] == name)}")
     return dg.MaterializeResult(
         metadata={
             "exports": dg.MetadataValue.md(md_table(("model", "format", "architecture", "path", "bytes"), rows)),
-            "not_exported": "the MoE model as GGUF (llama.cpp's glm4moe): not written yet",
         }
     )
 

@@ -5,8 +5,8 @@ file (llama.cpp, Ollama).
     python -m inference.export --run data/dense_baseline_model --format gguf --outtype q8_0 --out exports/dense.gguf
 
 `hf` (inference.hf_export): Glm4MoeForCausalLM for MoE models, LlamaForCausalLM for dense ones, with the
-tokenizer, a generation config and a model card. `gguf` (inference.gguf_export): the llama architecture, for
-dense models, as F32, F16 or Q8_0 (quantized by the gguf package's own Q8_0 code). A model with no exact
+tokenizer, a generation config and a model card. `gguf` (inference.gguf_export): llama.cpp's glm4moe for MoE
+models, llama for dense ones, as F32, F16 or Q8_0 (quantized by the gguf package's own Q8_0 code). A model with no exact
 equivalent is refused, naming the field (`--approximate` exports top-p routing as top-k and says so). An
 existing, non-empty output is refused unless `--overwrite`.
 """

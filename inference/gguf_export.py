@@ -1,18 +1,21 @@
-"""A dense Frugal model as a GGUF file that llama.cpp runs (llama architecture); with its Hugging Face twin
-(inference.hf_export), the peers of bench/peers.py.
+"""A Frugal model as a GGUF file that llama.cpp runs: the llama architecture for dense models, glm4moe for MoE
+ones; with the Hugging Face twins of inference.hf_export, the peers of bench/peers.py.
 
-    python -m inference.gguf_export RUN_DIR OUT.gguf
+    python -m inference.export --run RUN_DIR --format gguf --outtype f32|f16|q8_0 --out OUT.gguf
 
 Frugal's dense transformer is Llama's: RMSNorm, SwiGLU (w1 = gate, w3 = up, w2 = down), grouped-query
 attention and RoPE over adjacent (even, odd) feature pairs, which is llama.cpp's "normal" rope and the layout
-of Meta's original checkpoints. So the GGUF tensors are Frugal's own, unpermuted (Hugging Face's Llama rotates
-the two halves of each head instead, which inference.hf_export maps). With tied embeddings the file carries
-no output.weight: llama.cpp then projects with token_embd.
+of Meta's original checkpoints, so a dense model's tensors go in unpermuted. The MoE model is GLM-4.5's
+(see inference.hf_export); llama.cpp's glm4moe uses NEOX rope (the halves of each head), so its query and key
+rows are reordered as for transformers, and it reads the router (`ffn_gate_inp`, F32), the selection bias
+(`exp_probs_b`), stacked experts (`ffn_{gate,up,down}_exps`), the shared expert (`*_shexp`) and
+sigmoid gating with normalised weights from the file's metadata. With tied embeddings the file carries no
+output.weight: llama.cpp then projects with token_embd.
 
 The tokenizer (Frugal's byte-level BPE, model.tokenizer) goes in as a "gpt2" vocabulary: its tokens, merges,
-and the special tokens as control tokens. The file is F32; llama.cpp's own quantizer makes Q8_0 or Q4_0 from it
-(bench/peers.py, through llama-cpp-python). MoE models are refused: llama.cpp's MoE architectures name
-other router and bias conventions than this exporter writes.
+and the special tokens as control tokens. llama.cpp's own quantizer makes Q4_0 or Q4_K_M from the F32 file
+(bench/peers.py, through llama-cpp-python). Models without an exact equivalent are refused as in
+inference.hf_export (softmax routing, top-p routing, no shared expert), and so are quantized ones.
 """
 
 from __future__ import annotations
@@ -33,41 +36,66 @@ format; a matrix whose rows do not split into blocks of 32 falls back to F16); n
 llama.cpp's converter writes them."""
 
 
-def _check_dense(model: Transformer) -> None:
-    if model.moe_layers():
-        raise ValueError("only dense models export to GGUF (llama architecture); this one has MoE layers")
-    if getattr(model.layers[0].attn.wq, "weight", None) is None:
+def _check_exportable(model: Transformer) -> None:
+    from inference.hf_export import exportable
+
+    exportable(model.config)  # llama.cpp's glm4moe runs what Glm4MoeForCausalLM runs: the same refusals
+    if getattr(model.layers[0].attn.wq, "weight", None) is None or any(
+        m.quantized is not None for m in model.moe_layers()
+    ):
         raise ValueError("export the fp32 model: quantized layers have no float weight to write")
 
 
+def architecture(model: Transformer) -> str:
+    return "glm4moe" if model.moe_layers() else "llama"
+
+
 def tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> fp32 weight (rows = outputs, as torch holds them)."""
-    _check_dense(model)
+    """GGUF tensor name -> fp32 weight (rows = outputs, as torch holds them). Dense models use llama's names and
+    rope over adjacent pairs (Frugal's own layout); MoE models glm4moe's names, whose NEOX rope rotates the
+    halves of each head, so their query and key rows are reordered as for transformers (hf_export._halves)."""
+    from inference.hf_export import _halves
+
+    _check_exportable(model)
+    cfg = model.config
+    moe = bool(model.moe_layers())
+    G = cfg.n_kv_heads or cfg.n_heads
     out = {"token_embd.weight": model.embed.weight, "output_norm.weight": model.norm.weight}
-    if not model.config.tie_embeddings:
+    if not cfg.tie_embeddings:
         out["output.weight"] = model.lm_head.weight
     for i, block in enumerate(model.layers):
-        attn, ffn = block.attn, block.ffn
-        assert isinstance(ffn, SwiGLU)
-        out |= {
-            f"blk.{i}.attn_norm.weight": block.attn_norm.weight, f"blk.{i}.ffn_norm.weight": block.ffn_norm.weight,
-            f"blk.{i}.attn_q.weight": attn.wq.weight, f"blk.{i}.attn_k.weight": attn.wk.weight,
-            f"blk.{i}.attn_v.weight": attn.wv.weight, f"blk.{i}.attn_output.weight": attn.wo.weight,
-            f"blk.{i}.ffn_gate.weight": ffn.w1.weight, f"blk.{i}.ffn_up.weight": ffn.w3.weight,
-            f"blk.{i}.ffn_down.weight": ffn.w2.weight,
-        }  # fmt: skip
+        attn, ffn, b = block.attn, block.ffn, f"blk.{i}."
+        q, k = (
+            (_halves(attn.wq.weight, cfg.n_heads), _halves(attn.wk.weight, G))
+            if moe
+            else (attn.wq.weight, attn.wk.weight)
+        )
+        out |= {b + "attn_norm.weight": block.attn_norm.weight, b + "attn_q.weight": q, b + "attn_k.weight": k,
+                b + "attn_v.weight": attn.wv.weight, b + "attn_output.weight": attn.wo.weight,
+                b + ("post_attention_norm.weight" if moe else "ffn_norm.weight"): block.ffn_norm.weight}  # fmt: skip
+        if isinstance(ffn, SwiGLU):
+            out |= {b + "ffn_gate.weight": ffn.w1.weight, b + "ffn_up.weight": ffn.w3.weight,
+                    b + "ffn_down.weight": ffn.w2.weight}  # fmt: skip
+        else:  # numpy shapes are ggml's reversed: (E, F, D) is ggml's {D, F, E}
+            out |= {
+                b + "ffn_gate_inp.weight": ffn.router.weight, b + "exp_probs_b.bias": ffn.router.bias,
+                b + "ffn_gate_exps.weight": ffn.w1_EFD, b + "ffn_up_exps.weight": ffn.w3_EFD,
+                b + "ffn_down_exps.weight": ffn.w2_EDF, b + "ffn_gate_shexp.weight": ffn.shared.w1.weight,
+                b + "ffn_up_shexp.weight": ffn.shared.w3.weight, b + "ffn_down_shexp.weight": ffn.shared.w2.weight,
+            }  # fmt: skip
     return {name: t.detach().float().contiguous() for name, t in out.items()}
 
 
 def write_gguf(
     model: Transformer, tokenizer_json: Path, path: Path, name: str = "frugal", outtype: str = "f32"
 ) -> Path:
-    """The model and its tokenizer as a llama-architecture GGUF file at `path` (matrices in `outtype`)."""
+    """The model and its tokenizer as a GGUF file at `path` (llama architecture for a dense model, glm4moe for
+    an MoE one; matrices in `outtype`)."""
     import gguf
 
     from model.io import atomic_file
 
-    _check_dense(model)
+    _check_exportable(model)
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {OUTTYPES}, not {outtype!r}")
     cfg = model.config
@@ -82,7 +110,7 @@ def write_gguf(
     types = [gguf.TokenType.CONTROL if t in SPECIAL else gguf.TokenType.NORMAL for t in tokens]
 
     with atomic_file(Path(path)) as tmp:  # never a partial file at `path`
-        _write(gguf.GGUFWriter(str(tmp), "llama"), model, name, tokens, types, merges, vocab, outtype)
+        _write(gguf.GGUFWriter(str(tmp), architecture(model)), model, name, tokens, types, merges, vocab, outtype)
     return path
 
 
@@ -100,6 +128,16 @@ def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab, 
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_rope_dimension_count(cfg.head_dim)
+    if model.moe_layers():  # DeepSeek-V3's router: sigmoid scores, the chosen ones normalised, no scaling
+        writer.add_expert_count(cfg.n_routed_experts)
+        writer.add_expert_used_count(cfg.top_k)
+        writer.add_expert_shared_count(cfg.n_shared_experts)
+        writer.add_expert_feed_forward_length(cfg.d_expert)
+        writer.add_leading_dense_block_count(cfg.n_dense_layers)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_weights_norm(True)
+        writer.add_expert_weights_scale(1.0)
+        writer.add_nextn_predict_layers(0)
     writer.add_vocab_size(cfg.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
@@ -116,7 +154,7 @@ def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab, 
     writer.add_add_bos_token(False)
     for tensor_name, t in tensors(model).items():
         data = t.numpy().astype(np.float32)
-        if data.ndim == 1 or outtype == "f32":
+        if data.ndim == 1 or outtype == "f32" or tensor_name.endswith("ffn_gate_inp.weight"):  # router: F32
             writer.add_tensor(tensor_name, data)
         elif outtype == "f16" or data.shape[-1] % 32:  # rows that Q8_0's blocks of 32 do not split: F16, as
             writer.add_tensor(tensor_name, data.astype(np.float16))  # llama.cpp's converter falls back

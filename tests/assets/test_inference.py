@@ -136,6 +136,7 @@ def test_exported_model_writes_every_run_for_other_engines_and_its_parity_check_
     assert check.passed and check.metadata["max_relative_difference"].value < 1e-4
     exports = metadata_of(result, "exported_model")["exports"].value
     assert "| moe_model | hf | Glm4MoeForCausalLM |" in exports and exports.count("| gguf q8_0 | llama |") == 2
+    assert "| moe_model | gguf q8_0 | glm4moe |" in exports
     out = trained.data_dir / "exported_model"
     assert (out / "moe_model" / "hf" / "model.safetensors").exists()
     assert (out / "dense_baseline_model" / "dense_baseline_model-q8_0.gguf").exists()

@@ -73,11 +73,12 @@ def test_llama_cpp_decodes_frugals_greedy_tokens(dense, gguf_file):
     )  # fmt: skip
 
 
-def test_moe_and_quantized_models_are_refused(tiny_tokenizer, tmp_path):
+def test_untwinned_and_quantized_models_are_refused(tiny_tokenizer, tmp_path):
     from inference.runtime.quantize import quantize_linears
 
-    with pytest.raises(ValueError, match="MoE layers"):
-        write_gguf(Transformer(debug_tiny()), tiny_tokenizer, tmp_path / "moe.gguf")
+    with pytest.raises(ValueError, match="score_func"):  # llama.cpp's glm4moe gates with sigmoid
+        write_gguf(Transformer(dataclasses.replace(debug_tiny(), score_func="softmax")), tiny_tokenizer,
+                   tmp_path / "moe.gguf")  # fmt: skip
     model = Transformer(dense_baseline(debug_tiny()))
     quantize_linears(model, "int8")
     with pytest.raises(ValueError, match="fp32 model"):
@@ -103,3 +104,39 @@ def test_llama_cpp_runs_the_f16_and_q8_0_files_within_a_perplexity_budget(dense,
     for outtype in ("f16", "q8_0"):
         path = write_gguf(dense, tiny_tokenizer, tmp_path / f"tiny-{outtype}.gguf", outtype=outtype)
         assert abs(np.exp(llama_cpp_nll(path, tokens)) / np.exp(f32) - 1) < 0.01, outtype
+
+
+@pytest.fixture(scope="module")
+def moe():
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(debug_tiny(), n_kv_heads=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+        for layer in model.moe_layers():
+            layer.router.bias.copy_(torch.randn_like(layer.router.bias) * 0.1)  # selection differs from scores
+    return model
+
+
+def test_llama_cpp_runs_the_moe_model_as_glm4moe(moe, tiny_tokenizer, tmp_path):
+    """The MoE model as llama.cpp's glm4moe: its logits at every position of a prompt match Frugal's within 1e-3
+    of the logit scale, and it decodes the same greedy tokens."""
+    import gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by `make llama-cpp`")
+    path = write_gguf(moe, tiny_tokenizer, tmp_path / "moe.gguf")
+    fields = {n: f.contents() for n, f in gguf.GGUFReader(str(path)).fields.items() if not n.startswith("GGUF.")}
+    assert fields["general.architecture"] == "glm4moe" and fields["glm4moe.expert_gating_func"] == 2  # sigmoid
+    assert (fields["glm4moe.expert_count"], fields["glm4moe.expert_used_count"]) == (4, 2)
+    tokens = Generator(moe).generate_ids(PROMPT, SamplingConfig(max_new_tokens=24, temperature=1.0, seed=5))
+    row = PROMPT + tokens
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(row)
+    got, want = torch.from_numpy(np.array(llm.scores[: len(row)])), moe(torch.tensor([row]))[0].detach()
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
+    llm.reset()
+    llm.eval(PROMPT)
+    greedy = []
+    for _ in range(12):
+        greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([greedy[-1]])
+    assert greedy == Generator(moe).generate_ids(PROMPT, SamplingConfig(max_new_tokens=12))
