@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html clean-data
+.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,10 @@ bench-transfer: install
 # main-content extraction of documentation HTML: resiliparse against trafilatura (datatrove's default)
 bench-html: install
 	$(BIN)/python bench/html_extraction.py
+
+# issue 16: perplexity added by Frugal's INT8/INT4 against llama.cpp's Q8_0/Q4_0/Q4_K_M (needs make demo's models)
+bench-quant: llama-cpp
+	$(BIN)/python bench/quant_quality.py
 
 # the newest release under releases/ against the dense fp32 baseline, each served by frugal-serve
 bench-serve: install
