@@ -1,6 +1,7 @@
 """Inference assets: quantized_model (INT8 and INT4 target and draft, per-channel KV scales, and what
 quantization costs in validation perplexity), benchmark_report (the dense baseline against the MoE model's
-formats: quality, speed, memory, $ per 1M tokens) and inference_package (the published release)."""
+formats: quality, speed, memory, $ per 1M tokens), exported_model (Hugging Face and GGUF exports for other
+engines) and inference_package (the published release)."""
 
 import json
 from pathlib import Path
@@ -296,152 +297,6 @@ def benchmark_report(
     return dg.MaterializeResult(metadata=metadata)
 
 
-class InferencePackageConfig(dg.Config):
-    """The release: which quantized target and draft to ship, and how to serve them."""
-
-    name: str = "frugal-small-cpu"
-    version: str = "0.1.0"
-    scheme: str = "best"
-    """int8 or int4: the quantized_model folder shipped; best: whichever of the two benchmark_report found
-    cheaper per token."""
-    kv_cache: str = "fp32"
-    """fp32, int8 (per token) or int8-channel: what frugal-serve uses by default."""
-    gamma: int = 4
-    releases_dir: str = "releases"
-    hf_repo: str | None = None
-    """A Hugging Face Hub model repository to push the release folder to, when HF_TOKEN is set."""
-
-
-def model_card(name: str, version: str, meta: dict, paths: CurationPaths) -> str:
-    """MODEL_CARD.md: what the model is, its data lineage and training run, quantization, benchmark, use."""
-    from inference.runtime.package import sha256
-
-    shards = paths.stage_dir("curriculum_shards") / "manifest.json"
-    train = json.loads((paths.stage_dir("moe_model") / "summary.json").read_text())
-    config = json.loads((paths.stage_dir("moe_model") / "config.json").read_text())["model"]
-    quant = json.loads((paths.stage_dir("quantized_model") / "report.json").read_text())
-    report_md = paths.stage_dir("benchmark_report") / "report.md"
-    quality = [(r["label"], f"{r['perplexity']:.3f}", f"{r['delta_pct']:+.3f}%") for r in quant["rows"]]
-    from inference.release import wheel_name
-
-    wheel = f"{wheel_name(name)}-{version}-py3-none-any.whl"
-    return f"""# {name} {version}
-
-A DeepSeek-style Mixture-of-Experts language model built by Frugal, quantized to {meta["scheme"].upper()} and
-served with speculative decoding by a small dense draft model (gamma {meta["gamma"]}), with an
-{meta["kv_cache"]} KV cache. Context: {config["max_seq_len"]} tokens; vocabulary: {config["vocab_size"]}.
-
-- Target: {config["n_layers"]} layers, d_model {config["d_model"]}, {config["n_routed_experts"]} routed experts
-  (top-{config["top_k"]}) + {config["n_shared_experts"]} shared; {train["total_params"]:,} parameters,
-  {train["active_params"]:,} active per token.
-- Draft: a dense model trained on the same shards with the same tokenizer, distilled from the target.
-
-## Data lineage
-
-- Curated shards: `curriculum_shards/manifest.json` sha256 `{sha256(shards)}`.
-- Training run `moe_model`: {train["step"]} steps, {train["tokens"]:,} tokens, validation loss {train["val_loss"]:.3f},
-  spend ${train["spend_usd"]:.4f}; W&B run `{Path(train.get("wandb_run") or "-").name}`.
-
-## Quantization (validation perplexity, {quant["val_tokens"]:,} held-out tokens)
-
-{md_table(("format", "val ppl", "vs fp32"), quality)}
-
-## Benchmark
-
-{report_md.read_text() if report_md.exists() else "(benchmark_report not materialized)"}
-
-## Use
-
-```bash
-pip install {wheel}
-frugal-serve --port 8000            # OpenAI-compatible API on 127.0.0.1:8000
-lm_eval --model frugal --model_args package=PATH/package --tasks ...
-```
-
-```python
-from inference.runtime.package import load_package
-package = load_package(PATH)        # verifies every file against manifest.json
-```
-
-Limitations: a small research model trained for minutes on a CPU; it is not useful for real text.
-"""
-
-
-@dg.asset(
-    group_name=GROUP,
-    kinds={"python", "wandb"},
-    deps=[quantized_model, benchmark_report],
-    description="The published release: a package folder (quantized target and draft, tokenizer, configs, "
-    "MODEL_CARD.md, manifest.json with every file's sha256), a pip-installable wheel with the inference runtime "
-    "and `frugal-serve`, and a .tar.gz, under releases/<name>-<version>/; logged as a W&B artifact and pushed to "
-    "the Hugging Face Hub when hf_repo and HF_TOKEN are set.",
-)
-def inference_package(
-    context: dg.AssetExecutionContext, config: InferencePackageConfig, paths: CurationPaths, wandb: WandbResource
-) -> dg.MaterializeResult:
-    import os
-
-    from inference.release import assemble, build_wheel, tarball
-    from inference.runtime.kv_cache import KV_CACHES
-
-    if config.scheme not in ("int8", "int4", "best") or config.kv_cache not in KV_CACHES:
-        raise dg.Failure(description=f"scheme must be int8, int4 or best, and kv_cache one of {KV_CACHES}")
-    checks = blocking_checks_passed(context)
-    scheme = config.scheme
-    if scheme == "best":
-        rows = json.loads((paths.stage_dir("benchmark_report") / "report.json").read_text())["rows"]
-        quantized = [r for r in rows if r["config"] in ("moe int8", "moe int4")]
-        scheme = min(quantized, key=lambda r: r["usd_per_1m_tokens"])["config"].removeprefix("moe ")
-        context.log.info(f"shipping {scheme}: the cheaper quantized format per token in benchmark_report")
-    source = paths.stage_dir("quantized_model") / scheme
-    if not (source / "target" / WEIGHTS_FILE).exists():
-        raise dg.Failure(description=f"{source / 'target' / WEIGHTS_FILE}: missing: materialize quantized_model")
-    meta = {
-        "name": config.name,
-        "version": config.version,
-        "scheme": scheme,
-        "kv_cache": config.kv_cache,
-        "gamma": config.gamma,
-        "source": {"quantized_model": str(source), "dagster_run": context.run_id},
-    }
-    release = Path(config.releases_dir) / f"{config.name}-{config.version}"
-    package_dir = release / "package"
-    manifest = assemble(
-        package_dir, source / "target", source / "draft", meta, model_card(config.name, config.version, meta, paths)
-    )
-    context.log.info(f"package folder {package_dir}: {len(manifest['files'])} files; building the wheel ...")
-    wheel = build_wheel(package_dir, release, paths.stage_dir("inference_package"))
-    tar = tarball(package_dir, release)
-    hub = "not configured (hf_repo)"
-    if config.hf_repo and os.environ.get("HF_TOKEN"):
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=os.environ["HF_TOKEN"])
-        api.create_repo(config.hf_repo, exist_ok=True)
-        api.upload_folder(
-            repo_id=config.hf_repo, folder_path=str(release), commit_message=f"{config.name} {config.version}"
-        )
-        hub = f"pushed to https://huggingface.co/{config.hf_repo}"
-    elif config.hf_repo:
-        hub = "skipped: HF_TOKEN is not set"
-    files = [(name, f"{entry['bytes']:,}", entry["sha256"][:16]) for name, entry in manifest["files"].items()]
-    artifact = (config.name, "model", [package_dir, wheel, tar])
-    run_dir = wandb.log_run(context, "release", {"files": len(files)}, config=meta, artifact=artifact)
-    metadata = {
-        "release": dg.MetadataValue.path(str(release.resolve())),
-        "wheel": dg.MetadataValue.path(str(wheel.resolve())),
-        "tarball": dg.MetadataValue.path(str(tar.resolve())),
-        "wheel_bytes": wheel.stat().st_size,
-        "manifest": dg.MetadataValue.md(md_table(("file", "bytes", "sha256 (first 16)"), files)),
-        "model_card": dg.MetadataValue.md((package_dir / "MODEL_CARD.md").read_text()),
-        "hugging_face_hub": hub,
-        "blocking_checks": dg.MetadataValue.json(checks),
-    }
-    if run_dir:
-        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
-    return dg.MaterializeResult(metadata=metadata)
-
-
 EXPORTED_RUNS = ("moe_model", "draft_model", "dense_baseline_model")
 
 
@@ -520,6 +375,159 @@ def exports_match_frugal(paths: CurationPaths) -> dg.AssetCheckResult:
         metadata={"max_relative_difference": worst,
                   "models": dg.MetadataValue.md(md_table(("model", "architecture", "max |diff| / max |logit|"), rows))},
     )  # fmt: skip
+
+
+class InferencePackageConfig(dg.Config):
+    """The release: which quantized target and draft to ship, and how to serve them."""
+
+    name: str = "frugal-small-cpu"
+    version: str = "0.1.0"
+    scheme: str = "best"
+    """int8 or int4: the quantized_model folder shipped; best: whichever of the two benchmark_report found
+    cheaper per token."""
+    kv_cache: str = "fp32"
+    """fp32, int8 (per token) or int8-channel: what frugal-serve uses by default."""
+    gamma: int = 4
+    releases_dir: str = "releases"
+    hf_repo: str | None = None
+    """A Hugging Face Hub model repository to push the release folder to, when HF_TOKEN is set."""
+
+
+def model_card(name: str, version: str, meta: dict, paths: CurationPaths) -> str:
+    """MODEL_CARD.md: what the model is, its data lineage and training run, quantization, benchmark, use."""
+    from inference.runtime.package import sha256
+
+    shards = paths.stage_dir("curriculum_shards") / "manifest.json"
+    train = json.loads((paths.stage_dir("moe_model") / "summary.json").read_text())
+    config = json.loads((paths.stage_dir("moe_model") / "config.json").read_text())["model"]
+    quant = json.loads((paths.stage_dir("quantized_model") / "report.json").read_text())
+    report_md = paths.stage_dir("benchmark_report") / "report.md"
+    quality = [(r["label"], f"{r['perplexity']:.3f}", f"{r['delta_pct']:+.3f}%") for r in quant["rows"]]
+    from inference.release import wheel_name
+
+    wheel = f"{wheel_name(name)}-{version}-py3-none-any.whl"
+    return f"""# {name} {version}
+
+A DeepSeek-style Mixture-of-Experts language model built by Frugal, quantized to {meta["scheme"].upper()} and
+served with speculative decoding by a small dense draft model (gamma {meta["gamma"]}), with an
+{meta["kv_cache"]} KV cache. Context: {config["max_seq_len"]} tokens; vocabulary: {config["vocab_size"]}.
+
+- Target: {config["n_layers"]} layers, d_model {config["d_model"]}, {config["n_routed_experts"]} routed experts
+  (top-{config["top_k"]}) + {config["n_shared_experts"]} shared; {train["total_params"]:,} parameters,
+  {train["active_params"]:,} active per token.
+- Draft: a dense model trained on the same shards with the same tokenizer, distilled from the target.
+
+## Data lineage
+
+- Curated shards: `curriculum_shards/manifest.json` sha256 `{sha256(shards)}`.
+- Training run `moe_model`: {train["step"]} steps, {train["tokens"]:,} tokens, validation loss {train["val_loss"]:.3f},
+  spend ${train["spend_usd"]:.4f}; W&B run `{Path(train.get("wandb_run") or "-").name}`.
+
+## Quantization (validation perplexity, {quant["val_tokens"]:,} held-out tokens)
+
+{md_table(("format", "val ppl", "vs fp32"), quality)}
+
+## Benchmark
+
+{report_md.read_text() if report_md.exists() else "(benchmark_report not materialized)"}
+
+## Use
+
+```bash
+pip install {wheel}
+frugal-serve --port 8000            # OpenAI-compatible API on 127.0.0.1:8000
+lm_eval --model frugal --model_args package=PATH/package --tasks ...
+```
+
+```python
+from inference.runtime.package import load_package
+package = load_package(PATH)        # verifies every file against manifest.json
+```
+
+Limitations: a small research model trained for minutes on a CPU; it is not useful for real text.
+"""
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"python", "wandb"},
+    deps=[quantized_model, benchmark_report, exported_model],
+    description="The published release: a package folder (quantized target and draft, tokenizer, configs, "
+    "MODEL_CARD.md, manifest.json with every file's sha256), a pip-installable wheel with the inference runtime "
+    "and `frugal-serve`, and a .tar.gz, under releases/<name>-<version>/; logged as a W&B artifact. With hf_repo and "
+    "HF_TOKEN set, the Hugging Face export of moe_model is pushed to the Hub, the release beside it.",
+)
+def inference_package(
+    context: dg.AssetExecutionContext, config: InferencePackageConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    import os
+
+    from inference.release import assemble, build_wheel, tarball
+    from inference.runtime.kv_cache import KV_CACHES
+
+    if config.scheme not in ("int8", "int4", "best") or config.kv_cache not in KV_CACHES:
+        raise dg.Failure(description=f"scheme must be int8, int4 or best, and kv_cache one of {KV_CACHES}")
+    checks = blocking_checks_passed(context)
+    scheme = config.scheme
+    if scheme == "best":
+        rows = json.loads((paths.stage_dir("benchmark_report") / "report.json").read_text())["rows"]
+        quantized = [r for r in rows if r["config"] in ("moe int8", "moe int4")]
+        scheme = min(quantized, key=lambda r: r["usd_per_1m_tokens"])["config"].removeprefix("moe ")
+        context.log.info(f"shipping {scheme}: the cheaper quantized format per token in benchmark_report")
+    source = paths.stage_dir("quantized_model") / scheme
+    if not (source / "target" / WEIGHTS_FILE).exists():
+        raise dg.Failure(description=f"{source / 'target' / WEIGHTS_FILE}: missing: materialize quantized_model")
+    meta = {
+        "name": config.name,
+        "version": config.version,
+        "scheme": scheme,
+        "kv_cache": config.kv_cache,
+        "gamma": config.gamma,
+        "source": {"quantized_model": str(source), "dagster_run": context.run_id},
+    }
+    release = Path(config.releases_dir) / f"{config.name}-{config.version}"
+    package_dir = release / "package"
+    manifest = assemble(
+        package_dir, source / "target", source / "draft", meta, model_card(config.name, config.version, meta, paths)
+    )
+    context.log.info(f"package folder {package_dir}: {len(manifest['files'])} files; building the wheel ...")
+    wheel = build_wheel(package_dir, release, paths.stage_dir("inference_package"))
+    tar = tarball(package_dir, release)
+    hub = "not configured (hf_repo)"
+    if config.hf_repo and os.environ.get("HF_TOKEN"):
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=os.environ["HF_TOKEN"])
+        api.create_repo(config.hf_repo, exist_ok=True)
+        message = f"{config.name} {config.version}"
+        # the repository's root is the Hugging Face export (what transformers, vLLM and SGLang load); the
+        # Frugal release (package, wheel, tarball) goes beside it under frugal-release/
+        hf_folder = paths.stage_dir("exported_model") / "moe_model" / "hf"
+        if hf_folder.exists():
+            api.upload_folder(repo_id=config.hf_repo, folder_path=str(hf_folder), commit_message=message)
+        api.upload_folder(repo_id=config.hf_repo, folder_path=str(release), path_in_repo="frugal-release",
+                          commit_message=message)  # fmt: skip
+        hub = f"pushed to https://huggingface.co/{config.hf_repo}"
+        if not hf_folder.exists():
+            hub += " (the release only: exported_model is not materialized)"
+    elif config.hf_repo:
+        hub = "skipped: HF_TOKEN is not set"
+    files = [(name, f"{entry['bytes']:,}", entry["sha256"][:16]) for name, entry in manifest["files"].items()]
+    artifact = (config.name, "model", [package_dir, wheel, tar])
+    run_dir = wandb.log_run(context, "release", {"files": len(files)}, config=meta, artifact=artifact)
+    metadata = {
+        "release": dg.MetadataValue.path(str(release.resolve())),
+        "wheel": dg.MetadataValue.path(str(wheel.resolve())),
+        "tarball": dg.MetadataValue.path(str(tar.resolve())),
+        "wheel_bytes": wheel.stat().st_size,
+        "manifest": dg.MetadataValue.md(md_table(("file", "bytes", "sha256 (first 16)"), files)),
+        "model_card": dg.MetadataValue.md((package_dir / "MODEL_CARD.md").read_text()),
+        "hugging_face_hub": hub,
+        "blocking_checks": dg.MetadataValue.json(checks),
+    }
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 INFERENCE_CHECKS = [quantization_within_budget, speculative_greedy_is_identical]
