@@ -321,13 +321,13 @@ def exported_model(
     from inference.export import export
     from model.io import load_config
 
-    rows = []
+    rows, benchmark = [], _benchmark_table(paths)
     for name in EXPORTED_RUNS:
         run, out = paths.stage_dir(name), paths.stage_dir("exported_model") / name
         if not (run / WEIGHTS_FILE).exists():
             raise dg.Failure(description=f"{run / WEIGHTS_FILE}: missing: materialize {name} first")
         try:
-            hf = export(run, "hf", out / "hf", overwrite=True, approximate=config.approximate)
+            hf = export(run, "hf", out / "hf", overwrite=True, approximate=config.approximate, benchmark=benchmark)
             architecture = json.loads((hf / "config.json").read_text())["architectures"][0]
             rows.append((name, "hf", architecture, str(hf), _bytes(hf)))
             gguf = export(run, "gguf", out / f"{name}-{config.gguf_outtype}.gguf", config.gguf_outtype, True)
@@ -340,6 +340,18 @@ def exported_model(
         metadata={
             "exports": dg.MetadataValue.md(md_table(("model", "format", "architecture", "path", "bytes"), rows)),
         }
+    )
+
+
+def _benchmark_table(paths: CurationPaths) -> str | None:
+    """benchmark_report's table for the model cards, when it has been materialized."""
+    report = paths.stage_dir("benchmark_report") / "report.json"
+    if not report.exists():
+        return None
+    rows = [(r["config"], r["decoding"], f"{r['perplexity']:.1f}", f"{r['tokens_per_s']:.0f}",
+             f"{r['usd_per_1m_tokens']:.4f}") for r in json.loads(report.read_text())["rows"]]  # fmt: skip
+    return "Frugal's own engine, from benchmark_report:\n\n" + md_table(
+        ("config", "decoding", "perplexity", "tokens/s", "$ per 1M tokens"), rows
     )
 
 
