@@ -30,7 +30,6 @@ tables printed at the end, and a W&B run (offline unless WANDB_API_KEY is set).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -140,17 +139,6 @@ class LlamaCppDecoder:
         return out, (time.perf_counter() - start) / (n - 1)
 
 
-def llama_quantize(f32: Path, out: Path, ftype: int) -> Path:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = os.cpu_count() or 2
-    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {out}")
-    return out
-
-
 # -- transformers --------------------------------------------------------------------------------------
 
 
@@ -190,14 +178,14 @@ def interleaved(decoders: dict, prompt, n: int, repeats: int, bar) -> dict[str, 
 
 
 def dense_size(label: str, base, tokenizer_json: Path, args, work: Path, bandwidth: float, bar) -> dict:
-    from inference.gguf_export import write_gguf
+    from inference.gguf_export import llama_cpp_quantize, write_gguf
     from inference.runtime.quantize import weight_bytes
 
     f32 = write_gguf(base, tokenizer_json, work / f"{label}-f32.gguf")
     n_ctx = len(PROMPT) + args.tokens + 8
     rows = []
     for fmt, (ll_name, ftype) in LLAMA_FORMATS.items():
-        gguf = f32 if ftype is None else llama_quantize(f32, work / f"{label}-{ll_name}.gguf", ftype)
+        gguf = f32 if ftype is None else llama_cpp_quantize(f32, work / f"{label}-{ll_name}.gguf", ftype)
         model = frugal_model(base, fmt)
         compiled = FrugalDecoder(model, compiled=True)
         decoders = {"frugal eager": FrugalDecoder(model, compiled=False), "frugal compiled": compiled,

@@ -16,10 +16,8 @@ Writes bench/results/quant_quality.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before bench/, whose inference.py would shadow the package
 
 from inference.evaluate import perplexity  # noqa: E402
-from inference.gguf_export import write_gguf  # noqa: E402
+from inference.gguf_export import llama_cpp_quantize, write_gguf  # noqa: E402
 from inference.runtime.quantize import load_quantized, weight_bytes  # noqa: E402
 from model.io import load_model  # noqa: E402
 from training.data import run_validation_rows  # noqa: E402
@@ -51,17 +49,6 @@ def llama_cpp_perplexity(path: Path, rows: torch.Tensor, threads: int) -> float:
         nll += torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
         count += len(row) - 1
     return math.exp(nll / count)
-
-
-def quantize(f32: Path, out: Path, ftype: int) -> Path:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = os.cpu_count() or 2
-    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {out}")
-    return out
 
 
 def main() -> None:
@@ -84,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         f32 = write_gguf(fp32, run / "tokenizer.json", Path(tmp) / "moe-f32.gguf", name="moe_model")
         files = {"F32": f32} | {
-            name: quantize(f32, Path(tmp) / f"moe-{name}.gguf", ft) for name, ft in LLAMA_FTYPES.items()
+            name: llama_cpp_quantize(f32, Path(tmp) / f"moe-{name}.gguf", ft) for name, ft in LLAMA_FTYPES.items()
         }
         for name, path in files.items():
             results.append({"engine": "llama.cpp", "format": name, "bytes": path.stat().st_size,

@@ -167,6 +167,23 @@ def _write(writer, model: Transformer, name: str, tokens, types, merges, vocab, 
     writer.close()
 
 
+def llama_cpp_quantize(f32: Path, out: Path, ftype: int) -> Path:
+    """llama.cpp's own quantizer (through llama-cpp-python, `make llama-cpp`) on an F32 file: `ftype` is a
+    LLAMA_FTYPE, e.g. 7 for Q8_0, 2 for Q4_0, 15 for Q4_K_M. It falls back per tensor where a type's blocks do
+    not split the rows, as llama.cpp does for any model."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = os.cpu_count() or 2
+    if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from model.io import load_model
 

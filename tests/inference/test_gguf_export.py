@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.gguf_export import tensors, write_gguf
+from inference.gguf_export import llama_cpp_quantize, tensors, write_gguf
 from inference.hf_export import to_hf
 from inference.runtime.generate import Generator, SamplingConfig
 from model.config import debug_tiny, dense_baseline
@@ -104,6 +104,8 @@ def test_llama_cpp_runs_the_f16_and_q8_0_files_within_a_perplexity_budget(dense,
     for outtype in ("f16", "q8_0"):
         path = write_gguf(dense, tiny_tokenizer, tmp_path / f"tiny-{outtype}.gguf", outtype=outtype)
         assert abs(np.exp(llama_cpp_nll(path, tokens)) / np.exp(f32) - 1) < 0.01, outtype
+    q8_by_llama_cpp = llama_cpp_quantize(gguf_file, tmp_path / "tiny-llama-q8_0.gguf", 7)  # its own quantizer
+    assert abs(np.exp(llama_cpp_nll(q8_by_llama_cpp, tokens)) / np.exp(f32) - 1) < 0.01
 
 
 @pytest.fixture(scope="module")
