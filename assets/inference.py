@@ -302,7 +302,7 @@ EXPORTED_RUNS = ("moe_model", "draft_model", "dense_baseline_model")
 
 class ExportedModelConfig(dg.Config):
     gguf_outtype: str = "q8_0"
-    """Tensor type of the dense models' GGUF files: f32, f16 or q8_0."""
+    """Tensor type of the GGUF files (glm4moe for the MoE model, llama for dense ones): f32, f16 or q8_0."""
     approximate: bool = False
     """Export top-p dynamic routing as top-k (the model card says so); otherwise such a model is refused."""
 
