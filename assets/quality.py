@@ -15,7 +15,7 @@ from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
 from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
 from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
-from pipelines.quality import MODEL_FILE, QualityModelConfig, resemblance, train_quality_classifier
+from pipelines.quality import KEEP_THRESHOLD, MODEL_FILE, QualityModelConfig, resemblance, train_quality_classifier
 from pipelines.quality_score import SCORES_FILE, ScoreConfig, score_documents
 from pipelines.reference import DOMAINS, ReferenceConfig
 from pipelines.stage import DOCUMENTS_FILE
@@ -61,7 +61,7 @@ class QualityClassifierConfig(dg.Config):
 class ScoredDocumentsConfig(dg.Config):
     mode: str = "threshold"
     """threshold (keep quality_score >= threshold) or top_fraction."""
-    threshold: float = 0.25
+    threshold: float = KEEP_THRESHOLD
     top_fraction: float = 0.8
     workers: int = 2
 

@@ -42,6 +42,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 POSITIVE = "__label__hq"
 NEGATIVE = "__label__cc"
+KEEP_THRESHOLD = 0.25
+"""The quality_score a document needs to be kept by default (scored_documents' threshold)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,7 +58,7 @@ class QualityModelConfig:
     """Which reference domains make the positives when no positive files are given."""
     measure_transfer: bool = True
     """Also measure transfer leave-one-domain-out (one more model per domain; seconds each)."""
-    transfer_threshold: float = 0.25
+    transfer_threshold: float = KEEP_THRESHOLD
     """The quality_score threshold at which transfer reports the share of real documents and of junk kept
     (scored_documents' default)."""
     min_examples_per_class: int = 50

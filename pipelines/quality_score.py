@@ -25,7 +25,7 @@ from pipelines.cli import reader_config, run_stage, stage_parser
 from pipelines.document import DOCUMENT_SCHEMA, Document, Ledger
 from pipelines.parallel import batched, default_workers, ordered_map
 from pipelines.progress import track
-from pipelines.quality import QualityScorer
+from pipelines.quality import KEEP_THRESHOLD, QualityScorer
 from pipelines.readers import ReaderConfig, count_records, read_documents
 from pipelines.stage import DOCUMENTS_FILE, DocumentWriter, StageStats, finish_stage, logger, write_table
 
@@ -43,7 +43,7 @@ class ScoreConfig:
 
     mode: str = "threshold"
     """"threshold" keeps quality_score >= threshold; "top_fraction" keeps the best top_fraction."""
-    threshold: float = 0.25
+    threshold: float = KEEP_THRESHOLD
     """Used in threshold mode."""
     top_fraction: float = 0.8
     """Used in top_fraction mode."""
