@@ -125,7 +125,7 @@ def test_training_lowers_the_loss_and_exports_a_model_that_reloads(inputs, tmp_p
 
 
 def test_resume_after_sigterm_gives_the_losses_of_an_uninterrupted_run(inputs, tmp_path):
-    steps = 60
+    steps = 240  # long enough for SIGTERM to land mid-run: on an idle machine 60 steps ended (in ~1 s) before it did
     train(write_config(inputs, tmp_path / "whole", max_steps=steps, checkpoint_every=1000))
     config = write_config(inputs, tmp_path / "cut", max_steps=steps, checkpoint_every=1000)
     proc = start(config)
