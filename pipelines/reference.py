@@ -21,8 +21,6 @@ from __future__ import annotations
 import glob
 import os
 import random
-import re
-from collections import Counter
 from dataclasses import dataclass
 
 from pipelines.document import Document
@@ -113,15 +111,9 @@ def reference_domains(config: ReferenceConfig | None = None) -> dict[str, list[D
     return {d: docs for d in config.domains if (docs := _sample(found.get(d, []), config))}
 
 
-def vocabulary(texts: list[str], min_count: int = 3) -> list[str]:
-    """Lower-case words (4-12 letters) seen at least min_count times in the texts, sorted."""
-    counts = Counter(w.lower() for t in texts for w in re.findall(r"\b[A-Za-z]{4,12}\b", t))
-    return sorted(w for w, c in counts.items() if c >= min_count)
-
-
 def junk_documents(texts: list[str], n: int, seed: str) -> list[Document]:
     """n junk pages, the five kinds in turn, made from the texts' vocabulary."""
-    from pipelines.sample_corpus import LOW_QUALITY_KINDS, low_quality_page
+    from pipelines.sample_corpus import LOW_QUALITY_KINDS, low_quality_page, vocabulary
 
     vocab = vocabulary(texts)
     if len(vocab) < 10:

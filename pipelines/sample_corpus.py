@@ -763,11 +763,16 @@ def low_quality_page(kind: str, rng: random.Random, vocab: list[str]) -> str:
     return text
 
 
+def vocabulary(texts: list[str], min_count: int = 3) -> list[str]:
+    """Lower-case words (4-12 letters) seen at least min_count times in the texts, sorted: what the junk
+    generators (low_quality_page) draw their words from."""
+    counts = Counter(w.lower() for t in texts for w in re.findall(r"\b[A-Za-z]{4,12}\b", t))
+    return sorted(w for w, c in counts.items() if c >= min_count)
+
+
 def _vocabulary(bases: list[_Base], rng: random.Random, max_bases: int = 2000) -> list[str]:
-    """Lower-case words (4-12 letters) seen at least 3 times in a sample of the base texts, sorted."""
-    sample = rng.sample(bases, min(max_bases, len(bases)))
-    counts = Counter(w.lower() for b in sample for w in re.findall(r"\b[A-Za-z]{4,12}\b", b.text))
-    vocab = sorted(w for w, c in counts.items() if c >= 3)
+    """The vocabulary of a sample of the base texts."""
+    vocab = vocabulary([b.text for b in rng.sample(bases, min(max_bases, len(bases)))])
     assert len(vocab) >= 10, "the base texts give too small a vocabulary"
     return vocab
 
