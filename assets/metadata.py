@@ -17,17 +17,8 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 
-from model.io import atomic_file
+from model.io import atomic_file, md_table
 from pipelines.stage import StageStats
-
-
-def md_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def cell(v) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def text_table(columns: Sequence[str], rows: Sequence[Sequence]) -> dg.TableMetadataValue:

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -189,3 +189,14 @@ def load_model(run_dir: Path, dtype: torch.dtype = torch.float32) -> Transformer
     check_tensors(path, tensors, expected)
     model.load_state_dict(tensors, strict=False)  # the tied lm_head shares embed.weight
     return model.to(dtype).eval()
+
+
+def md_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table (| escaped, newlines flattened)."""
+
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

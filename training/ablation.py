@@ -60,7 +60,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -71,13 +70,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.io import atomic_file, write_text_atomic
+from model.io import atomic_file, md_table, write_text_atomic
 from model.tokenizer import EOS, load_tokenizer
 from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, code_version, write_shard_files
 from pipelines.stage import atomic_path
 from training.config import PRESETS, TrainConfig, config_from_file
 from training.data import ShardReader, is_validation
-from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_run_dir, rank_log_tails
+from training.launch import SUMMARY_FILE, train_process
 from training.metrics import read_metrics
 
 RUNS = ("raw", "curated_shuffled", "curated_curriculum")
@@ -438,11 +437,7 @@ TABLE_COLUMNS = (
 
 
 def markdown(results: dict) -> str:
-    def cell(v) -> str:
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table_rows(results)]
+    lines = [md_table(TABLE_COLUMNS, table_rows(results))]
     c, h = results["curation"], results["heldout"]
     lines += [
         "",
@@ -484,15 +479,8 @@ def plot(results: dict, png: Path) -> Path:
 
 
 def train(cfg: TrainConfig, env: dict[str, str]) -> list[dict]:
-    """One real training process (python -m training.train, DeepSpeed); its output goes to train.log."""
-    check_inputs(cfg)
-    prepare_run_dir(cfg)
-    log_path = Path(cfg.run_dir) / "train.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.run(launch_command(cfg), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
-    if proc.returncode:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{cfg.name} failed (exit {proc.returncode}):\n{tail}\n{rank_log_tails(cfg.run_dir)}")
+    """One real training process (training.launch.train_process); its metrics."""
+    train_process(cfg, env)
     return read_metrics(Path(cfg.run_dir))
 
 

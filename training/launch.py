@@ -13,8 +13,10 @@ that DeepSpeed had not finished writing; resume ignores both and loads the newes
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,3 +104,17 @@ def rank_log_tails(run_dir: str | Path, lines: int = 25) -> str:
         failed = any("Traceback" in line for line in text)
         tails.append((not failed, f"--- {log} {'(failed)' if failed else ''}\n" + "\n".join(text[-lines:])))
     return "\n".join(t for _, t in sorted(tails, key=lambda t: t[0])) or f"no rank logs in {run_dir}/{LOG_DIR}"
+
+
+def train_process(cfg: TrainConfig, env: dict[str, str] | None = None) -> None:
+    """Train `cfg` in one real training process (python -m training.train, DeepSpeed; torchrun for several
+    ranks), its output in <run_dir>/train.log; a RuntimeError with the log tails when it fails."""
+    check_inputs(cfg)
+    prepare_run_dir(cfg)
+    log_path = Path(cfg.run_dir) / "train.log"
+    with open(log_path, "w") as log:
+        env = {**os.environ, **(env or {})}
+        proc = subprocess.run(launch_command(cfg), stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"{cfg.name} failed (exit {proc.returncode}):\n{tail}\n{rank_log_tails(cfg.run_dir)}")

@@ -3,6 +3,7 @@ tiny models trained once per session (the inference assets' tests build on them)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import dagster as dg
 import pytest
 
 from assets.resources import CurationPaths, WandbResource
+from assets.scaling import dense_scaling
 from assets.training import TRAINING_CHECKS, dense_baseline_model, draft_model, moe_model
 from model.tokenizer import TokenizerConfig, train_tokenizer
 from pipelines.curriculum import CurriculumConfig, build_curriculum
@@ -80,3 +82,32 @@ def trained(tmp_path_factory) -> Trained:
         configs={draft_model: TINY_DRAFT},
     )
     return Trained(data, instance, result)
+
+
+SCALING = {"d_ff": [16, 512], "noise_size": 0, "noise_seeds": [1]}
+"""dense_scaling in tests: two sizes around the tiny MoE, a second seed at the smaller one."""
+
+
+@dataclass
+class Scaled:
+    """dense_scaling materialized twice on the session's models: first with a target loss no size reaches (the
+    study is recorded, the asset fails), then with a target between the two sizes' losses (the study's runs are
+    reused and equal_quality_dense is trained)."""
+
+    missed: dg.ExecuteInProcessResult
+    result: dg.ExecuteInProcessResult
+    results: dict
+    target: float
+
+
+@pytest.fixture(scope="session")
+def scaled(trained) -> Scaled:
+    results_file = trained.data_dir / "dense_scaling" / "results.json"
+    missed = materialize(trained.data_dir, [dense_scaling], {**SCALING, "target_loss": 0.5}, raise_on_error=False,
+                         instance=trained.instance)  # fmt: skip
+    low, high = json.loads(results_file.read_text())["covered_loss"]
+    target = (low + high) / 2
+    result = materialize(
+        trained.data_dir, [dense_scaling], {**SCALING, "target_loss": target}, instance=trained.instance
+    )
+    return Scaled(missed, result, json.loads(results_file.read_text()), target)

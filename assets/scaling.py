@@ -1,0 +1,110 @@
+"""The dense_scaling asset: the dense model of the MoE model's quality, and what the MoE saves against it.
+
+Dense models of several sizes are trained with moe_model's data, token budget, seed and schedule; held-out loss
+is fitted against parameters, and the size that matches the MoE's loss (the dense-equivalent multiplier) is
+trained as `equal_quality_dense`, the baseline benchmark_report measures costs against (training.scaling
+explains the method). Each training is a `python -m training.train` process started by
+training.scaling.run_scaling in this step's process; its progress lines go to the Dagster event log.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from assets.metadata import md_table, png_md
+from assets.resources import CurationPaths, WandbResource
+from assets.training import TRAINING_TAGS, moe_model
+from training.scaling import (
+    EQUAL_QUALITY,
+    PLOT_FILE,
+    RESULTS_FILE,
+    TABLE_COLUMNS,
+    ScalingConfig,
+    run_scaling,
+    table_rows,
+)
+
+GROUP = "evaluation"
+
+
+class DenseScalingConfig(dg.Config):
+    """The sizes and seeds of training.scaling.ScalingConfig (the runs copy moe_model's own config)."""
+
+    d_ff: list[int] | None = None
+    """Feed-forward widths of the dense sizes; unset = the equal-active twin's width times `multipliers`."""
+    multipliers: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    noise_size: int = 1
+    """Index into the sizes of the one trained again with `noise_seeds` (the seed noise)."""
+    noise_seeds: list[int] = Field(default_factory=lambda: [1])
+    noise_sigmas: float = 2.0
+    round_to: int = 64
+    max_steps: int | None = None
+    """Override of moe_model's steps (tests only: the study is meant at the MoE's token budget)."""
+    target_loss: float | None = None
+    """A held-out loss to match instead of moe_model's (a quality target); unset = moe_model's."""
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"deepspeed", "pytorch"},
+    deps=[moe_model],
+    op_tags=TRAINING_TAGS,
+    description="Dense models of 4+ sizes (and a second seed) trained like moe_model; held-out loss fitted against "
+    "parameters; the dense-equivalent multiplier; and equal_quality_dense, the dense model of the MoE's quality "
+    "that benchmark_report's cost waterfall starts from.",
+)
+def dense_scaling(
+    context: dg.AssetExecutionContext, config: DenseScalingConfig, paths: CurationPaths, wandb: WandbResource
+) -> dg.MaterializeResult:
+    cfg = ScalingConfig(moe_run=str(paths.stage_dir("moe_model")), out_dir=str(paths.stage_dir("dense_scaling")),
+                        **config.model_dump())  # fmt: skip
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise dg.Failure(description=f"dense_scaling: {e}") from e
+    env = {
+        "WANDB_RUN_GROUP": f"dagster-{context.run_id}",
+        "WANDB_PROJECT": wandb.project,
+        "WANDB_DIR": str(Path(wandb.dir).resolve()),
+        "WANDB_MODE": wandb._mode(),
+    }
+    try:
+        results = run_scaling(cfg, env, progress=context.log.info)
+    except RuntimeError as e:  # a training process failed: its log tail says why
+        raise dg.Failure(description=f"dense_scaling: {e}") from e
+    out = Path(cfg.out_dir)
+    table = md_table(TABLE_COLUMNS, table_rows(results))
+    fit = results["fit"]
+    summary = {"seed_noise": results["seed_noise"], "fit_b": fit["b"], "fit_rms_residual": fit["rms_residual"],
+               "moe_val_loss": results["moe"]["val_loss"], "bracketed": int(results["bracketed"])}  # fmt: skip
+    metadata: dict = {
+        "table": dg.MetadataValue.md(table),
+        "scaling": dg.MetadataValue.md(png_md(out / PLOT_FILE, "held-out loss against parameters")),
+        "seed_noise": results["seed_noise"],
+        "fit": dg.MetadataValue.json(fit),
+        "covered_loss": dg.MetadataValue.json(results["covered_loss"]),
+        "results": dg.MetadataValue.path(str(out / RESULTS_FILE)),
+    }
+    if results["bracketed"]:
+        eq = results["equal_quality"]
+        summary |= {
+            "multiplier": eq["multiplier"],
+            "equal_quality_val_loss": eq["val_loss"],
+            "matched": int(eq["matched"]),
+        }
+        metadata |= {
+            "multiplier": eq["multiplier"],
+            "multiplier_with_embeddings": eq["multiplier_with_embeddings"],
+            f"{EQUAL_QUALITY}/d_ff": eq["d_ff"],
+            f"{EQUAL_QUALITY}/val_loss": eq["val_loss"],
+            f"{EQUAL_QUALITY}/matched": eq["matched"],
+            f"{EQUAL_QUALITY}/run_dir": dg.MetadataValue.path(eq["run_dir"]),
+        }
+    run_dir = wandb.log_run(context, "scaling", summary, tables={"scaling": (TABLE_COLUMNS, table_rows(results))},
+                            images={"scaling": out / PLOT_FILE}, config=results["config"])  # fmt: skip
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
+    if not results["bracketed"]:  # the study is recorded (plot, table), but nothing downstream may use it
+        raise dg.Failure(description=f"dense_scaling: {results['reason']}", metadata=metadata)
+    return dg.MaterializeResult(metadata=metadata)
