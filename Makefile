@@ -15,7 +15,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant clean-data
+.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,8 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
-# every asset but data_ablation (three more trainings: make bench-ablation)
+# every asset but data_ablation (three more trainings: make bench-ablation); dense_scaling and benchmark_report
+# (issue 17) take about half of it
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster asset materialize -m assets.definitions --select 'not key:data_ablation'
 	@$(BIN)/python -m assets.summary
@@ -99,3 +100,9 @@ bench-serve: install
 
 clean-data:
 	rm -rf data .dagster/storage wandb runs
+
+# issue 17: the dense scaling study on the demo's MoE model (python -m training.scaling through the dense_scaling
+# asset: 6 trainings, about 20 minutes on 2 cores), then benchmark_report's cost waterfall with llama.cpp beside it
+bench-cost: llama-cpp $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster asset materialize -m assets.definitions --select 'key:dense_scaling or key:benchmark_report'
+	@cat $(FRUGAL_DATA_DIR)/benchmark_report/report.md

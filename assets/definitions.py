@@ -19,6 +19,7 @@ from assets.inference import (
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
+from assets.scaling import dense_scaling
 from assets.training import TRAINING_CHECKS, TRAINING_TAGS, dense_baseline_model, draft_model, moe_model, tokenizer
 
 curation_job = dg.define_asset_job("curation", selection=dg.AssetSelection.groups("curation"))
@@ -37,6 +38,7 @@ defs = dg.Definitions(
         inference_package,
         exported_model,
         data_ablation,
+        dense_scaling,
     ],
     asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS, *EXPORT_CHECKS],
     jobs=[curation_job],

@@ -3,14 +3,17 @@ quantization costs in validation perplexity), benchmark_report (the dense baseli
 formats: quality, speed, memory, $ per 1M tokens), exported_model (Hugging Face and GGUF exports for other
 engines) and inference_package (the published release)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from assets.metadata import md_table, png_md
 from assets.resources import CurationPaths, WandbResource
-from assets.training import TRAINING_CHECKS, dense_baseline_model, draft_model, moe_model
+from assets.scaling import dense_scaling
+from assets.training import TRAINING_CHECKS, TRAINING_TAGS, dense_baseline_model, draft_model, moe_model
 from model.io import WEIGHTS_FILE, write_text_atomic
 
 GROUP = "inference"
@@ -192,109 +195,309 @@ def blocking_checks_passed(context: dg.AssetExecutionContext) -> dict[str, str]:
 
 
 class BenchmarkReportConfig(dg.Config):
-    """What the benchmark measures and what a device-hour costs."""
+    """The cost waterfall's workload (inference.cost) and what a device-hour costs."""
 
     cpu_price_per_hour: float = 0.05
     """$ per hour of the CPU machine the benchmark runs on (the training spend meter's default)."""
     gpu_price_per_hour: float = 2.50
-    """$ per GPU-hour, used when the benchmark runs on a GPU."""
-    prompts: int = 8
+    """$ per GPU-hour: used when the benchmark runs on a GPU, and for the projection at scale."""
+    concurrency: int = 8
+    """Requests served together by the batched rows and llama.cpp's parallel slots."""
+    requests: int = 16
+    """Requests per timed pass."""
+    system_tokens: int = 48
+    """The system prompt every request starts with (held-out text)."""
     prompt_tokens: int = 16
-    new_tokens: int = 48
+    new_tokens: int = 32
+    repeats: int = 3
+    """Timed repeats per row: the noise of every ratio."""
     gamma: int = 4
+    threads: int = 2
+    compile_autotune: bool = True
+    """inductor's kernel autotuning in the compiled rows: False compiles a few times faster and decodes slower."""
+    peer_formats: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
+    """llama.cpp's formats for the peer rows (LLAMA_FTYPE names); empty: no peer column."""
+    projection_gpu: str = "H100 SXM"
+    """The GPU of the projection at scale (inference.roofline.GPUS)."""
 
 
-def report_configs(paths: CurationPaths):
-    from inference.benchmark import Config
+LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
-    q = paths.stage_dir("quantized_model")
-    draft = str(paths.stage_dir("draft_model"))
+
+def equal_quality_dense(paths: CurationPaths) -> tuple[str, dict]:
+    """The dense_scaling study's equal-quality dense run folder, and the study."""
+    from training.scaling import RESULTS_FILE, equal_quality_run
+
+    results_file = paths.stage_dir("dense_scaling") / RESULTS_FILE
+    if not results_file.exists():
+        raise dg.Failure(description=f"{results_file}: missing: materialize dense_scaling first")
+    results = json.loads(results_file.read_text())
+    try:
+        return equal_quality_run(results), results
+    except ValueError as e:
+        raise dg.Failure(description=f"benchmark_report: dense_scaling found no equal-quality dense model: {e}") from e
+
+
+def peer_files(dense: str, moe: str, formats: list[str], out: Path, log) -> tuple[dict, str | None]:
+    """GGUF files of the equal-quality dense model and the MoE model in each format ({(model, format): path}),
+    or the reason llama.cpp cannot be measured here."""
+    from inference.gguf_export import llama_cpp_quantize, write_gguf
+    from inference.llama_cpp_peer import available
+    from model.io import load_model
+
+    reason = available()
+    if reason or not formats:
+        return {}, reason or "no peer_formats configured"
+    unknown = sorted(set(formats) - set(LLAMA_FTYPES))
+    if unknown:
+        raise dg.Failure(description=f"peer_formats: unknown {unknown}; one of {sorted(LLAMA_FTYPES)}")
+    files = {}
+    for role, run in (("dense", dense), ("moe", moe)):
+        f32 = write_gguf(load_model(run), Path(run) / "tokenizer.json", out / f"{role}-f32.gguf", name=role)
+        for fmt in formats:
+            files[(role, fmt)] = str(llama_cpp_quantize(f32, out / f"{role}-{fmt}.gguf", LLAMA_FTYPES[fmt]))
+        f32.unlink()
+        log(f"llama.cpp files for {role}: {', '.join(formats)}")
+    return files, None
+
+
+def waterfall_rows(dense: str, paths: CurationPaths, c: int) -> list:
+    """Rows 1 to 6 of the waterfall (rows 7 and 8 build on the cheaper of row 6's formats: `speculative_rows`)."""
+    from inference.cost import Row
+
+    q, moe = paths.stage_dir("quantized_model"), str(paths.stage_dir("moe_model"))
     return [
-        Config("dense fp32", str(paths.stage_dir("dense_baseline_model"))),
-        Config("moe fp32", str(paths.stage_dir("moe_model")), draft),
-        Config("moe int8", str(q / "int8" / "target"), str(q / "int8" / "draft")),
-        Config("moe int4", str(q / "int4" / "target"), str(q / "int4" / "draft")),
+        Row("dense fp32, transformers generate, batch 1", "(the starting point)", "transformers", dense, "dense"),
+        Row("dense fp32, Frugal engine, eager, batch 1", "Frugal's engine", "frugal", dense, "dense"),
+        Row("dense fp32, compiled, batch 1", "the compiled decode step", "frugal", dense, "dense", compiled=True),
+        Row(f"dense fp32, compiled, batch {c}", "continuous batching", "frugal", dense, "dense", compiled=True,
+            concurrency=c),
+        Row(f"MoE fp32, compiled, batch {c}", "the MoE model", "frugal", moe, "moe", compiled=True, concurrency=c),
+        Row(f"MoE INT8, compiled, batch {c}", "INT8 weights", "frugal", str(q / "int8" / "target"), "moe",
+            compiled=True, concurrency=c),
+        Row(f"MoE INT4, compiled, batch {c}", "INT4 weights (instead of INT8)", "frugal", str(q / "int4" / "target"),
+            "moe", compiled=True, concurrency=c),
+    ]  # fmt: skip
+
+
+def speculative_rows(scheme: str, paths: CurationPaths, c: int) -> list:
+    """Rows 7 and 8: the draft added to the cheaper of row 6's formats, then the prefix cache."""
+    from inference.cost import Row
+
+    folder = paths.stage_dir("quantized_model") / scheme
+    target, draft = str(folder / "target"), str(folder / "draft")
+    name = f"MoE {scheme.upper()} + draft, compiled, batch {c}"
+    return [
+        Row(
+            name,
+            f"speculative decoding (on {scheme.upper()}, the cheaper)",
+            "frugal",
+            target,
+            "moe",
+            draft,
+            True,
+            c,
+            after=f"MoE {scheme.upper()}, compiled, batch {c}",
+        ),
+        Row(f"{name}, prefix cache", "prefix caching", "frugal", target, "moe", draft, True, c, prefix_caching=True),
     ]
+
+
+def peer_rows(files: dict, c: int) -> list:
+    from inference.cost import Row
+
+    rows = []
+    for (role, fmt), path in files.items():
+        model = "dense" if role == "dense" else "MoE (glm4moe)"
+        for slots in (1, c):
+            label = f"{model} {fmt}, batch {slots}" if slots == 1 else f"{model} {fmt}, {slots} parallel slots"
+            rows.append(Row(label, "llama.cpp", "llama.cpp", path, role, concurrency=slots, peer=True))
+    return rows
+
+
+def projection(study: dict, waterfall: list[dict], workload, config: BenchmarkReportConfig, log) -> dict:
+    """The roofline (inference.roofline) checked against this machine's compiled plain-decoding rows, then
+    applied to moe_1b and its dense equivalent on a GPU."""
+    from inference import roofline
+    from model.config import moe_1b
+    from model.io import load_config
+    from training.scaling import d_ff_for, dense_config, non_embedding_params
+
+    cpu = roofline.calibrate(config.threads, config.cpu_price_per_hour)
+    log(f"this CPU: {cpu.bandwidth / 1e9:.1f} GB/s read, {cpu.flops / 1e9:.1f} GFLOP/s fp32 matmul")
+    context = len(workload.system) + config.prompt_tokens + config.new_tokens // 2
+    width = {"fp32": 4.0, "INT8": 1.0, "INT4": 0.5}
+    plain = [r for r in waterfall if r["engine"] == "frugal" and r["compiled"] and not r["draft"]]
+
+    def predicted(r: dict, device) -> dict:
+        fmt = next((f for f in ("INT8", "INT4") if f in r["label"]), "fp32")
+        return roofline.project(load_config(Path(r["model"])), device, r["concurrency"], context, width[fmt])
+
+    # the fixed cost per step, from the first compiled row (dense, batch 1): its measured step time less its roofline
+    first = plain[0]
+    overhead = max(0.0, first["concurrency"] / first["output_tokens_per_s"] - predicted(first, cpu)["roofline_s"])
+    cpu = dataclasses.replace(cpu, step_overhead_s=overhead)
+    checked = []
+    for r in plain:
+        p = predicted(r, cpu)
+        checked.append({"label": r["label"], "predicted_tokens_per_s": p["tokens_per_s"], "bound": p["bound"],
+                        "measured_tokens_per_s": r["output_tokens_per_s"], "calibration": r is first,
+                        "measured_over_predicted": r["output_tokens_per_s"] / p["tokens_per_s"]})  # fmt: skip
+    tested = [c for c in checked if not c["calibration"]]
+    big = moe_1b()
+    multiplier = study["equal_quality"]["multiplier"]
+    dense = dense_config(big, d_ff_for(big, multiplier * non_embedding_params(big), 128))
+    gpu = roofline.Device(config.projection_gpu, **roofline.GPUS[config.projection_gpu],
+                          price_per_hour=config.gpu_price_per_hour)  # fmt: skip
+    at_scale = []
+    for name, model, fmt in (("dense equivalent", dense, "bf16"), ("moe_1b", big, "bf16"), ("moe_1b", big, "INT8"),
+                             ("moe_1b", big, "INT4")):  # fmt: skip
+        for batch in (1, 64):
+            p = roofline.project(model, gpu, batch, 1024, {"bf16": 2.0, "INT8": 1.0, "INT4": 0.5}[fmt], 2.0)
+            at_scale.append({"model": name, "format": fmt, "params_active": model.active_params(), **p})
+    return {"cpu": {"bandwidth": cpu.bandwidth, "flops": cpu.flops, "step_overhead_s": overhead, "context": context,
+                    "rows": checked, "within_2x": all(0.5 <= c["measured_over_predicted"] <= 2 for c in tested)},
+            "gpu": {"name": gpu.name, "bandwidth": gpu.bandwidth, "flops": gpu.flops,
+                    "price_per_hour": gpu.price_per_hour, "multiplier": multiplier, "dense_d_ff": dense.d_ff,
+                    "rows": at_scale}}  # fmt: skip
 
 
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch"},
-    deps=[dense_baseline_model, quantized_model],
-    description="The dense fp32 baseline against the MoE model in fp32, INT8 and INT4, each plain and "
-    "speculative, on held-out curated data: perplexity, bits per byte, tokens/s, p50/p95 latency per token, "
-    "time to first token, peak memory, acceptance rate and $ per 1M generated tokens; the cost ratio of the "
-    "cheapest config of equal or better quality against the baseline.",
+    deps=[dense_scaling, quantized_model],
+    op_tags=TRAINING_TAGS,  # timings need the cores to themselves: no training or export beside it
+    description="The cost waterfall (inference.cost): from the equal-quality dense model in fp32 on transformers' "
+    "generate, one lever at a time (Frugal's engine, compilation, continuous batching, the MoE, INT8/INT4, "
+    "speculative decoding, prefix caching), each row's tokens/s, latency and $ per 1M output and input tokens on "
+    "one held-out workload; llama.cpp serving the same models beside it; the two headline ratios with their noise; "
+    "and a roofline projection at scale, checked against this machine's rows.",
 )
 def benchmark_report(
     context: dg.AssetExecutionContext, config: BenchmarkReportConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
     import torch
 
-    from inference import benchmark
+    from inference import cost
     from training.data import run_validation_rows
 
     checks = blocking_checks_passed(context)
-    configs = report_configs(paths)
-    for c in configs:
-        for folder in filter(None, (c.target, c.draft)):
-            if not (Path(folder) / WEIGHTS_FILE).exists():
-                raise dg.Failure(description=f"{Path(folder) / WEIGHTS_FILE}: missing: materialize it first")
-    rows = torch.cat(list(run_validation_rows(paths.stage_dir("moe_model")).values()))
-    step = max(1, len(rows) // config.prompts)
-    prompts = [row[: config.prompt_tokens].tolist() for row in rows[::step][: config.prompts]]
-    workload = benchmark.Workload(rows, prompts, config.new_tokens, config.gamma)
+    dense, study = equal_quality_dense(paths)
+    for folder in (dense, paths.stage_dir("moe_model"), *(paths.stage_dir("quantized_model") / s / r
+                   for s in ("int8", "int4") for r in ("target", "draft"))):  # fmt: skip
+        if not (Path(folder) / WEIGHTS_FILE).exists():
+            raise dg.Failure(description=f"{Path(folder) / WEIGHTS_FILE}: missing: materialize it first")
+    rows_NT = torch.cat(list(run_validation_rows(paths.stage_dir("moe_model")).values()))
+    try:
+        workload = cost.CostWorkload.build(rows_NT, config.system_tokens, config.prompt_tokens, config.requests,
+                                           config.new_tokens, config.repeats, config.gamma, config.threads,
+                                           config.compile_autotune)  # fmt: skip
+    except ValueError as e:
+        raise dg.Failure(description=f"benchmark_report: {e}") from e
     out = paths.stage_dir("benchmark_report")
-    results = benchmark.run(configs, workload, out, log=context.log.info)
     device = "gpu" if torch.cuda.is_available() else "cpu"
     price = config.gpu_price_per_hour if device == "gpu" else config.cpu_price_per_hour
-    table = benchmark.rows(results, price)
-    best = benchmark.best_against_baseline(table, "dense fp32")
-    cells = [benchmark.report_cells(r) for r in table]
-    markdown = md_table(benchmark.REPORT_COLUMNS, cells)
-    headline = (
-        f"**{best['best']}** costs ${best['best_usd_per_1m']:.4f} per 1M generated tokens against "
-        f"${best['baseline_usd_per_1m']:.4f} for the {best['baseline']} baseline, at equal or better perplexity: "
-        f"the baseline costs **{best['cost_ratio']:.2f}x** as much per token (target: at least 10x)."
-    )
+    c = config.concurrency
+    results = cost.run_rows(waterfall_rows(dense, paths, c), workload, out, log=context.log.info)
+    int8, int4 = (cost.costs(r, price)["output_usd_per_1m"] for r in results[-2:])
+    scheme = "int8" if int8 <= int4 else "int4"
+    results += cost.run_rows(speculative_rows(scheme, paths, c), workload, out, log=context.log.info)
+    files, peer_reason = peer_files(dense, str(paths.stage_dir("moe_model")), config.peer_formats, out / "gguf",
+                                    context.log.info)  # fmt: skip
+    if files:
+        results += cost.run_rows(peer_rows(files, c), workload, out, log=context.log.info)
+    table = cost.table(results, price)
+    head = cost.headline(table, study["tolerance"])
+    proj = projection(study, table, workload, config, context.log.info)
+    markdown = cost.markdown(table)
+    text = headline_text(head, peer_reason, study, proj)
     note = (
-        f"batch 1, greedy, {len(prompts)} held-out prompts x {config.new_tokens} new tokens, gamma {config.gamma}, "
-        f"{rows[:, 1:].numel():,} held-out tokens for perplexity; {device.upper()} at ${price}/hour, "
-        f"{results[configs[0].label]['threads']} threads. Latency per token is the gap between streamed tokens: "
-        "a speculative round's accepted tokens arrive together, hence its p50 near 0."
+        f"{config.requests} requests per pass, each a {len(workload.system)}-token system prompt shared by all plus "
+        f"{config.prompt_tokens} held-out tokens of its own, {config.new_tokens} greedy tokens each; batched rows "
+        f"and llama.cpp's slots serve {c} at a time; median of {config.repeats} repeats (± half the spread of $ per "
+        f"1M output tokens); {device.upper()} at ${price}/hour, {config.threads} threads. Quality: held-out "
+        f"perplexity on {rows_NT[:, 1:].numel():,} tokens; 'equal' = within dense_scaling's seed noise "
+        f"({study['tolerance']:.4f} nats)."
     )
-    chart = benchmark.chart(table, out / "benchmark.png", "Frugal: cost and quality per served configuration")
-    report = {"device": device, "price_per_hour": price, "best": best, "rows": table, "note": note}
+    chart = cost.waterfall_chart(table, out / "waterfall.png", "Frugal: what each lever does to $ per 1M output tokens")
+    report = {"device": device, "price_per_hour": price, "headline": head, "peer": peer_reason or "measured",
+              "rows": table, "projection": proj, "note": note, "scheme": scheme,
+              "equal_quality_dense": dense}  # fmt: skip
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomic(out / "report.md", f"{headline}\n\n{markdown}\n\n{note}\n")
-    # The repository's benchmark record is a tracked file, which an asset never edits: this is for a person to paste.
-    command = "make demo  # the benchmark_report asset (or: dagster asset materialize --select benchmark_report)"
-    write_text_atomic(
-        out / "BENCHMARKS_section.md",
-        f"## Benchmark report: dense baseline vs MoE formats (`benchmark_report` asset)\n\n```bash\n{command}\n```"
-        f"\n\n{note}\n\n{markdown}\n\n{headline}\n",
-    )
-    summary = {"cost_ratio": best["cost_ratio"], "best_usd_per_1m": best["best_usd_per_1m"]}
-    summary |= {f"usd_per_1m/{r['config']}/{r['decoding']}": r["usd_per_1m_tokens"] for r in table}
-    run_dir = wandb.log_run(
-        context,
-        "benchmark",
-        summary,
-        tables={"benchmark": (benchmark.REPORT_COLUMNS, cells)},
-        images={"benchmark_chart": chart},
-        config=config.model_dump(),
-    )
+    report_md = f"{text}\n\n{markdown}\n\n{note}\n\n{projection_markdown(proj)}\n"
+    write_text_atomic(out / "report.md", report_md)
+    summary = {f"usd_per_1m/{r['label']}": r["output_usd_per_1m"] for r in table}
+    if head.get("best"):
+        summary |= {"vs_row1": head["vs_row1"]["median"]}
+        if "vs_peer" in head:
+            summary["vs_peer"] = head["vs_peer"]["median"]
+    run_dir = wandb.log_run(context, "benchmark", summary, tables={"waterfall": (cost.COLUMNS, cost.cells(table))},
+                            images={"waterfall": chart}, config=config.model_dump())  # fmt: skip
     metadata = {
-        "headline": dg.MetadataValue.md(headline),
-        "table": dg.MetadataValue.md(markdown),
-        "chart": dg.MetadataValue.md(png_md(chart, "cost and quality")),
-        "cost_ratio": best["cost_ratio"],
+        "headline": dg.MetadataValue.md(text),
+        "waterfall": dg.MetadataValue.md(markdown),
+        "chart": dg.MetadataValue.md(png_md(chart, "cost waterfall")),
+        "projection": dg.MetadataValue.md(projection_markdown(proj)),
         "note": note,
+        "report": dg.MetadataValue.path(str(out / "report.md")),
         "blocking_checks": dg.MetadataValue.json(checks),
     }
+    if head.get("best"):
+        metadata["vs_row1"] = head["vs_row1"]["median"]
+        if "vs_peer" in head:
+            metadata["vs_llama_cpp"] = head["vs_peer"]["median"]
     if run_dir:
         metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
     return dg.MaterializeResult(metadata=metadata)
+
+
+def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) -> str:
+    eq = study["equal_quality"]
+    gap = "" if eq["matched"] else ", outside the seed noise"
+    lines = [f"Baseline: the dense model of the MoE's quality (dense_scaling: {eq['multiplier']:.2f}x the MoE's active "
+             f"non-embedding parameters, held-out loss {eq['val_loss']:.4f} against the MoE's "
+             f"{study['moe']['val_loss']:.4f}{gap})."]  # fmt: skip
+    if not head.get("best"):
+        return "\n\n".join([*lines, "No Frugal configuration reaches row 1's quality."])
+    r = head["vs_row1"]
+    lines.append(f"**Frugal's best** ({head['best']}, ${head['best_usd']:.4f} per 1M output tokens) is "
+                 f"**{r['median']:.2f}x** cheaper than row 1 ({head['row1']}, ${head['row1_usd']:.4f}); range "
+                 f"{r['min']:.2f}-{r['max']:.2f}x over {r['repeats']} repeats (target: at least 10x): "
+                 + ("met." if r["min"] >= 10 else "missed."))  # fmt: skip
+    if "vs_peer" in head:
+        p = head["vs_peer"]
+        lines.append(f"Against **llama.cpp's best** on the equal-quality dense model ({head['peer']}, "
+                     f"${head['peer_usd']:.4f}): **{p['median']:.2f}x** (range {p['min']:.2f}-{p['max']:.2f}x; "
+                     "target: at least 2x): " + ("met." if p["min"] >= 2 else "missed."))  # fmt: skip
+    else:
+        lines.append(f"llama.cpp: not measured ({peer_reason or 'no llama.cpp row reaches the quality of row 1'}).")
+    cpu = proj["cpu"]
+    ratios = ", ".join(f"{c['measured_over_predicted']:.2f}" for c in cpu["rows"] if not c["calibration"])
+    lines.append("Roofline projection on this CPU (one row calibrates the fixed cost per step): measured/predicted "
+                 f"tokens/s {ratios}"
+                 + (" (all within 2x)." if cpu["within_2x"] else " (not all within 2x)."))  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def projection_markdown(proj: dict) -> str:
+    cpu, gpu = proj["cpu"], proj["gpu"]
+    check = md_table(("row", "predicted tok/s", "bound", "measured tok/s", "measured / predicted"),
+                     [(c["label"] + (" (calibrates the step cost)" if c["calibration"] else ""),
+                       f"{c['predicted_tokens_per_s']:.0f}", c["bound"], f"{c['measured_tokens_per_s']:.0f}",
+                       f"{c['measured_over_predicted']:.2f}") for c in cpu["rows"]])  # fmt: skip
+    scale = md_table(("model", "format", "active params", "batch", "bound", "tok/s", "$ / 1M output"),
+                     [(r["model"], r["format"], f"{r['params_active'] / 1e6:.0f}M", r["batch"], r["bound"],
+                       f"{r['tokens_per_s']:,.0f}", f"{r['usd_per_1m']:.4f}") for r in gpu["rows"]])  # fmt: skip
+    return (
+        f"### Roofline check on this CPU ({cpu['bandwidth'] / 1e9:.1f} GB/s, {cpu['flops'] / 1e9:.0f} GFLOP/s, "
+        f"{1e3 * cpu['step_overhead_s']:.2f} ms fixed cost per step, context {cpu['context']})\n\n{check}\n\n"
+        f"### Projection at scale (a projection, not a measurement)\n\n"
+        f"{gpu['name']}: {gpu['bandwidth'] / 1e12:.2f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOP/s bf16, "
+        f"${gpu['price_per_hour']}/GPU-hour, context 1024, bf16 KV cache, no fixed cost per step (the ideal). "
+        f"The dense equivalent of moe_1b applies dense_scaling's multiplier ({gpu['multiplier']:.2f}x, d_ff "
+        f"{gpu['dense_d_ff']}); bench/gpu_cost.py "
+        f"measures it on a GPU.\n\n{scale}"
+    )
 
 
 EXPORTED_RUNS = ("moe_model", "draft_model", "dense_baseline_model")
@@ -311,6 +514,7 @@ class ExportedModelConfig(dg.Config):
     group_name=GROUP,
     kinds={"huggingface", "safetensors"},
     deps=[moe_model, draft_model, dense_baseline_model],
+    op_tags=TRAINING_TAGS,  # not beside benchmark_report's timings
     description="moe_model, draft_model and dense_baseline_model for other engines: Hugging Face folders "
     "(Glm4MoeForCausalLM, LlamaForCausalLM; transformers, vLLM, SGLang) and GGUF files (glm4moe, llama; "
     "llama.cpp, Ollama), under exported_model/<model>/.",
@@ -348,10 +552,11 @@ def _benchmark_table(paths: CurationPaths) -> str | None:
     report = paths.stage_dir("benchmark_report") / "report.json"
     if not report.exists():
         return None
-    rows = [(r["config"], r["decoding"], f"{r['perplexity']:.1f}", f"{r['tokens_per_s']:.0f}",
-             f"{r['usd_per_1m_tokens']:.4f}") for r in json.loads(report.read_text())["rows"]]  # fmt: skip
-    return "Frugal's own engine, from benchmark_report:\n\n" + md_table(
-        ("config", "decoding", "perplexity", "tokens/s", "$ per 1M tokens"), rows
+    rows = [(r["label"], "llama.cpp" if r["peer"] else "Frugal", f"{r['perplexity']:.1f}",
+             f"{r['output_tokens_per_s']:.0f}", f"{r['output_usd_per_1m']:.4f}")
+            for r in json.loads(report.read_text())["rows"]]  # fmt: skip
+    return "From benchmark_report's cost waterfall:\n\n" + md_table(
+        ("configuration", "engine", "perplexity", "output tokens/s", "$ per 1M output tokens"), rows
     )
 
 
@@ -395,8 +600,8 @@ class InferencePackageConfig(dg.Config):
     name: str = "frugal-small-cpu"
     version: str = "0.1.0"
     scheme: str = "best"
-    """int8 or int4: the quantized_model folder shipped; best: whichever of the two benchmark_report found
-    cheaper per token."""
+    """int8 or int4: the quantized_model folder shipped; best: whichever of the two benchmark_report's waterfall
+    found cheaper per output token."""
     kv_cache: str = "fp32"
     """fp32, int8 (per token) or int8-channel: what frugal-serve uses by default."""
     gamma: int = 4
@@ -482,9 +687,7 @@ def inference_package(
     checks = blocking_checks_passed(context)
     scheme = config.scheme
     if scheme == "best":
-        rows = json.loads((paths.stage_dir("benchmark_report") / "report.json").read_text())["rows"]
-        quantized = [r for r in rows if r["config"] in ("moe int8", "moe int4")]
-        scheme = min(quantized, key=lambda r: r["usd_per_1m_tokens"])["config"].removeprefix("moe ")
+        scheme = json.loads((paths.stage_dir("benchmark_report") / "report.json").read_text())["scheme"]
         context.log.info(f"shipping {scheme}: the cheaper quantized format per token in benchmark_report")
     source = paths.stage_dir("quantized_model") / scheme
     if not (source / "target" / WEIGHTS_FILE).exists():

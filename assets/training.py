@@ -21,7 +21,8 @@ from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_
 
 GROUP = "training"
 TRAINING_TAGS = {"frugal/compute": "training"}
-"""Training runs use every core: Definitions' executor runs one op with this tag at a time."""
+"""Training runs use every core: Definitions' executor runs one op with this tag at a time (benchmark_report and
+exported_model carry it too, so that no export shares the cores with the benchmark's timings)."""
 
 
 class TokenizerAssetConfig(dg.Config):

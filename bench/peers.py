@@ -245,17 +245,17 @@ def moe_speed(run: Path, args, bar) -> list[dict]:
 
 
 def speculative(package: Path, args, bar) -> dict:
-    """The release at batch 1 on the held-out prompts of the demo's benchmark workload, compiled: speculative
+    """The release at batch 1 on 8 held-out prompts of 16 tokens (the MoE run's validation rows), compiled: speculative
     (the package's gamma, adaptive) against plain decoding of the same target."""
-    from inference.benchmark import Workload
     from inference.runtime.engine.engine import Engine, EngineConfig
     from inference.runtime.engine.sampler import SamplingParams
     from inference.runtime.package import load_package
+    from training.data import run_validation_rows
 
     pkg = load_package(package)
-    workload = Workload.load(ROOT / "data" / "benchmark_report" / "workload")
+    rows = torch.cat(list(run_validation_rows(args.moe_run).values()))
     limit = pkg.target.model.config.max_seq_len - args.tokens
-    prompts = [p[-min(len(p), limit, 64) :] for p in workload.prompts[:8]]
+    prompts = [row[: min(limit, 16)].tolist() for row in rows[:: max(1, len(rows) // 8)][:8]]
     out = {}
     for label, draft, sizes in (("plain", None, (1,)), ("speculative", pkg.draft, (1, 8))):
         config = EngineConfig(max_batch=1, gamma=pkg.gamma, compile_sizes=sizes)

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,25 +28,12 @@ sys.path.insert(0, str(ROOT))  # before bench/, whose inference.py would shadow 
 
 from inference.evaluate import perplexity  # noqa: E402
 from inference.gguf_export import llama_cpp_quantize, write_gguf  # noqa: E402
+from inference.llama_cpp_peer import llama_cpp_perplexity  # noqa: E402
 from inference.runtime.quantize import load_quantized, weight_bytes  # noqa: E402
 from model.io import load_model  # noqa: E402
 from training.data import run_validation_rows  # noqa: E402
 
 LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
-
-
-def llama_cpp_perplexity(path: Path, rows: torch.Tensor, threads: int) -> float:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=rows.shape[1], n_threads=threads, logits_all=True, verbose=False)
-    nll, count = 0.0, 0
-    for row in rows.tolist():
-        llm.reset()
-        llm.eval(row[:-1])
-        logits = torch.from_numpy(np.array(llm.scores[: len(row) - 1]))
-        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
-        count += len(row) - 1
-    return math.exp(nll / count)
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ timed per token). Per configuration and decoding mode (plain, speculative):
 - bytes read per token (inference.evaluate.ByteCounter), for the bandwidth roofline;
 - $ per 1M generated tokens = price per device-hour / (tokens/s × 3600) × 1e6.
 
-Used by bench/inference.py (every weight and KV-cache format) and the benchmark_report asset (the dense
-baseline against the MoE model's formats).
+Used by bench/inference.py (every weight and KV-cache format). The benchmark_report asset's cost waterfall is
+inference.cost.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from inference.evaluate import ByteCounter, PeakMemory, perplexity
 from inference.runtime.generate import Generator, SamplingConfig
 from inference.runtime.quantize import weight_bytes
 from inference.runtime.speculative import SpeculativeGenerator
-from model.io import atomic_dir, atomic_file, read_tensors, save_tensors
+from model.io import atomic_dir, read_tensors, save_tensors
 
 
 @dataclass
@@ -219,70 +219,6 @@ def rows(results: dict[str, dict], price_per_hour: float) -> list[dict]:
                 "identical": r.get("identical") if mode == "speculative" else None,
             })  # fmt: skip
     return out
-
-
-def best_against_baseline(table: list[dict], baseline: str) -> dict:
-    """The cheapest other row whose perplexity is at most the baseline's (so the baseline is of equal or
-    lower quality), and how many times cheaper per token it is than the baseline's plain decoding."""
-    base = next(r for r in table if r["config"] == baseline and r["decoding"] == "plain")
-    candidates = [r for r in table if r["config"] != baseline and r["perplexity"] <= base["perplexity"] * (1 + 1e-9)]
-    if not candidates:
-        raise ValueError(f"no configuration reaches the perplexity of {baseline} ({base['perplexity']:.2f})")
-    best = min(candidates, key=lambda r: r["usd_per_1m_tokens"])
-    return {
-        "baseline": f"{base['config']} ({base['decoding']})",
-        "best": f"{best['config']} ({best['decoding']})",
-        "baseline_usd_per_1m": base["usd_per_1m_tokens"],
-        "best_usd_per_1m": best["usd_per_1m_tokens"],
-        "cost_ratio": base["usd_per_1m_tokens"] / best["usd_per_1m_tokens"],
-    }
-
-
-REPORT_COLUMNS = (
-    "config", "decoding", "val ppl", "bits/byte", "tok/s", "p50 ms/token", "p95 ms/token", "TTFT ms",
-    "peak MiB", "acceptance", "$ / 1M tokens",
-)  # fmt: skip
-
-
-def report_cells(row: dict) -> list[str]:
-    acceptance = row.get("acceptance_rate")
-    return [
-        row["config"],
-        row["decoding"],
-        f"{row['perplexity']:.2f}",
-        f"{row['bits_per_byte']:.3f}",
-        f"{row['tokens_per_s']:.1f}",
-        f"{row['p50_ms']:.2f}",
-        f"{row['p95_ms']:.2f}",
-        f"{row['ttft_ms']:.1f}",
-        f"{row['peak_bytes'] / 2**20:.1f}",
-        "" if acceptance is None else f"{acceptance:.2f}",
-        f"{row['usd_per_1m_tokens']:.4f}",
-    ]
-
-
-def chart(table: list[dict], path: Path, title: str) -> Path:
-    """$ per 1M tokens and perplexity per row, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['config']}\n{r['decoding']}" for r in table]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.barh(labels, [r["usd_per_1m_tokens"] for r in table], color="tab:green")
-    ax1.set_xlabel("$ per 1M generated tokens (lower is better)")
-    ax1.invert_yaxis()
-    ax2.barh(labels, [r["perplexity"] for r in table], color="tab:blue")
-    ax2.set_xlabel("validation perplexity (lower is better)")
-    ax2.invert_yaxis()
-    ax2.set_yticklabels([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

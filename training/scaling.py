@@ -166,10 +166,12 @@ def run_config(
 
 
 def finished(cfg: TrainConfig) -> bool:
+    """The run folder holds a finished run of this config (its folder named relatively or absolutely)."""
     run = Path(cfg.run_dir)
     if not (run / SUMMARY_FILE).exists() or not (run / CONFIG_FILE).exists():
         return False
-    return json.loads((run / CONFIG_FILE).read_text()) == cfg.to_dict()
+    saved, wanted = json.loads((run / CONFIG_FILE).read_text()), cfg.to_dict()
+    return saved | {"run_dir": None} == wanted | {"run_dir": None} and Path(saved["run_dir"]).resolve() == run.resolve()
 
 
 def train_point(cfg: TrainConfig, env: dict[str, str], progress: Callable[[str], None]) -> dict:
@@ -260,6 +262,10 @@ def run_scaling(
             "matched": matched,
             "loss_gap": equal["val_loss"] - moe_loss,
             "multiplier": target / non_embedding_params(moe),
+            # the multiplier at the MoE's loss +- one seed-noise standard deviation: how well the fit pins it down
+            "multiplier_range": sorted(
+                params_at_loss(fit, moe_loss + d) / non_embedding_params(moe) for d in (-noise, noise)
+            ),
             "multiplier_with_embeddings": (target + embedding_params(moe)) / moe.active_params(),
             "bracket": None if matched else bracket([*points, equal], moe_loss),
         }
@@ -317,7 +323,9 @@ def markdown(results: dict) -> str:
     lines.append(
         f"The MoE's held-out loss {results['moe']['val_loss']:.4f} is reached by a dense model of "
         f"{eq['fit_params']:,.0f} non-embedding parameters: **{eq['multiplier']:.2f}x** the MoE's active ones "
-        f"({eq['multiplier_with_embeddings']:.2f}x with embeddings). {EQUAL_QUALITY} (d_ff {eq['d_ff']}) reached "
+        f"({eq['multiplier_with_embeddings']:.2f}x with embeddings; {eq['multiplier_range'][0]:.2f}x to "
+        f"{eq['multiplier_range'][1]:.2f}x within one standard deviation of seed noise). "
+        f"{EQUAL_QUALITY} (d_ff {eq['d_ff']}) reached "
         f"{eq['val_loss']:.4f}, {eq['loss_gap']:+.4f} from the MoE: "
         + ("within" if eq["matched"] else "outside")
         + f" {results['config']['noise_sigmas']:g} sigma of seed noise ({results['tolerance']:.4f})."

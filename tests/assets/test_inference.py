@@ -2,6 +2,7 @@
 inference_package, and the blocking check that gates the last two; plus quantized_model's refusals."""
 
 import json
+import math
 import shutil
 
 import dagster as dg
@@ -20,7 +21,8 @@ from assets.resources import CurationPaths, WandbResource
 from tests.assets.conftest import materialize, metadata_of
 
 QUANTIZE = {"group_size": 32, "calibration_rows": 8, "val_rows": 8}
-BENCHMARK = {"prompts": 2, "new_tokens": 6}
+BENCHMARK = {"concurrency": 4, "requests": 4, "system_tokens": 16, "prompt_tokens": 4, "new_tokens": 4, "repeats": 3,
+             "compile_autotune": False, "peer_formats": ["Q8_0"]}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +33,7 @@ def quantized(trained) -> dg.ExecuteInProcessResult:
 
 
 @pytest.fixture(scope="session")
-def released(trained, quantized, tmp_path_factory):
+def released(trained, quantized, scaled, tmp_path_factory):
     releases = tmp_path_factory.mktemp("releases")
     configs = {
         benchmark_report: BENCHMARK,
@@ -63,27 +65,51 @@ def test_quantized_model_reports_every_format_and_its_checks_hold(trained, quant
     }
 
 
-def test_benchmark_report_measures_every_config_and_the_cost_ratio(trained, released):
+def test_benchmark_report_is_a_waterfall_from_the_equal_quality_dense_model_with_a_peer_column(
+    trained, scaled, released
+):
     result, _ = released
     report = json.loads((trained.data_dir / "benchmark_report" / "report.json").read_text())
-    assert [(r["config"], r["decoding"]) for r in report["rows"]] == [
-        ("dense fp32", "plain"),
-        *[(f"moe {f}", d) for f in ("fp32", "int8", "int4") for d in ("plain", "speculative")],
-    ]
-    assert all(r["identical"] for r in report["rows"] if r["decoding"] == "speculative")
-    # the headline: the cheapest config at least as good as the baseline, against the baseline's plain decoding
-    base = report["rows"][0]
-    candidates = [r for r in report["rows"][1:] if r["perplexity"] <= base["perplexity"] * (1 + 1e-9)]
-    cheapest = min(candidates, key=lambda r: r["usd_per_1m_tokens"])
+    rows = report["rows"]
+    frugal, peers = [r for r in rows if not r["peer"]], [r for r in rows if r["peer"]]
+    assert [r["lever"] for r in frugal] == [
+        "(the starting point)", "Frugal's engine", "the compiled decode step", "continuous batching", "the MoE model",
+        "INT8 weights", "INT4 weights (instead of INT8)", f"speculative decoding (on {report['scheme'].upper()}, the "
+        "cheaper)", "prefix caching",
+    ]  # fmt: skip
+    # row 1 is the dense_scaling study's equal-quality model, on transformers
+    eq = scaled.results["equal_quality"]["run_dir"]
+    assert report["equal_quality_dense"] == eq and frugal[0]["model"] == eq and frugal[0]["engine"] == "transformers"
+    assert frugal[0]["perplexity"] == pytest.approx(frugal[1]["perplexity"], rel=1e-4)  # one model, two engines
+    by_label = {r["label"]: r for r in frugal}
+    for k, row in enumerate(frugal[1:], 1):  # speculation builds on the cheaper of INT8 and INT4, not on row 6b
+        before = by_label[row["after"]] if row["after"] else frugal[k - 1]
+        assert row["factor_vs_previous"] == pytest.approx(before["output_usd_per_1m"] / row["output_usd_per_1m"])
+    assert frugal[7]["after"] == next(
+        r["label"] for r in frugal if r["label"].startswith(f"MoE {report['scheme'].upper()},")
+    )
+    assert frugal[-1]["cached_share"] > 0 == frugal[-2]["cached_share"]  # the shared system prompt, from the cache
+    # the peer: llama.cpp at batch 1 and with parallel slots, on the dense model and on the MoE's glm4moe export
+    assert [(r["quality_of"], r["concurrency"]) for r in peers] == [("dense", 1), ("dense", 4), ("moe", 1), ("moe", 4)]
+    assert report["peer"] == "measured"
+    head = report["headline"]
+    limit = frugal[0]["perplexity"] * math.exp(scaled.results["tolerance"])
+    if head["best"] is not None:
+        best = min((r for r in frugal[1:] if r["perplexity"] <= limit), key=lambda r: r["output_usd_per_1m"])
+        assert head["best"] == best["label"] and head["vs_row1"]["repeats"] == 3
+        assert head["vs_row1"]["min"] <= head["vs_row1"]["median"] <= head["vs_row1"]["max"]
     meta = metadata_of(result, "benchmark_report")
-    assert meta["cost_ratio"].value == pytest.approx(base["usd_per_1m_tokens"] / cheapest["usd_per_1m_tokens"])
-    assert report["best"]["best"] == f"{cheapest['config']} ({cheapest['decoding']})"
-    assert "data:image/png;base64," in meta["chart"].value
+    assert "data:image/png;base64," in meta["chart"].value and "| peer | dense Q8_0, 4 parallel slots |" in (
+        meta["waterfall"].value
+    )
+    # the projection: the CPU check covers the compiled plain rows, the GPU rows moe_1b and its dense equivalent
+    proj = report["projection"]
+    assert [c["label"] for c in proj["cpu"]["rows"]] == [r["label"] for r in frugal[2:7]]
+    assert {(r["model"], r["batch"]) for r in proj["gpu"]["rows"]} >= {("moe_1b", 1), ("dense equivalent", 64)}
     assert meta["blocking_checks"].value == {
         "quantized_model/speculative_greedy_is_identical": f"passed in run {trained_check_run(trained)}"
     }
-    section = (trained.data_dir / "benchmark_report" / "BENCHMARKS_section.md").read_text()
-    assert section.startswith("## Benchmark report") and "| moe int4 | speculative |" in section
+    assert (trained.data_dir / "benchmark_report" / "report.md").read_text().startswith("Baseline: the dense model")
 
 
 def trained_check_run(trained) -> str:
@@ -97,11 +123,12 @@ def test_inference_package_ships_the_cheaper_format_with_wheel_tarball_and_card(
     assert (release / "frugal_small_cpu-0.1.0-py3-none-any.whl").exists()
     assert (release / "frugal_small_cpu-0.1.0.tar.gz").exists()
     card = (release / "package" / "MODEL_CARD.md").read_text()
-    assert "curriculum_shards/manifest.json` sha256" in card and "| moe int4 | speculative |" in card
+    assert "curriculum_shards/manifest.json` sha256" in card and "| 1 | dense fp32, transformers generate" in card
     rows = json.loads((trained.data_dir / "benchmark_report" / "report.json").read_text())["rows"]
-    cheaper = min((r for r in rows if r["config"] in ("moe int8", "moe int4")), key=lambda r: r["usd_per_1m_tokens"])
+    int8, int4 = (next(r for r in rows if r["label"].startswith(f"MoE {f},")) for f in ("INT8", "INT4"))
+    cheaper = "int8" if int8["output_usd_per_1m"] <= int4["output_usd_per_1m"] else "int4"
     shipped = json.loads((release / "package" / "package.json").read_text())
-    assert shipped["scheme"] == cheaper["config"].removeprefix("moe ") and shipped["kv_cache"] == "int8-channel"
+    assert shipped["scheme"] == cheaper and shipped["kv_cache"] == "int8-channel"
     checks = metadata_of(result, "inference_package")["blocking_checks"].value
     assert checks == {"quantized_model/speculative_greedy_is_identical": f"passed in run {trained_check_run(trained)}"}
 

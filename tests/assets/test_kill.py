@@ -55,8 +55,7 @@ def run_config(releases: Path) -> dict:
         "dense_baseline_model": TINY,
         "draft_model": TINY_DRAFT,
         "quantized_model": {"group_size": 32, "calibration_rows": 8, "val_rows": 8},
-        "benchmark_report": {"prompts": 2, "new_tokens": 6},
-        "inference_package": {"releases_dir": str(releases)},
+        "inference_package": {"releases_dir": str(releases), "scheme": "int8"},
     }
     return {"ops": {name: {"config": config} for name, config in ops.items()}}
 
@@ -205,7 +204,9 @@ def materialize_reference(ws: Workspace) -> dict[str, bytes]:
 def test_kill_9_at_any_stage_loses_nothing(tmp_path):
     ws = Workspace(tmp_path / "faulted")
     data = ws.data
-    graph = "not key:data_ablation"  # what `make demo` materializes (and each rerun below, from its asset on)
+    # what `make demo` materializes (and each rerun below, from its asset on), but for the measurements, which are
+    # not kill points and whose dense_scaling study cannot be made to bracket a 120-step debug model
+    graph = "not key:data_ablation and not key:dense_scaling and not key:benchmark_report"
     reference = materialize_reference(ws)
 
     def curation_running() -> bool:  # scored_documents' step has started (its log line, from the run's event log)
@@ -245,7 +246,7 @@ def test_kill_9_at_any_stage_loses_nothing(tmp_path):
         )
         assert ws.materialize(f"{rerun} and {graph}", quantization_mid_build) == "killed"
         checked += assert_no_partial_files(data)
-        assert ws.materialize("key:quantized_model+", packaging_mid_release) == "killed"
+        assert ws.materialize(f"key:quantized_model+ and {graph}", packaging_mid_release) == "killed"
         checked += assert_no_partial_files(data, ws.releases)
         assert ws.materialize("key:inference_package") == "completed"
         checked += assert_no_partial_files(data, ws.releases)
