@@ -5,6 +5,7 @@ engines) and inference_package (the published release)."""
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import dagster as dg
@@ -408,6 +409,7 @@ def benchmark_report(
         results += cost.run_rows(peer_rows(files, c), workload, out, log=context.log.info)
     table = cost.table(results, price)
     head = cost.headline(table, study["tolerance"])
+    head["row1_interpolated"] = interpolated_row1(study, table, head, workload, out, price, context.log.info)
     proj = projection(study, table, workload, config, context.log.info)
     markdown = cost.markdown(table)
     text = headline_text(head, peer_reason, study, proj)
@@ -451,12 +453,43 @@ def benchmark_report(
     return dg.MaterializeResult(metadata=metadata)
 
 
+def interpolated_row1(
+    study: dict, table: list[dict], head: dict, workload, out: Path, price: float, log
+) -> dict | None:
+    """When equal_quality_dense missed the MoE's loss by more than the seed noise: row 1's configuration measured
+    on the two trained sizes either side of that loss, and its $ per 1M output tokens interpolated between them
+    (in ln $, at the MoE's place between their losses); the ratio of Frugal's best against it. None otherwise."""
+    from inference import cost
+
+    eq = study["equal_quality"]
+    if eq["matched"] or not eq["bracket"]:
+        return None
+    b = eq["bracket"]
+    runs = {p["name"]: p["run_dir"] for p in [*study["points"], eq]}
+    first = cost.Row(**{k: v for k, v in table[0].items() if k in cost.Row.__dataclass_fields__})
+    rows = [
+        dataclasses.replace(first, label=f"row 1 on {name}", model=runs[name]) for name in (b["worse"], b["better"])
+    ]
+    worse, better = (cost.costs(r, price)["output_usd_per_1m"] for r in cost.run_rows(rows, workload, out, log=log))
+    w = b["weight_better"]
+    usd = math.exp((1 - w) * math.log(worse) + w * math.log(better))
+    ratio = usd / head["best_usd"] if head.get("best") else None
+    return {"worse": b["worse"], "better": b["better"], "worse_usd": worse, "better_usd": better, "usd": usd,
+            "weight_better": w, "best_vs_interpolated": ratio}  # fmt: skip
+
+
 def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) -> str:
     eq = study["equal_quality"]
     gap = "" if eq["matched"] else ", outside the seed noise"
     lines = [f"Baseline: the dense model of the MoE's quality (dense_scaling: {eq['multiplier']:.2f}x the MoE's active "
              f"non-embedding parameters, held-out loss {eq['val_loss']:.4f} against the MoE's "
              f"{study['moe']['val_loss']:.4f}{gap})."]  # fmt: skip
+    interp = head.get("row1_interpolated")
+    if interp:
+        lines.append(f"Row 1's cost interpolated between {interp['worse']} (${interp['worse_usd']:.4f}) and "
+                     f"{interp['better']} (${interp['better_usd']:.4f}) at the MoE's loss: ${interp['usd']:.4f} per 1M "
+                     f"output tokens; Frugal's best is {interp['best_vs_interpolated'] or 0:.2f}x cheaper than "
+                     "that.")  # fmt: skip
     if not head.get("best"):
         return "\n\n".join([*lines, "No Frugal configuration reaches row 1's quality."])
     r = head["vs_row1"]

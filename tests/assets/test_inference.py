@@ -226,3 +226,40 @@ def test_bad_config_or_missing_models_fail_before_any_work(tmp_path, config, mes
     result = run(tmp_path, config)
     assert not result.success
     assert message in failure_message(result)
+
+
+def test_without_llama_cpp_the_peer_column_is_not_measured_and_says_why(monkeypatch, tmp_path):
+    import inference.llama_cpp_peer
+    from assets.inference import headline_text, peer_files
+
+    monkeypatch.setattr(inference.llama_cpp_peer, "available", lambda: "llama-cpp-python is not installed")
+    files, reason = peer_files("dense", "moe", ["Q8_0"], tmp_path, print)
+    assert files == {} and reason == "llama-cpp-python is not installed"
+    study = {"equal_quality": {"multiplier": 2.0, "val_loss": 6.0, "matched": True}, "moe": {"val_loss": 6.0}}
+    head = {"best": "b", "best_usd": 1.0, "row1": "r", "row1_usd": 10.0,
+            "vs_row1": {"median": 10.0, "min": 9.0, "max": 11.0, "repeats": 3}}  # fmt: skip
+    text = headline_text(head, reason, study, {"cpu": {"rows": [], "within_2x": True}})
+    assert "llama.cpp: not measured (llama-cpp-python is not installed)." in text
+
+
+def test_row_1_is_interpolated_between_the_sizes_around_the_moe_when_the_match_missed(monkeypatch, tmp_path):
+    import inference.cost
+    from assets.inference import interpolated_row1
+    from tests.inference.test_cost import synthetic
+
+    study = {"points": [{"name": "small", "run_dir": "s"}, {"name": "big", "run_dir": "b"}],
+             "equal_quality": {"name": "equal_quality_dense", "run_dir": "e", "matched": False,
+                               "bracket": {"worse": "small", "better": "big", "weight_better": 0.5}}}  # fmt: skip
+    table = inference.cost.table([synthetic("row 1", [3.6], 100)], 1.0)
+    measured = []
+
+    def run_rows(rows, *args, **kw):
+        measured.extend(r.model for r in rows)
+        return [synthetic("small", [3.6], 110), synthetic("big", [36.0], 95)]  # $1 and $10 per 1M
+
+    monkeypatch.setattr(inference.cost, "run_rows", run_rows)
+    got = interpolated_row1(study, table, {"best": "x", "best_usd": 0.1}, None, tmp_path, 1.0, print)
+    assert measured == ["s", "b"] and got["usd"] == pytest.approx(10**0.5)  # halfway in ln $
+    assert got["best_vs_interpolated"] == pytest.approx(10**0.5 / 0.1)
+    study["equal_quality"]["matched"] = True
+    assert interpolated_row1(study, table, {}, None, tmp_path, 1.0, print) is None
