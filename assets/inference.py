@@ -409,7 +409,7 @@ def benchmark_report(
         results += cost.run_rows(peer_rows(files, c), workload, out, log=context.log.info)
     table = cost.table(results, price)
     head = cost.headline(table, study["tolerance"])
-    head["row1_interpolated"] = interpolated_row1(study, table, head, workload, out, price, context.log.info)
+    head["row1_interpolated"] = interpolated_row1(study, table, workload, out, price, context.log.info)
     proj = projection(study, table, workload, config, context.log.info)
     markdown = cost.markdown(table)
     text = headline_text(head, peer_reason, study, proj)
@@ -453,12 +453,11 @@ def benchmark_report(
     return dg.MaterializeResult(metadata=metadata)
 
 
-def interpolated_row1(
-    study: dict, table: list[dict], head: dict, workload, out: Path, price: float, log
-) -> dict | None:
+def interpolated_row1(study: dict, table: list[dict], workload, out: Path, price: float, log) -> dict | None:
     """When equal_quality_dense missed the MoE's loss by more than the seed noise: row 1's configuration measured
     on the two trained sizes either side of that loss, and its $ per 1M output tokens interpolated between them
-    (in ln $, at the MoE's place between their losses); the ratio of Frugal's best against it. None otherwise."""
+    (in ln $, at the MoE's place between their losses); and how many times cheaper than that Frugal's cheapest row
+    of the MoE's quality (within the seed noise) is. None otherwise."""
     from inference import cost
 
     eq = study["equal_quality"]
@@ -473,9 +472,20 @@ def interpolated_row1(
     worse, better = (cost.costs(r, price)["output_usd_per_1m"] for r in cost.run_rows(rows, workload, out, log=log))
     w = b["weight_better"]
     usd = math.exp((1 - w) * math.log(worse) + w * math.log(better))
-    ratio = usd / head["best_usd"] if head.get("best") else None
-    return {"worse": b["worse"], "better": b["better"], "worse_usd": worse, "better_usd": better, "usd": usd,
-            "weight_better": w, "best_vs_interpolated": ratio}  # fmt: skip
+    # the interpolation sits at the MoE's quality: Frugal's best is then the cheapest row at least as good as the MoE
+    moe = next(r for r in table if r["quality_of"] == "moe" and not r["peer"])
+    good = [r for r in table if not r["peer"] and r["perplexity"] <= moe["perplexity"] * math.exp(study["tolerance"])]
+    best = min(good, key=lambda r: r["output_usd_per_1m"])
+    return {
+        "worse": b["worse"],
+        "better": b["better"],
+        "worse_usd": worse,
+        "better_usd": better,
+        "usd": usd,
+        "weight_better": w,
+        "best": best["label"],
+        "best_vs_interpolated": usd / best["output_usd_per_1m"],
+    }
 
 
 def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) -> str:
@@ -488,8 +498,8 @@ def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) 
     if interp:
         lines.append(f"Row 1's cost interpolated between {interp['worse']} (${interp['worse_usd']:.4f}) and "
                      f"{interp['better']} (${interp['better_usd']:.4f}) at the MoE's loss: ${interp['usd']:.4f} per 1M "
-                     f"output tokens; Frugal's best is {interp['best_vs_interpolated'] or 0:.2f}x cheaper than "
-                     "that.")  # fmt: skip
+                     f"output tokens. At the MoE's quality, Frugal's best ({interp['best']}) is "
+                     f"**{interp['best_vs_interpolated']:.2f}x** cheaper than that.")  # fmt: skip
     if not head.get("best"):
         return "\n\n".join([*lines, "No Frugal configuration reaches row 1's quality."])
     r = head["vs_row1"]

@@ -247,10 +247,11 @@ def test_row_1_is_interpolated_between_the_sizes_around_the_moe_when_the_match_m
     from assets.inference import interpolated_row1
     from tests.inference.test_cost import synthetic
 
-    study = {"points": [{"name": "small", "run_dir": "s"}, {"name": "big", "run_dir": "b"}],
+    study = {"points": [{"name": "small", "run_dir": "s"}, {"name": "big", "run_dir": "b"}], "tolerance": 0.05,
              "equal_quality": {"name": "equal_quality_dense", "run_dir": "e", "matched": False,
                                "bracket": {"worse": "small", "better": "big", "weight_better": 0.5}}}  # fmt: skip
-    table = inference.cost.table([synthetic("row 1", [3.6], 100)], 1.0)
+    table = inference.cost.table([synthetic("row 1", [3.6], 100), synthetic("moe", [0.36], 103, quality_of="moe"),
+                                  synthetic("moe, worse", [0.036], 140, quality_of="moe")], 1.0)  # fmt: skip
     measured = []
 
     def run_rows(rows, *args, **kw):
@@ -258,8 +259,9 @@ def test_row_1_is_interpolated_between_the_sizes_around_the_moe_when_the_match_m
         return [synthetic("small", [3.6], 110), synthetic("big", [36.0], 95)]  # $1 and $10 per 1M
 
     monkeypatch.setattr(inference.cost, "run_rows", run_rows)
-    got = interpolated_row1(study, table, {"best": "x", "best_usd": 0.1}, None, tmp_path, 1.0, print)
+    got = interpolated_row1(study, table, None, tmp_path, 1.0, print)
     assert measured == ["s", "b"] and got["usd"] == pytest.approx(10**0.5)  # halfway in ln $
-    assert got["best_vs_interpolated"] == pytest.approx(10**0.5 / 0.1)
+    # the cheapest row as good as the MoE (103 x e^0.05 = 108 at most): "moe" at $0.1, not "moe, worse"
+    assert got["best"] == "moe" and got["best_vs_interpolated"] == pytest.approx(10**0.5 / 0.1)
     study["equal_quality"]["matched"] = True
-    assert interpolated_row1(study, table, {}, None, tmp_path, 1.0, print) is None
+    assert interpolated_row1(study, table, None, tmp_path, 1.0, print) is None
