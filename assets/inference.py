@@ -334,15 +334,18 @@ def projection(study: dict, waterfall: list[dict], workload, config: BenchmarkRe
         fmt = next((f for f in ("INT8", "INT4") if f in r["label"]), "fp32")
         return roofline.project(load_config(Path(r["model"])), device, r["concurrency"], context, width[fmt])
 
-    # the fixed cost per step, from the first compiled row (dense, batch 1): its measured step time less its roofline
-    first = plain[0]
-    overhead = max(0.0, first["concurrency"] / first["output_tokens_per_s"] - predicted(first, cpu)["roofline_s"])
-    cpu = dataclasses.replace(cpu, step_overhead_s=overhead)
+    # the costs outside the roofline, from the dense model's compiled rows at batch 1 and batch C: each row's
+    # measured step time less its roofline is a + B x b (a per step, b per request in the batch)
+    one, many = plain[0], plain[1]
+    extra = [r["concurrency"] / r["output_tokens_per_s"] - predicted(r, cpu)["roofline_s"] for r in (one, many)]
+    per_request = max(0.0, (extra[1] - extra[0]) / (many["concurrency"] - one["concurrency"]))
+    per_step = max(0.0, extra[0] - one["concurrency"] * per_request)
+    cpu = dataclasses.replace(cpu, step_overhead_s=per_step, request_overhead_s=per_request)
     checked = []
     for r in plain:
         p = predicted(r, cpu)
         checked.append({"label": r["label"], "predicted_tokens_per_s": p["tokens_per_s"], "bound": p["bound"],
-                        "measured_tokens_per_s": r["output_tokens_per_s"], "calibration": r is first,
+                        "measured_tokens_per_s": r["output_tokens_per_s"], "calibration": r in (one, many),
                         "measured_over_predicted": r["output_tokens_per_s"] / p["tokens_per_s"]})  # fmt: skip
     tested = [c for c in checked if not c["calibration"]]
     big = moe_1b()
@@ -356,7 +359,8 @@ def projection(study: dict, waterfall: list[dict], workload, config: BenchmarkRe
         for batch in (1, 64):
             p = roofline.project(model, gpu, batch, 1024, {"bf16": 2.0, "INT8": 1.0, "INT4": 0.5}[fmt], 2.0)
             at_scale.append({"model": name, "format": fmt, "params_active": model.active_params(), **p})
-    return {"cpu": {"bandwidth": cpu.bandwidth, "flops": cpu.flops, "step_overhead_s": overhead, "context": context,
+    return {"cpu": {"bandwidth": cpu.bandwidth, "flops": cpu.flops, "step_overhead_s": per_step,
+                    "request_overhead_s": per_request, "context": context,
                     "rows": checked, "within_2x": all(0.5 <= c["measured_over_predicted"] <= 2 for c in tested)},
             "gpu": {"name": gpu.name, "bandwidth": gpu.bandwidth, "flops": gpu.flops,
                     "price_per_hour": gpu.price_per_hour, "multiplier": multiplier, "dense_d_ff": dense.d_ff,
@@ -516,8 +520,8 @@ def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) 
         lines.append(f"llama.cpp: not measured ({peer_reason or 'no llama.cpp row reaches the quality of row 1'}).")
     cpu = proj["cpu"]
     ratios = ", ".join(f"{c['measured_over_predicted']:.2f}" for c in cpu["rows"] if not c["calibration"])
-    lines.append("Roofline projection on this CPU (one row calibrates the fixed cost per step): measured/predicted "
-                 f"tokens/s {ratios}"
+    lines.append("Roofline projection on this CPU (the dense rows calibrate the costs outside the roofline): "
+                 f"measured/predicted tokens/s {ratios}"
                  + (" (all within 2x)." if cpu["within_2x"] else " (not all within 2x)."))  # fmt: skip
     return "\n\n".join(lines)
 
@@ -525,7 +529,7 @@ def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) 
 def projection_markdown(proj: dict) -> str:
     cpu, gpu = proj["cpu"], proj["gpu"]
     check = md_table(("row", "predicted tok/s", "bound", "measured tok/s", "measured / predicted"),
-                     [(c["label"] + (" (calibrates the step cost)" if c["calibration"] else ""),
+                     [(c["label"] + (" (calibrates the costs outside the roofline)" if c["calibration"] else ""),
                        f"{c['predicted_tokens_per_s']:.0f}", c["bound"], f"{c['measured_tokens_per_s']:.0f}",
                        f"{c['measured_over_predicted']:.2f}") for c in cpu["rows"]])  # fmt: skip
     scale = md_table(("model", "format", "active params", "batch", "bound", "tok/s", "$ / 1M output"),
@@ -533,10 +537,11 @@ def projection_markdown(proj: dict) -> str:
                        f"{r['tokens_per_s']:,.0f}", f"{r['usd_per_1m']:.4f}") for r in gpu["rows"]])  # fmt: skip
     return (
         f"### Roofline check on this CPU ({cpu['bandwidth'] / 1e9:.1f} GB/s, {cpu['flops'] / 1e9:.0f} GFLOP/s, "
-        f"{1e3 * cpu['step_overhead_s']:.2f} ms fixed cost per step, context {cpu['context']})\n\n{check}\n\n"
+        f"outside the roofline {1e3 * cpu['step_overhead_s']:.2f} ms per step + {1e3 * cpu['request_overhead_s']:.2f} "
+        f"ms per request in the batch, context {cpu['context']})\n\n{check}\n\n"
         f"### Projection at scale (a projection, not a measurement)\n\n"
         f"{gpu['name']}: {gpu['bandwidth'] / 1e12:.2f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOP/s bf16, "
-        f"${gpu['price_per_hour']}/GPU-hour, context 1024, bf16 KV cache, no fixed cost per step (the ideal). "
+        f"${gpu['price_per_hour']}/GPU-hour, context 1024, bf16 KV cache, no cost outside the roofline (the ideal). "
         f"The dense equivalent of moe_1b applies dense_scaling's multiplier ({gpu['multiplier']:.2f}x, d_ff "
         f"{gpu['dense_d_ff']}); bench/gpu_cost.py "
         f"measures it on a GPU.\n\n{scale}"

@@ -37,6 +37,16 @@ class WandbResource(dg.ConfigurableResource):
             raise ValueError(f"WandbResource.mode must be auto, online, offline or disabled, not {self.mode!r}")
         return self.mode
 
+    def process_env(self, context: dg.AssetExecutionContext) -> dict[str, str]:
+        """The W&B settings a training process started by this asset gets (its runs join the Dagster run's group)."""
+        env = {
+            "WANDB_RUN_GROUP": f"dagster-{context.run_id}",
+            "WANDB_PROJECT": self.project,
+            "WANDB_DIR": str(Path(self.dir).resolve()),
+            "WANDB_MODE": self._mode(),
+        }
+        return {k: v for k, v in env.items() if v}
+
     def log_run(
         self,
         context: dg.AssetExecutionContext,

@@ -63,12 +63,7 @@ def dense_scaling(
         cfg.check()
     except ValueError as e:
         raise dg.Failure(description=f"dense_scaling: {e}") from e
-    env = {
-        "WANDB_RUN_GROUP": f"dagster-{context.run_id}",
-        "WANDB_PROJECT": wandb.project,
-        "WANDB_DIR": str(Path(wandb.dir).resolve()),
-        "WANDB_MODE": wandb._mode(),
-    }
+    env = wandb.process_env(context)
     try:
         results = run_scaling(cfg, env, progress=context.log.info)
     except RuntimeError as e:  # a training process failed: its log tail says why

@@ -146,15 +146,10 @@ def train_model(
         f"{'resuming' if resumed else 'starting'} {name}: {cfg.model.total_params():,} parameters "
         f"({cfg.model.active_params():,} active), {cfg.world_size} rank(s), run folder {cfg.run_dir}"
     )
-    env = {
-        "WANDB_RUN_GROUP": f"dagster-{context.run_id}",
-        "WANDB_PROJECT": wandb.project,
-        "WANDB_DIR": str(Path(wandb.dir).resolve()),
-        "WANDB_MODE": wandb._mode(),
-    }
+    env = wandb.process_env(context)
     try:
         reported = pipes_subprocess_client.run(
-            command=launch_command(cfg), context=context, env={k: v for k, v in env.items() if v}
+            command=launch_command(cfg), context=context, env=env
         ).get_materialize_result()
     except Exception as e:  # the process failed or was terminated: show why, from the ranks' own logs
         tails = rank_log_tails(cfg.run_dir)

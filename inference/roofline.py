@@ -8,13 +8,13 @@ One decoding step of a batch of B requests, each at context L:
   requests attend over (2 x layers x kv heads x head_dim x L per request);
 - **FLOPs** = 2 x the matrix parameters a token uses x B (the LM head included), plus attention's
   4 x layers x d_model x L x B;
-- **step time** = max(bytes / bandwidth, FLOPs / peak FLOP/s) + the device's fixed cost per step (what a step
-  spends outside the roofline: dispatch, sampling, scheduling); tokens/s = B / step time; $ per 1M output tokens =
-  price per hour / (tokens/s x 3600) x 1e6.
+- **step time** = max(bytes / bandwidth, FLOPs / peak FLOP/s) + what a step spends outside the roofline: a
+  fixed cost per step (dispatch) plus a cost per request in the batch (sampling, scheduling, delivering tokens);
+  tokens/s = B / step time; $ per 1M output tokens = price per hour / (tokens/s x 3600) x 1e6.
 
-On this CPU the fixed cost is measured once, from one row (benchmark_report calibrates it on the dense model's
-compiled batch-1 row), and the other rows test the prediction. The GPU projection sets it to zero: the ideal a
-CUDA-graph step approaches, labelled as such.
+On this CPU the two costs are measured from two rows (benchmark_report calibrates them on the dense model's
+compiled rows at batch 1 and at its concurrency), and the MoE rows test the prediction. The GPU projection sets
+them to zero: the ideal a CUDA-graph step approaches, labelled as such.
 
 At B = 1 the bytes match what inference.evaluate.ByteCounter counts on the running model (a test holds them
 together). `calibrate` measures this machine's bandwidth and matmul FLOP/s, so that the projection can be checked
@@ -45,7 +45,9 @@ class Device:
     """FLOP/s of the matrix products."""
     price_per_hour: float
     step_overhead_s: float = 0.0
-    """Seconds a decoding step costs beyond the roofline (dispatch, sampling, scheduling)."""
+    """Seconds a decoding step costs beyond the roofline, whatever its batch (dispatch)."""
+    request_overhead_s: float = 0.0
+    """Seconds a step costs beyond the roofline per request in its batch (sampling, scheduling, delivery)."""
 
 
 def expected_experts(n: int, k: int, batch: int) -> float:
@@ -86,17 +88,16 @@ def project(config: ModelConfig, device: Device, batch: int, context: int, weigh
     b = step_bytes(config, batch, context, weight_bytes, kv_bytes)
     f = step_flops(config, batch, context)
     memory_s, compute_s = b / device.bandwidth, f / device.flops
-    seconds = max(memory_s, compute_s) + device.step_overhead_s
-    tokens_per_s = batch / seconds
+    roof = max(memory_s, compute_s)
+    overhead = device.step_overhead_s + batch * device.request_overhead_s
+    tokens_per_s = batch / (roof + overhead)
     return {
         "batch": batch,
         "context": context,
         "bytes_per_step": b,
         "flops_per_step": f,
-        "roofline_s": max(memory_s, compute_s),
-        "bound": "overhead"
-        if device.step_overhead_s > max(memory_s, compute_s)
-        else ("memory" if memory_s >= compute_s else "compute"),
+        "roofline_s": roof,
+        "bound": "overhead" if overhead > roof else ("memory" if memory_s >= compute_s else "compute"),
         "tokens_per_s": tokens_per_s,
         "usd_per_1m": device.price_per_hour / (tokens_per_s * 3600) * 1e6,
     }
