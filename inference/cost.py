@@ -434,8 +434,8 @@ def waterfall_chart(rows: list[dict], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
     labels = [("llama.cpp: " if r["peer"] else "") + r["label"] for r in rows]
     values = [r["output_usd_per_1m"] for r in rows]
-    colors = ["tab:gray" if r["peer"] else ("tab:green" if r.get("factor_vs_previous", 1) >= 1 else "tab:red")
-              for r in rows]  # fmt: skip
+    colors = ["tab:gray" if r["peer"] else "tab:blue" if k == 0 else
+              "tab:green" if r["factor_vs_previous"] >= 1 else "tab:red" for k, r in enumerate(rows)]  # fmt: skip
     ax.barh(labels, values, color=colors)
     for y, r in enumerate(rows):
         note = (
@@ -445,8 +445,9 @@ def waterfall_chart(rows: list[dict], path: Path, title: str) -> Path:
         )
         ax.text(r["output_usd_per_1m"], y, "  " + note, va="center", fontsize=7)
     ax.set_xscale("log")
+    ax.set_xlim(min(values) / 1.5, max(values) * 12)  # room for the labels
     ax.invert_yaxis()
-    ax.set_xlabel("$ per 1M output tokens (log scale; green: the lever helped, red: it cost more)")
+    ax.set_xlabel("$ per 1M output tokens (log scale; blue: row 1; green: the lever helped, red: it cost more)")
     ax.set_title(title)
     fig.tight_layout()
     with atomic_file(path) as tmp:
