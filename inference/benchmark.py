@@ -1,4 +1,4 @@
-"""Measuring served configurations side by side: quality, speed, memory and $ per 1M generated tokens.
+"""Measuring served configurations side by side: quality, speed and memory.
 
 A `Config` is a model folder (trained run, quantized folder or package role), an optional draft, a KV
 cache and a dtype. `run` measures each one in a fresh process (`python -m inference.benchmark --one ...`),
@@ -10,8 +10,7 @@ timed per token). Per configuration and decoding mode (plain, speculative):
   per token (the gaps between streamed tokens: a speculative round's accepted burst arrives at once);
 - peak resident memory from loading to the end of decoding, and weight bytes;
 - acceptance rate and tokens per target pass; the forward-pass costs that bound speculation;
-- bytes read per token (inference.evaluate.ByteCounter), for the bandwidth roofline;
-- $ per 1M generated tokens = price per device-hour / (tokens/s × 3600) × 1e6.
+- bytes read per token (inference.evaluate.ByteCounter), for the bandwidth roofline.
 
 Used by bench/inference.py (every weight and KV-cache format). The benchmark_report asset's cost waterfall is
 inference.cost.
@@ -196,29 +195,6 @@ def run(configs: list[Config], workload: Workload, work_dir: Path, log=print) ->
             raise RuntimeError(f"measuring {config.label} failed:\n{out.stderr[-3000:]}")
         results[config.label] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
-
-
-def usd_per_million(tokens_per_s: float, price_per_hour: float) -> float:
-    return price_per_hour / (tokens_per_s * 3600) * 1e6
-
-
-def rows(results: dict[str, dict], price_per_hour: float) -> list[dict]:
-    """One row per configuration and decoding mode, with its $ per 1M generated tokens."""
-    out = []
-    for label, r in results.items():
-        for mode in ("plain", "speculative"):
-            if mode not in r:
-                continue
-            m = r[mode]
-            out.append({
-                "config": label,
-                "decoding": mode,
-                **{k: r[k] for k in ("perplexity", "bits_per_byte")},
-                **{k: v for k, v in m.items() if k != "forward_ms"},
-                "usd_per_1m_tokens": usd_per_million(m["tokens_per_s"], price_per_hour),
-                "identical": r.get("identical") if mode == "speculative" else None,
-            })  # fmt: skip
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

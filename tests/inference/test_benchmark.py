@@ -1,11 +1,11 @@
-"""The benchmark: configurations measured in fresh processes, and $ per 1M tokens."""
+"""The benchmark: configurations measured in fresh processes."""
 
 import math
 
 import pytest
 import torch
 
-from inference.benchmark import Config, Workload, run, usd_per_million
+from inference.benchmark import Config, Workload, run
 
 
 def test_a_configuration_is_measured_in_its_own_process(tiny_package, tmp_path):
@@ -26,7 +26,3 @@ def test_a_configuration_is_measured_in_its_own_process(tiny_package, tmp_path):
     # perplexity and bits per byte describe the same predictions
     assert math.isclose(r["perplexity"], math.exp(r["nll"])) and r["bits_per_byte"] > 0
     assert r["perplexity"] == pytest.approx(results["tiny alone"]["perplexity"])
-
-
-def test_usd_per_million_tokens():
-    assert usd_per_million(tokens_per_s=100, price_per_hour=3.6) == pytest.approx(10.0)
