@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import xxhash
 
 from pipelines.cli import reader_config, run_stage, stage_parser
+from pipelines.dedup_index import PartitionIndex, index_record
 from pipelines.document import Ledger
 from pipelines.parallel import default_workers, map_documents
 from pipelines.pii import KINDS, PIIRedactor
@@ -56,17 +58,44 @@ class _CleanTask:
         return out
 
 
+INDEX_SCHEMA = pa.schema(
+    [pa.field("id", pa.string(), nullable=False), pa.field("text_hash", pa.binary(16), nullable=False)]
+)
+
+
+def index_params(config: CleanConfig) -> dict:
+    """What the clean text, and so its hash, depends on."""
+    return {"hash": "xxh3_128", "redact_pii": sorted(config.redact_pii)}
+
+
 def clean(
-    inputs: list[str], output_dir: str | Path, config: CleanConfig | None = None, log: logging.Logger | None = logger
+    inputs: list[str],
+    output_dir: str | Path,
+    config: CleanConfig | None = None,
+    log: logging.Logger | None = logger,
+    index_dir: str | Path | None = None,
+    partition: str = "",
 ) -> StageStats:
     """Normalise every document (see `normalize_text`); drop those left empty (`empty`) and all but the
     first of each group with identical clean text (`exact_duplicate`). Streams; memory holds one
-    16-byte hash per kept document."""
+    16-byte hash per kept document.
+
+    With `index_dir`, this is drop `partition`: a document whose clean text a drop indexed before it kept is an
+    exact duplicate too, and the hashes of this drop's kept documents join the index."""
     config = config or CleanConfig()
     started = time.monotonic()
     output_dir = Path(output_dir)
-    ledger = Ledger(STAGE)
-    first_with_hash: dict[bytes, str] = {}
+    ledger = Ledger(STAGE, partition)
+    first_with_hash: dict[bytes, tuple[str, str]] = {}
+    index = PartitionIndex(index_dir, "exact", index_params(config)) if index_dir is not None else None
+    if index is not None:
+        entries = index.before(partition)
+        earlier = index.load(entries)
+        if earlier is not None:
+            drops = [e.key for e in entries for _ in range(e.rows)]
+            first_with_hash = dict(zip(earlier["text_hash"].to_pylist(), zip(earlier["id"].to_pylist(), drops)))
+    new_hashes: list[bytes] = []
+    new_ids: list[str] = []
     bytes_in = 0
     records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
     PIIRedactor(config.redact_pii)  # unknown kinds fail before any work
@@ -80,10 +109,14 @@ def clean(
                 ledger.dropped(record.id, "empty", "nothing left after normalisation", record.location)
                 continue
             digest = xxhash.xxh3_128_digest(text.encode("utf-8"))
-            first = first_with_hash.setdefault(digest, record.id)
+            first, first_drop = first_with_hash.setdefault(digest, (record.id, partition))
             if first != record.id:
-                ledger.dropped(record.id, "exact_duplicate", f"same clean text as {first}", record.location)
+                where = f" in drop {first_drop}" if first_drop != partition else ""
+                ledger.dropped(record.id, "exact_duplicate", f"same clean text as {first}{where}", record.location,
+                               duplicate_of=first, duplicate_partition=first_drop)  # fmt: skip
                 continue
+            new_hashes.append(digest)
+            new_ids.append(record.id)
             record.text = text
             found = {kind: n for kind, n in pii.items() if n}
             if found:
@@ -93,9 +126,21 @@ def clean(
             writer.write(record)
             ledger.kept(record, " ".join(f"pii:{kind}={n}" for kind, n in found.items()))
     extra = {"pii_redacted": pii_totals}
-    return finish_stage(
+    if index is not None:
+        extra["index"] = index_record(index, partition, inputs)
+    stats = finish_stage(
         output_dir, ledger, started, [writer], bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra
     )
+    if index is not None:  # after the outputs: an index never holds a drop whose outputs failed to be written
+        table = pa.Table.from_pydict({"id": new_ids, "text_hash": new_hashes}, schema=INDEX_SCHEMA)
+        index.put(partition, table, new_ids)
+    return stats
+
+
+def rerun_partition(record: dict, output_dir: Path, index_dir: Path) -> StageStats:
+    """Re-run one drop as its stats.json recorded it (`pipelines.dedup_index.rebuild`)."""
+    config = CleanConfig(redact_pii=tuple(record["params"]["redact_pii"]))
+    return clean(record["inputs"], output_dir, config, log=None, index_dir=index_dir, partition=record["partition"])
 
 
 def main(argv: list[str] | None = None) -> int:

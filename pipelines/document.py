@@ -27,6 +27,9 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),  # "" when kept
         pa.field("detail", pa.string(), nullable=False),  # human-readable why, e.g. the duplicate kept
         pa.field("location", pa.string(), nullable=False),  # FILE:LINE (or FILE:row N) of the input
+        pa.field("partition", pa.string(), nullable=False),  # the input drop ("" outside a partitioned run)
+        pa.field("duplicate_of", pa.string(), nullable=False),  # a duplicate's kept document
+        pa.field("duplicate_partition", pa.string(), nullable=False),  # and the drop that holds it
     ]
 )
 
@@ -68,20 +71,35 @@ class LedgerRow:
     reason: str = ""
     detail: str = ""
     location: str = ""
+    partition: str = ""
+    duplicate_of: str = ""
+    duplicate_partition: str = ""
 
 
 class Ledger:
-    """The rows of one stage: one per input record, each kept or dropped with a reason."""
+    """The rows of one stage (of one input drop, `partition`): one per input record, each kept or dropped with a
+    reason."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, partition: str = ""):
         self.stage = stage
+        self.partition = partition
         self.rows: list[LedgerRow] = []
 
     def kept(self, doc: Document, detail: str = "") -> None:
-        self.rows.append(LedgerRow(doc.id, self.stage, KEPT, "", detail, doc.location))
+        self.rows.append(LedgerRow(doc.id, self.stage, KEPT, "", detail, doc.location, self.partition))
 
-    def dropped(self, ledger_id: str, reason: str, detail: str = "", location: str = "") -> None:
-        self.rows.append(LedgerRow(ledger_id, self.stage, DROPPED, reason, detail, location))
+    def dropped(
+        self,
+        ledger_id: str,
+        reason: str,
+        detail: str = "",
+        location: str = "",
+        duplicate_of: str = "",
+        duplicate_partition: str = "",
+    ) -> None:
+        """duplicate_of, duplicate_partition: for a duplicate, the document kept in its place and its drop."""
+        self.rows.append(LedgerRow(ledger_id, self.stage, DROPPED, reason, detail, location, self.partition,
+                                   duplicate_of, duplicate_partition))  # fmt: skip
 
     def rejected(self, rej: Rejected) -> None:
         self.dropped(rej.ledger_id, rej.reason, rej.detail, rej.location)

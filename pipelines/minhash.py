@@ -192,17 +192,11 @@ def lsh_candidate_pairs(sig_NK: np.ndarray, bands: int, rows: int, max_bucket_pa
     (templated pages) gives (first, other) and (i, i+1) only, which keeps the cost linear and still
     lets union-find connect the bucket. Documents without shingles are never candidates.
     """
-    num_perm = sig_NK.shape[1]
-    if bands * rows > num_perm:
-        raise ValueError(f"bands x rows = {bands * rows} exceeds the {num_perm} permutations")
-    has_shingles = np.flatnonzero((sig_NK != _EMPTY).any(axis=1))
+    has_shingles = np.flatnonzero(has_shingles_N(sig_NK))
+    keys_NB = band_keys(sig_NK[has_shingles], bands, rows)
     pairs = []
     for band in range(bands):
-        band_NR = sig_NK[has_shingles, band * rows : (band + 1) * rows].astype(np.uint64)
-        key_N = np.zeros(len(has_shingles), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for r in range(rows):
-                key_N = splitmix64(key_N * _WORD_MIX + band_NR[:, r])
+        key_N = keys_NB[:, band]
         order = np.argsort(key_N, kind="stable")
         key_sorted = key_N[order]
         group_start = np.flatnonzero(np.diff(key_sorted, prepend=key_sorted[:1] + np.uint64(1)))
@@ -223,6 +217,56 @@ def lsh_candidate_pairs(sig_NK: np.ndarray, bands: int, rows: int, max_bucket_pa
     pairs_P2 = np.sort(np.concatenate(pairs).astype(np.int64), axis=1)
     codes = np.unique(pairs_P2[:, 0] * len(sig_NK) + pairs_P2[:, 1])  # 1-D unique is much faster than axis=0
     return np.stack([codes // len(sig_NK), codes % len(sig_NK)], axis=1)
+
+
+def has_shingles_N(sig_NK: np.ndarray) -> np.ndarray:
+    """(N,) bool: the documents that have shingles (the others are never candidates)."""
+    return (sig_NK != _EMPTY).any(axis=1)
+
+
+def band_keys(sig_NK: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(N, bands) uint64: one hash per LSH band of each signature; two documents are candidates when they agree on
+    the key of some band."""
+    if bands * rows > sig_NK.shape[1]:
+        raise ValueError(f"bands x rows = {bands * rows} exceeds the {sig_NK.shape[1]} permutations")
+    keys_NB = np.zeros((len(sig_NK), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            band_NR = sig_NK[:, band * rows : (band + 1) * rows].astype(np.uint64)
+            for r in range(rows):
+                keys_NB[:, band] = splitmix64(keys_NB[:, band] * _WORD_MIX + band_NR[:, r])
+    return keys_NB
+
+
+def lsh_candidate_pairs_against(
+    keys_new_MB: np.ndarray, keys_old_NB: np.ndarray, max_bucket_pairs: int = 20
+) -> np.ndarray:
+    """(P, 2) int64 unique (old, new) pairs of a new document and an indexed one that agree on some band's key; rows
+    of documents without shingles must be left out by the caller. Like `lsh_candidate_pairs`, a bucket of more than
+    max_bucket_pairs indexed documents pairs a new document with its first and last member only, which keeps the
+    cost linear and still connects it to the bucket's cluster."""
+    pairs = []
+    for band in range(keys_old_NB.shape[1]):
+        order = np.argsort(keys_old_NB[:, band], kind="stable")
+        sorted_keys = keys_old_NB[order, band]
+        lo = np.searchsorted(sorted_keys, keys_new_MB[:, band], side="left")
+        hi = np.searchsorted(sorted_keys, keys_new_MB[:, band], side="right")
+        count = hi - lo
+        small = (count > 0) & (count <= max_bucket_pairs)
+        new = np.repeat(np.flatnonzero(small), count[small])
+        # positions lo..hi-1 of every small bucket, flattened
+        starts = np.repeat(lo[small] - np.cumsum(count[small]) + count[small], count[small])
+        pairs.append(np.stack([order[starts + np.arange(len(new))], new], axis=1))
+        large = np.flatnonzero(count > max_bucket_pairs)
+        for m in large:
+            members = order[lo[m] : hi[m]]
+            pairs.append(np.array([[members.min(), m], [members.max(), m]]))
+    if not pairs:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs_P2 = np.concatenate(pairs).astype(np.int64)
+    width = len(keys_new_MB) + 1
+    codes = np.unique(pairs_P2[:, 0] * width + pairs_P2[:, 1])
+    return np.stack([codes // width, codes % width], axis=1)
 
 
 def estimated_jaccard(sig_NK: np.ndarray, pairs_P2: np.ndarray, chunk: int = 1 << 14) -> np.ndarray:

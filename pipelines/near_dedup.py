@@ -27,11 +27,15 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.cli import reader_config, run_stage, stage_parser
+from pipelines.dedup_index import PartitionIndex, index_record
 from pipelines.document import DOCUMENT_SCHEMA, Document, Ledger
 from pipelines.minhash import (
     MinHasher,
+    band_keys,
     estimated_jaccard,
+    has_shingles_N,
     lsh_candidate_pairs,
+    lsh_candidate_pairs_against,
     lsh_params_for_threshold,
     union_find_clusters,
 )
@@ -115,16 +119,154 @@ def cluster_signatures(sig_NK: np.ndarray, n_chars: np.ndarray, config: NearDedu
     return Clusters(cluster_id, sizes[cluster_id].astype(np.int32), kept, len(pairs), len(duplicates))
 
 
+def index_params(config: NearDedupConfig) -> dict:
+    """What the clusters in a MinHash index depend on: a drop is only checked against an index made the same way."""
+    bands, rows = config.lsh_params()
+    return {"threshold": config.threshold, "n_gram": config.n_gram, "num_perm": config.num_perm, "bands": bands,
+            "rows": rows, "seed": config.seed}  # fmt: skip
+
+
+INDEX_SCHEMA_FIELDS = [
+    pa.field("position", pa.int64(), nullable=False),  # global: drops before this one hold the positions below
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("n_chars", pa.int64(), nullable=False),
+    pa.field("cluster_id", pa.int64(), nullable=False),  # when the drop was added; later merges: index.json
+    pa.field("kept", pa.bool_(), nullable=False),
+]
+
+
+@dataclass(slots=True)
+class IndexedClusters:
+    """A new drop clustered against the index: its own Clusters (ids are global positions) plus, per document, the
+    earlier document kept for its cluster (None when the representative is in this drop)."""
+
+    clusters: Clusters
+    earlier_representative: list[tuple[str, str] | None]  # (id, drop key)
+    merges: list[tuple[int, int]]
+
+
+def cluster_against_index(
+    sig_MK: np.ndarray, n_chars_M: np.ndarray, index: PartitionIndex, key: str, config: NearDedupConfig
+) -> IndexedClusters:
+    """Cluster a new drop's M documents together with the drops indexed before it, hashing only the new ones.
+
+    Equal to clustering all drops at once, in drop order, with one rule for which member is kept: a cluster that
+    holds an earlier drop's documents keeps the member that drop kept (a published document is never withdrawn),
+    so the new members are all dropped. A cluster of new documents only keeps its longest member (ties: the first),
+    as `cluster_signatures` does. When a new document joins two earlier clusters, they become one (the smaller id;
+    the merge is recorded in the index) and both their kept members stay kept.
+    """
+    bands, rows = config.lsh_params()
+    entries = index.before(key)
+    offset = index.first_position(key)
+    M = len(sig_MK)
+    own = cluster_signatures(sig_MK, n_chars_M, config)  # the new drop against itself (its own positions)
+    old = index.load(entries, ["position", "id", "cluster_id", "kept", "signature", "band_keys"])
+    if old is None or M == 0:
+        own.cluster_id = own.cluster_id + offset
+        return IndexedClusters(own, [None] * M, [])
+
+    # Earlier clusters as they stand now: the ids each drop wrote, then the merges later drops recorded.
+    merged = index.merges(entries)
+
+    def resolve(c: int) -> int:
+        while c in merged:
+            c = merged[c]
+        return c
+
+    old_cluster = np.array([resolve(c) for c in old["cluster_id"].to_numpy()], dtype=np.int64)
+    old_sig = np.asarray(old["signature"].combine_chunks().flatten()).reshape(old.num_rows, -1)
+    old_keys = np.asarray(old["band_keys"].combine_chunks().flatten()).reshape(old.num_rows, bands)
+    searchable = np.flatnonzero(has_shingles_N(old_sig))
+    new_has = np.flatnonzero(has_shingles_N(sig_MK))
+    pairs = lsh_candidate_pairs_against(band_keys(sig_MK[new_has], bands, rows), old_keys[searchable])
+    pairs = np.stack([searchable[pairs[:, 0]], new_has[pairs[:, 1]]], axis=1) if len(pairs) else pairs
+    similar = (old_sig[pairs[:, 0]] == sig_MK[pairs[:, 1]]).mean(axis=1) >= config.threshold if len(pairs) else []
+    pairs = pairs[similar] if len(pairs) else pairs
+
+    # Union-find over the earlier clusters touched and the new documents: nodes sorted by global id, so a
+    # component's smallest node is its smallest global id, the cluster id a one-shot run gives it.
+    touched = np.unique(old_cluster[pairs[:, 0]]) if len(pairs) else np.empty(0, dtype=np.int64)
+    nodes = np.concatenate([touched, offset + np.arange(M)])
+    new_node = len(touched) + np.arange(M)
+    edges = [np.stack([new_node[own_i], new_node[own_j]], axis=1) for own_i, own_j in _own_edges(own)]
+    if len(pairs):
+        edges.append(np.stack([np.searchsorted(touched, old_cluster[pairs[:, 0]]), new_node[pairs[:, 1]]], axis=1))
+    root = union_find_clusters(len(nodes), np.concatenate(edges) if edges else np.empty((0, 2), dtype=np.int64))
+    cluster_id = nodes[root[new_node]]
+
+    # Earlier members per touched cluster, their kept member, and the merges this drop makes.
+    old_size = dict(zip(*np.unique(old_cluster[np.isin(old_cluster, touched)], return_counts=True)))
+    drop_of = np.repeat([e.key for e in entries], [e.rows for e in entries])
+    kept_rows = np.flatnonzero(old["kept"].to_numpy(zero_copy_only=False) & np.isin(old_cluster, touched))
+    representative = {}
+    for r in kept_rows[::-1]:  # the smallest position wins
+        representative[int(old_cluster[r])] = (old["id"][int(r)].as_py(), str(drop_of[r]))
+    merges = [(int(nodes[t]), int(nodes[root[t]])) for t in range(len(touched)) if root[t] != t]
+
+    component_has_old = np.zeros(len(nodes), dtype=bool)
+    component_has_old[root[: len(touched)]] = True
+    has_old = component_has_old[root[new_node]]
+    sizes = Counter(cluster_id.tolist())
+    for t in range(len(touched)):
+        sizes[int(nodes[root[t]])] += int(old_size[nodes[t]])
+    # New-only clusters keep their longest member (as in cluster_signatures); clusters with earlier members keep none.
+    order = np.lexsort((np.arange(M), -n_chars_M, cluster_id))
+    first = np.ones(M, dtype=bool)
+    first[1:] = cluster_id[order][1:] != cluster_id[order][:-1]
+    kept = np.zeros(M, dtype=bool)
+    kept[order[first]] = True
+    kept &= ~has_old
+    earlier = [representative[int(c)] if h else None for c, h in zip(cluster_id, has_old)]
+    n_dup = int(own.n_duplicate_pairs + len(pairs))
+    result = Clusters(cluster_id, np.array([sizes[int(c)] for c in cluster_id], dtype=np.int32), kept,
+                      own.n_candidate_pairs + len(similar), n_dup)  # fmt: skip
+    return IndexedClusters(result, earlier, merges)
+
+
+def _own_edges(own: Clusters):
+    """Edges joining each new document to its cluster's first member (the clusters of the drop on its own)."""
+    members = np.arange(len(own.cluster_id))
+    other = own.cluster_id != members
+    if other.any():
+        yield own.cluster_id[other], members[other]
+
+
+def index_table(ids, n_chars, clusters: Clusters, sig_MK: np.ndarray, config: NearDedupConfig, first_position: int):
+    bands, rows = config.lsh_params()
+    M, K = sig_MK.shape
+    keys = band_keys(sig_MK, bands, rows)
+    schema = pa.schema([*INDEX_SCHEMA_FIELDS, pa.field("signature", pa.list_(pa.uint32(), K), nullable=False),
+                        pa.field("band_keys", pa.list_(pa.uint64(), bands), nullable=False)])  # fmt: skip
+    return pa.Table.from_arrays(
+        [
+            pa.array(first_position + np.arange(M), pa.int64()),
+            pa.array(ids, pa.string()),
+            pa.array(n_chars, pa.int64()),
+            pa.array(clusters.cluster_id, pa.int64()),
+            pa.array(clusters.kept, pa.bool_()),
+            pa.FixedSizeListArray.from_arrays(pa.array(sig_MK.ravel(), pa.uint32()), K),
+            pa.FixedSizeListArray.from_arrays(pa.array(keys.ravel(), pa.uint64()), bands),
+        ],
+        schema=schema,
+    )
+
+
 def near_dedup(
     inputs: list[str],
     output_dir: str | Path,
     config: NearDedupConfig | None = None,
     log: logging.Logger | None = logger,
+    index_dir: str | Path | None = None,
+    partition: str = "",
 ) -> StageStats:
+    """Near-dedup `inputs`; with `index_dir`, as drop `partition` against the MinHash index of the drops before it
+    (`cluster_against_index`), adding this drop to the index."""
     config = config or NearDedupConfig()
     config.lsh_params()  # bad settings fail before any work
     started = time.monotonic()
     output_dir = Path(output_dir)
+    index = PartitionIndex(index_dir, "minhash", index_params(config)) if index_dir is not None else None
     hasher = MinHasher(num_perm=config.num_perm, n_gram=config.n_gram, seed=config.seed)
     total = count_records(inputs)
 
@@ -143,7 +285,14 @@ def near_dedup(
         n_chars.extend(len(d.text) for d in batch)
         signatures.append(sig)
     sig_NK = np.concatenate(signatures) if signatures else np.empty((0, config.num_perm), dtype=np.uint32)
-    clusters = cluster_signatures(sig_NK, np.asarray(n_chars, dtype=np.int64), config)
+    n_chars_N = np.asarray(n_chars, dtype=np.int64)
+    if index is None:
+        clusters, earlier, merges = cluster_signatures(sig_NK, n_chars_N, config), [None] * len(ids), []
+        offset = 0
+    else:
+        indexed = cluster_against_index(sig_NK, n_chars_N, index, partition, config)
+        clusters, earlier, merges = indexed.clusters, indexed.earlier_representative, indexed.merges
+        offset = index.first_position(partition)
     if log is not None:
         log.info(
             f"{STAGE}: {clusters.n_candidate_pairs} candidate pairs, {clusters.n_duplicate_pairs} above "
@@ -151,11 +300,10 @@ def near_dedup(
         )
 
     # Pass 2: write the representatives; ledger every record in input order.
-    ledger = Ledger(STAGE)
+    ledger = Ledger(STAGE, partition)
     bytes_in = 0
     position = 0
-    representative = np.zeros(len(ids), dtype=np.int64)  # cluster_id -> position of the kept member
-    representative[clusters.cluster_id[clusters.kept]] = np.flatnonzero(clusters.kept)
+    representative = dict(zip(clusters.cluster_id[clusters.kept].tolist(), np.flatnonzero(clusters.kept).tolist()))
     with DocumentWriter(output_dir / DOCUMENTS_FILE, NEAR_DEDUP_SCHEMA) as writer:
         for record in track(read_documents(inputs, config.reader), desc=f"{STAGE}: write", total=total, log=log):
             if not isinstance(record, Document):
@@ -168,8 +316,10 @@ def near_dedup(
                 writer.write(record, cluster_id=cid, cluster_size=size)
                 ledger.kept(record)
             else:
-                rep = ids[representative[cid]]
-                ledger.dropped(record.id, f"near_duplicate:{cid}", f"cluster of {size}, kept {rep}", record.location)
+                rep, rep_drop = earlier[position] or (ids[representative[cid]], partition)
+                where = f" in drop {rep_drop}" if rep_drop != partition else ""
+                ledger.dropped(record.id, f"near_duplicate:{cid}", f"cluster of {size}, kept {rep}{where}",
+                               record.location, duplicate_of=rep, duplicate_partition=rep_drop)  # fmt: skip
             position += 1
 
     clusters_file = write_table(
@@ -199,7 +349,22 @@ def near_dedup(
         "cluster_size_histogram": {str(k): v for k, v in sorted(size_hist.items())},
     }
     files = [writer, clusters_file]
-    return finish_stage(output_dir, ledger, started, files, bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra)
+    if index is not None:
+        extra["index"] = index_record(index, partition, inputs)
+        extra["n_merged_clusters"] = len(merges)
+    stats = finish_stage(output_dir, ledger, started, files, bytes_in=bytes_in, bytes_kept=writer.n_bytes, extra=extra)
+    if index is not None:  # after the outputs: an index never holds a drop whose outputs failed to be written
+        index.put(partition, index_table(ids, n_chars_N, clusters, sig_NK, config, offset), ids, merges)
+    return stats
+
+
+def rerun_partition(record: dict, output_dir: Path, index_dir: Path) -> StageStats:
+    """Re-run one drop as its stats.json recorded it (`pipelines.dedup_index.rebuild`)."""
+    params = record["params"]
+    config = NearDedupConfig(threshold=params["threshold"], n_gram=params["n_gram"], num_perm=params["num_perm"],
+                             bands=params["bands"], rows=params["rows"], seed=params["seed"])  # fmt: skip
+    return near_dedup(record["inputs"], output_dir, config, log=None, index_dir=index_dir,
+                      partition=record["partition"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
