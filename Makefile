@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 PORT ?= 3000
+# The input drop (a partition of the curation assets) that `make demo` curates: the embedded sample corpus
+DROP ?= sample
 
 export DAGSTER_HOME := $(CURDIR)/.dagster
 export FRUGAL_DATA_DIR ?= $(CURDIR)/data
@@ -35,7 +37,8 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 # every asset but data_ablation (three more trainings: make bench-ablation); dense_scaling and benchmark_report
 # (issue 17) take about half of it
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m assets.definitions --select 'not key:data_ablation'
+	$(BIN)/python -m assets.drops add $(DROP)
+	$(BIN)/dagster asset materialize -m assets.definitions --select 'not key:data_ablation' --partition $(DROP)
 	@$(BIN)/python -m assets.summary
 	@$(BIN)/python -m inference.demo
 
@@ -58,15 +61,17 @@ bench-quality: install
 # trains on the demo's shards and tokenizer (materialized first when missing)
 bench-train: install $(DAGSTER_HOME)/dagster.yaml
 	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
-		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer'
+		{ $(BIN)/python -m assets.drops add $(DROP) && \
+		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer' --partition $(DROP); }
 	$(BIN)/python bench/train.py
 
 # the data ablation (training.ablation) on the demo's data: raw vs curated vs curriculum, shared held-out set
 bench-ablation: install $(DAGSTER_HOME)/dagster.yaml
 	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
-		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer'
+		{ $(BIN)/python -m assets.drops add $(DROP) && \
+		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer' --partition $(DROP); }
 	mkdir -p bench/results
-	echo '{"clean_documents": "$(FRUGAL_DATA_DIR)/clean_documents/documents.parquet", "curriculum_shards": "$(FRUGAL_DATA_DIR)/curriculum_shards", "tokenizer_path": "$(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json", "near_duplicate_clusters": "$(FRUGAL_DATA_DIR)/near_dedup_documents/clusters.parquet", "out_dir": "bench/results/data_ablation"}' > bench/results/ablation.json
+	echo '{"clean_documents": "$(FRUGAL_DATA_DIR)/clean_documents/partitions/*/documents.parquet", "curriculum_shards": "$(FRUGAL_DATA_DIR)/curriculum_shards", "tokenizer_path": "$(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json", "near_duplicate_clusters": "$(FRUGAL_DATA_DIR)/near_dedup_documents/partitions/*/clusters.parquet", "out_dir": "bench/results/data_ablation"}' > bench/results/ablation.json
 	$(BIN)/python -m training.ablation --config bench/results/ablation.json
 
 # measures the models `make demo` trains (data/moe_model, data/draft_model)

@@ -19,6 +19,8 @@ from assets.quality import curriculum_shards
 from assets.resources import CurationPaths, WandbResource
 from assets.training import TRAINING_TAGS, tokenizer
 from model.tokenizer import TOKENIZER_FILE
+from pipelines.dedup_index import PARTITIONS_DIR
+from pipelines.near_dedup import CLUSTERS_FILE
 from training.ablation import PLOT_FILE, RUNS, TABLE_COLUMNS, AblationConfig, run_ablation, table_rows
 
 GROUP = "evaluation"
@@ -47,12 +49,12 @@ class AblationAssetConfig(dg.Config):
 def ablation_config(
     config: AblationAssetConfig, paths: CurationPaths, wandb: WandbResource, run_id: str
 ) -> AblationConfig:
-    clusters = paths.stage_dir("near_dedup_documents") / "clusters.parquet"
+    drops = paths.stage_dir("near_dedup_documents") / PARTITIONS_DIR
     return AblationConfig(
-        clean_documents=str(paths.stage_dir("clean_documents") / "documents.parquet"),
+        clean_documents=str(paths.stage_dir("clean_documents") / PARTITIONS_DIR / "*" / "documents.parquet"),
         curriculum_shards=str(paths.stage_dir("curriculum_shards")),
         tokenizer_path=str(paths.stage_dir("tokenizer") / TOKENIZER_FILE),
-        near_duplicate_clusters=str(clusters) if clusters.exists() else None,
+        near_duplicate_clusters=str(drops / "*" / CLUSTERS_FILE) if any(drops.glob(f"*/{CLUSTERS_FILE}")) else None,
         out_dir=str(paths.stage_dir("data_ablation")),
         wandb_project=wandb.project,
         wandb_mode=wandb._mode(),

@@ -1,13 +1,14 @@
 """Asset checks over the real outputs: schemas, unique ids, the near-duplicate rate, the ledger."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from assets.curation import near_dedup_documents
-from assets.ledger import CURATION_STAGES, document_ledger
+from assets.ledger import CURATION_ASSETS, CURATION_STAGES, balance_rows, document_ledger
 from assets.metadata import md_table, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths
@@ -30,21 +31,30 @@ SCHEMAS = {
     "curriculum_shards": {"shard-*.parquet": SHARD_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
     "document_ledger": {LEDGER_FILE: LEDGER_SCHEMA},
 }
+PARTITIONED = {a.key.to_user_string() for a in CURATION_ASSETS if a.partitions_def is not None}
 DOCUMENT_ASSETS = ("raw_documents", "clean_documents", "near_dedup_documents", "filtered_documents", "scored_documents")
+
+
+def output_dir(context: dg.AssetCheckExecutionContext, paths: CurationPaths, asset_name: str) -> Path:
+    """The folder a check reads: the checked drop's, for a partitioned asset."""
+    if asset_name in PARTITIONED:
+        return paths.partition_dir(asset_name, context.op_execution_context.partition_key)
+    return paths.stage_dir(asset_name)
 
 
 def _schema_check(asset_name: str, files: dict) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset_name, name="parquet_schema", description="Every file has the contract's schema.")
-    def check(paths: CurationPaths) -> dg.AssetCheckResult:
+    def check(context: dg.AssetCheckExecutionContext, paths: CurationPaths) -> dg.AssetCheckResult:
         problems = []
         checked = []
+        folder = output_dir(context, paths, asset_name)
         for pattern, expected in files.items():
-            for path in sorted(paths.stage_dir(asset_name).glob(pattern)):
+            for path in sorted(folder.glob(pattern)):
                 checked.append(path.name)
                 actual = pq.read_schema(path)
                 if not actual.remove_metadata().equals(expected, check_metadata=False):
                     problems.append((path.name, str(expected).replace("\n", "; "), str(actual).replace("\n", "; ")))
-            if not any(p.match(pattern) for p in paths.stage_dir(asset_name).iterdir()):
+            if not any(p.match(pattern) for p in folder.iterdir()):
                 problems.append((pattern, "a file", "missing"))
         return dg.AssetCheckResult(
             passed=not problems,
@@ -59,8 +69,8 @@ def _schema_check(asset_name: str, files: dict) -> dg.AssetChecksDefinition:
 
 def _unique_ids_check(asset_name: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset_name, name="unique_ids", description="No two documents share an id.")
-    def check(paths: CurationPaths) -> dg.AssetCheckResult:
-        ids = pq.read_table(paths.stage_dir(asset_name) / DOCUMENTS_FILE, columns=["id"])["id"]
+    def check(context: dg.AssetCheckExecutionContext, paths: CurationPaths) -> dg.AssetCheckResult:
+        ids = pq.read_table(output_dir(context, paths, asset_name) / DOCUMENTS_FILE, columns=["id"])["id"]
         counts = pc.value_counts(ids)
         repeated = [(c["values"], c["counts"]) for c in counts.to_pylist() if c["counts"] > 1][:10]
         return dg.AssetCheckResult(
@@ -82,8 +92,11 @@ class NearDuplicateRateBounds(dg.Config):
 
 
 @dg.asset_check(asset=near_dedup_documents, description="The share of near-duplicates lies within bounds.")
-def near_duplicate_rate_in_bounds(config: NearDuplicateRateBounds, paths: CurationPaths) -> dg.AssetCheckResult:
-    clusters = pq.read_table(paths.stage_dir("near_dedup_documents") / CLUSTERS_FILE, columns=["kept"])
+def near_duplicate_rate_in_bounds(
+    context: dg.AssetCheckExecutionContext, config: NearDuplicateRateBounds, paths: CurationPaths
+) -> dg.AssetCheckResult:
+    folder = output_dir(context, paths, "near_dedup_documents")
+    clusters = pq.read_table(folder / CLUSTERS_FILE, columns=["kept"])
     n = clusters.num_rows
     rate = 0.0 if n == 0 else 1.0 - pc.sum(clusters["kept"]).as_py() / n
     return dg.AssetCheckResult(
@@ -92,28 +105,32 @@ def near_duplicate_rate_in_bounds(config: NearDuplicateRateBounds, paths: Curati
     )
 
 
-@dg.asset_check(asset=document_ledger, description="Per stage and overall: input = kept + dropped.")
+@dg.asset_check(asset=document_ledger, description="Per stage, per drop and overall: input = kept + dropped.")
 def ledger_balances(paths: CurationPaths) -> dg.AssetCheckResult:
-    """Each stage's rows cover its input exactly (one row per document, kept or dropped, ids unique
-    per stage), and each stage's input is the previous stage's kept set."""
+    """Each stage's rows cover its input exactly (one row per document of a drop, kept or dropped), and each
+    stage's input is the previous stage's kept set; per drop and overall, input = kept at the end + dropped."""
     ledger = pq.read_table(paths.stage_dir("document_ledger") / LEDGER_FILE)
     rows, problems = [], []
     previous_kept = None
     for stage in CURATION_STAGES:
         part = ledger.filter(pc.equal(ledger["stage"], stage))
         outcome = part["outcome"]
-        kept_ids = set(part.filter(pc.equal(outcome, "kept"))["id"].to_pylist())
-        n_kept = len(kept_ids)
+        keys = list(zip(part["partition"].to_pylist(), part["id"].to_pylist()))
+        kept_keys = {k for k, o in zip(keys, outcome.to_pylist()) if o == "kept"}
+        n_kept = len(kept_keys)
         n_dropped = pc.sum(pc.equal(outcome, "dropped")).as_py() or 0
         n_other = part.num_rows - n_kept - n_dropped
-        if len(set(part["id"].to_pylist())) != part.num_rows:
-            problems.append(f"{stage}: a document has more than one ledger row")
+        if len(set(keys)) != part.num_rows:
+            problems.append(f"{stage}: a document has more than one ledger row in its drop")
         if n_other:
             problems.append(f"{stage}: {n_other} rows neither kept nor dropped")
-        if previous_kept is not None and set(part["id"].to_pylist()) != previous_kept:
+        if previous_kept is not None and set(keys) != previous_kept:
             problems.append(f"{stage}: its input is not the previous stage's kept documents")
         rows.append((stage, part.num_rows, n_kept, n_dropped, part.num_rows == n_kept + n_dropped))
-        previous_kept = kept_ids
+        previous_kept = kept_keys
+    by_drop = balance_rows(ledger, "partition")
+    problems += [f"drop {d}: {n_in} input != {kept} kept + {dropped} dropped"
+                 for d, n_in, kept, dropped in by_drop if n_in != kept + dropped]  # fmt: skip
     n_input = rows[0][1]
     n_final = rows[-1][2]
     n_dropped_all = sum(r[3] for r in rows)
@@ -123,6 +140,7 @@ def ledger_balances(paths: CurationPaths) -> dg.AssetCheckResult:
         passed=not problems,
         metadata={
             "stages": dg.MetadataValue.md(md_table(("stage", "in", "kept", "dropped", "balances"), rows)),
+            "drops": dg.MetadataValue.md(md_table(("drop", "input", "kept at the end", "dropped"), by_drop)),
             "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none"),
             "n_input": n_input,
             "n_final": n_final,
@@ -184,8 +202,11 @@ def _drop_share_check(asset_name: str) -> dg.AssetChecksDefinition:
         name="drop_share_below_limit",
         description="Warns when the stage drops more than max_drop_share of its input, naming the top reasons.",
     )
-    def check(config: DropShareLimit, paths: CurationPaths) -> dg.AssetCheckResult:
-        ledger = pq.read_table(paths.stage_dir(asset_name) / LEDGER_FILE, columns=["id", "outcome", "reason"])
+    def check(
+        context: dg.AssetCheckExecutionContext, config: DropShareLimit, paths: CurationPaths
+    ) -> dg.AssetCheckResult:
+        folder = output_dir(context, paths, asset_name)
+        ledger = pq.read_table(folder / LEDGER_FILE, columns=["id", "outcome", "reason"])
         dropped = ledger.filter(pc.equal(ledger["outcome"], "dropped"))
         share = dropped.num_rows / ledger.num_rows if ledger.num_rows else 0.0
         by_reason: dict[str, list[str]] = {}

@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from assets.drops import DROPS, SAMPLE_DROP, DropLocation
 from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, stage_metadata
 from assets.resources import CurationPaths, WandbResource
 from pipelines.clean import CleanConfig, clean
@@ -15,6 +16,7 @@ from pipelines.readers import ReaderConfig
 from pipelines.stage import DOCUMENTS_FILE, StageStats
 
 GROUP = "curation"
+OWNER = "team:data"
 
 
 class RawDocumentsConfig(dg.Config):
@@ -78,54 +80,90 @@ def finish_stage_asset(
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"})
+def curation_asset(
+    name: str, partitions_def=DROPS, automation=True, deps=(), kinds=("parquet",), **kwargs
+) -> dg.AssetsDefinition:
+    """The decorator of a curation asset: one partition per input drop, owned by the data team, and (automation)
+    materialized by Dagster's automation once the stage before it has the drop (`assets.sensors`)."""
+    return dg.asset(
+        name=name,
+        group_name=GROUP,
+        kinds=set(kinds),
+        partitions_def=partitions_def,
+        deps=list(deps),
+        owners=[OWNER],
+        tags={"stage": "curation"},
+        automation_condition=dg.AutomationCondition.eager() if automation else None,
+        **kwargs,
+    )
+
+
+def drop_input(paths: CurationPaths, asset_name: str, drop: str) -> list[str]:
+    """The documents a stage reads: the previous stage's output for the same drop."""
+    return [str(paths.partition_dir(asset_name, drop) / DOCUMENTS_FILE)]
+
+
+@curation_asset("raw_documents", automation=False)
 def raw_documents(
-    context: dg.AssetExecutionContext, config: RawDocumentsConfig, paths: CurationPaths, wandb: WandbResource
+    context: dg.AssetExecutionContext,
+    config: RawDocumentsConfig,
+    paths: CurationPaths,
+    wandb: WandbResource,
+    drops: DropLocation,
 ) -> dg.MaterializeResult:
-    """Every input record as a document (id, text, source, metadata); malformed, empty and oversize
-    records are ledgered, never silently lost."""
-    out_dir = paths.stage_dir("raw_documents")
+    """Every input record of the drop as a document (id, text, source, metadata); malformed, empty and oversize
+    records are ledgered, never silently lost. A drop's input is its file or folder in the drop location; the
+    `sample` drop is the embedded sample corpus; `inputs` in the run config overrides both."""
+    drop = context.partition_key
+    out_dir = paths.partition_dir("raw_documents", drop)
     inputs = list(config.inputs)
-    if not inputs:
+    if not inputs and drop == SAMPLE_DROP:
         from pipelines.sample_corpus import SampleCorpusConfig, build_sample_corpus
 
         sample = Path(paths.data_dir) / "sample_corpus" / "corpus.jsonl.gz"
-        context.log.info(f"no inputs configured: building the {config.sample_documents}-document sample corpus")
+        context.log.info(f"drop {SAMPLE_DROP}: building the {config.sample_documents}-document sample corpus")
         build_sample_corpus(sample, SampleCorpusConfig(n_documents=config.sample_documents, seed=config.sample_seed))
         inputs = [str(sample)]
+    elif not inputs:
+        inputs = [drops.drop_url(drop)]
     reader = ReaderConfig(text_key=config.text_key, id_key=config.id_key, max_chars=config.max_chars)
     stats = ingest(inputs, out_dir, reader, log=context.log)
     return finish_stage_asset(context, wandb, stats, out_dir, config, {"inputs": dg.MetadataValue.json(inputs)})
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[raw_documents])
+@curation_asset("clean_documents", deps=[raw_documents])
 def clean_documents(
     context: dg.AssetExecutionContext, config: CleanDocumentsConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
     """Unicode-repaired (ftfy), NFC-normalised text without control characters, e-mail addresses, public IPs
-    and phone numbers replaced by placeholders; exact duplicates of the clean text dropped (first kept)."""
-    out_dir = paths.stage_dir("clean_documents")
+    and phone numbers replaced by placeholders; exact duplicates of the clean text dropped (the first kept, in
+    this drop or in a drop indexed before it)."""
+    drop = context.partition_key
+    out_dir = paths.partition_dir("clean_documents", drop)
     stats = clean(
-        [str(paths.stage_dir("raw_documents") / DOCUMENTS_FILE)],
+        drop_input(paths, "raw_documents", drop),
         out_dir,
         CleanConfig(workers=config.workers, redact_pii=tuple(config.redact_pii)),
         log=context.log,
+        index_dir=paths.index_dir("clean_documents"),
+        partition=drop,
     )
     pii = {f"pii_redacted_{kind}": n for kind, n in stats.extra["pii_redacted"].items()}
     return finish_stage_asset(context, wandb, stats, out_dir, config, pii)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[clean_documents])
+@curation_asset("near_dedup_documents", deps=[clean_documents])
 def near_dedup_documents(
     context: dg.AssetExecutionContext, config: NearDedupDocumentsConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
     """One representative per MinHash-LSH near-duplicate cluster; every document keeps its cluster_id
-    (clusters.parquet)."""
-    out_dir = paths.stage_dir("near_dedup_documents")
+    (clusters.parquet). A drop is clustered with the drops indexed before it, and only its own documents are
+    hashed; a cluster that holds an earlier drop's documents keeps the one that drop kept."""
+    drop = context.partition_key
+    out_dir = paths.partition_dir("near_dedup_documents", drop)
     stage_config = NearDedupConfig(**config.model_dump())  # the fields share their names
-    stats = near_dedup(
-        [str(paths.stage_dir("clean_documents") / DOCUMENTS_FILE)], out_dir, stage_config, log=context.log
-    )
+    stats = near_dedup(drop_input(paths, "clean_documents", drop), out_dir, stage_config, log=context.log,
+                       index_dir=paths.index_dir("near_dedup_documents"), partition=drop)  # fmt: skip
     hist = stats.extra["cluster_size_histogram"]
     png = bar_chart_png(
         hist, out_dir / "cluster_sizes.png", "Near-duplicate cluster sizes", "documents in cluster", "clusters"

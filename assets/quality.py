@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from assets.curation import GROUP, finish_stage_asset, near_dedup_documents, raw_documents
+from assets.curation import curation_asset, drop_input, finish_stage_asset, near_dedup_documents, raw_documents
+from assets.drops import DROPS
 from assets.metadata import bar_chart_png, md_table, png_md, text_table
 from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
@@ -78,7 +79,7 @@ class CurriculumShardsConfig(dg.Config):
     seed: int = 0
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[near_dedup_documents])
+@curation_asset("filtered_documents", deps=[near_dedup_documents])
 def filtered_documents(
     context: dg.AssetExecutionContext, config: FilteredDocumentsConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
@@ -100,19 +101,19 @@ def filtered_documents(
         setattr(stage, name, {**getattr(stage, name), **kwargs})
     for name in config.disabled_filters:
         setattr(stage, name, None)
-    out_dir = paths.stage_dir("filtered_documents")
-    stats = filter_documents(
-        [str(paths.stage_dir("near_dedup_documents") / DOCUMENTS_FILE)], out_dir, stage, log=context.log
-    )
+    drop = context.partition_key
+    out_dir = paths.partition_dir("filtered_documents", drop)
+    stats = filter_documents(drop_input(paths, "near_dedup_documents", drop), out_dir, stage, log=context.log)
     if stats.n_kept == 0:
         raise ValueError(
-            f"filtered_documents: the filters dropped all {stats.n_in} documents ({stats.drop_reasons}); "
+            f"filtered_documents: the filters dropped all {stats.n_in} documents of drop {drop} "
+            f"({stats.drop_reasons}); "
             "nothing is left to score or shard: loosen the filters (languages, min_language_score, filter_overrides)"
         )
     return finish_stage_asset(context, wandb, stats, out_dir, config)
 
 
-@dg.asset(group_name=GROUP, kinds={"fasttext"}, deps=[raw_documents])
+@curation_asset("quality_classifier", partitions_def=None, automation=False, deps=[raw_documents], kinds=["fasttext"])
 def quality_classifier(
     context: dg.AssetExecutionContext, config: QualityClassifierConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
@@ -145,7 +146,9 @@ def quality_classifier(
             + md_table(columns, rows)
         )
     if config.positives:
-        raw = pq.read_table(paths.stage_dir("raw_documents") / DOCUMENTS_FILE, columns=["text"])["text"].to_pylist()
+        drops = context.instance.get_dynamic_partitions(DROPS.name)
+        raw = [t for f in paths.partition_files("raw_documents", DOCUMENTS_FILE, drops)
+               for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]  # fmt: skip
         share = resemblance(config.positives, raw)
         metadata["positives_in_corpus"] = share
         if share > 0.2:
@@ -159,7 +162,7 @@ def quality_classifier(
     return dg.MaterializeResult(metadata=metadata)
 
 
-def score_plots(out_dir: Path) -> tuple[Path, Path, dict[str, int]]:
+def score_plots(out_dir: Path, filtered: Path) -> tuple[Path, Path, dict[str, int]]:
     """A histogram of all scores and one of the scores per source (PNG files in out_dir)."""
     import matplotlib
 
@@ -173,7 +176,7 @@ def score_plots(out_dir: Path) -> tuple[Path, Path, dict[str, int]]:
     hist_png = bar_chart_png(histogram, out_dir / "score_histogram.png", "Quality scores", "quality_score", "documents")
 
     docs = pq.read_table(out_dir / SCORES_FILE)
-    inputs = pq.read_table(out_dir.parent / "filtered_documents" / DOCUMENTS_FILE, columns=["id", "source"])
+    inputs = pq.read_table(filtered, columns=["id", "source"])
     sources = dict(zip(inputs["id"].to_pylist(), inputs["source"].to_pylist()))
     by_source: dict[str, list[float]] = {}
     for doc_id, score in zip(docs["id"].to_pylist(), docs["quality_score"].to_pylist()):
@@ -192,23 +195,21 @@ def score_plots(out_dir: Path) -> tuple[Path, Path, dict[str, int]]:
     return hist_png, per_source_png, histogram
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[filtered_documents, quality_classifier])
+@curation_asset("scored_documents", deps=[filtered_documents, quality_classifier])
 def scored_documents(
     context: dg.AssetExecutionContext, config: ScoredDocumentsConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
     """Every filtered document with its quality_score (P(reference quality)); the best are kept."""
-    out_dir = paths.stage_dir("scored_documents")
+    drop = context.partition_key
+    out_dir = paths.partition_dir("scored_documents", drop)
     stage = ScoreConfig(
         mode=config.mode, threshold=config.threshold, top_fraction=config.top_fraction, workers=config.workers
     )
+    [filtered] = drop_input(paths, "filtered_documents", drop)
     stats = score_documents(
-        [str(paths.stage_dir("filtered_documents") / DOCUMENTS_FILE)],
-        out_dir,
-        paths.stage_dir("quality_classifier") / MODEL_FILE,
-        stage,
-        log=context.log,
+        [filtered], out_dir, paths.stage_dir("quality_classifier") / MODEL_FILE, stage, log=context.log
     )
-    hist_png, per_source_png, histogram = score_plots(out_dir)
+    hist_png, per_source_png, histogram = score_plots(out_dir, Path(filtered))
     extra = {
         "score_histogram": dg.MetadataValue.md(
             md_table(("quality_score", "documents"), list(histogram.items())) + "\n\n" + png_md(hist_png, "scores")
@@ -234,7 +235,7 @@ def bucket_examples(shard_dir: Path, n: int = 2, chars: int = 120) -> list[tuple
     return out
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, deps=[scored_documents])
+@curation_asset("curriculum_shards", partitions_def=None, deps=[scored_documents])
 def curriculum_shards(
     context: dg.AssetExecutionContext, config: CurriculumShardsConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
@@ -250,9 +251,12 @@ def curriculum_shards(
         row_group_rows=config.row_group_rows,
         seed=config.seed,
     )
-    stats = build_curriculum(
-        [str(paths.stage_dir("scored_documents") / DOCUMENTS_FILE)], out_dir, stage, log=context.log
-    )
+    drops = context.instance.get_dynamic_partitions(DROPS.name)
+    inputs = [str(f) for f in paths.partition_files("scored_documents", DOCUMENTS_FILE, drops)]
+    if not inputs:
+        raise ValueError(f"curriculum_shards: no drop of scored_documents is materialized (drops: {drops})")
+    context.log.info(f"curriculum_shards: the scored documents of {len(inputs)} drops")
+    stats = build_curriculum(inputs, out_dir, stage, log=context.log)
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     columns = (
         "bucket",

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from pipelines.dedup_index import INDEX_DIR, PARTITIONS_DIR
+
 
 class CurationPaths(dg.ConfigurableResource):
-    """The folder under which each curation asset writes its own sub-folder."""
+    """The folder under which each curation asset writes its own sub-folder. A partitioned asset writes one folder per
+    input drop, `<asset>/partitions/<drop>/`, beside the dedup index that its drops share, `<asset>/index/`."""
 
     data_dir: str = "data"
 
@@ -16,6 +19,19 @@ class CurationPaths(dg.ConfigurableResource):
         path = Path(self.data_dir) / asset_name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def partition_dir(self, asset_name: str, drop: str) -> Path:
+        path = self.stage_dir(asset_name) / PARTITIONS_DIR / drop
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def index_dir(self, asset_name: str) -> Path:
+        return self.stage_dir(asset_name) / INDEX_DIR
+
+    def partition_files(self, asset_name: str, file: str, drops: Sequence[str]) -> list[Path]:
+        """`file` of each of `drops` (in their order) that has been materialized."""
+        folder = Path(self.data_dir) / asset_name / PARTITIONS_DIR
+        return [folder / d / file for d in drops if (folder / d / file).exists()]
 
 
 class WandbResource(dg.ConfigurableResource):

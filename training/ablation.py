@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -96,13 +97,14 @@ PLOT_FILE = "heldout_loss.png"
 class AblationConfig:
     """The three runs, their shared budget and the held-out set."""
 
-    clean_documents: str = "data/clean_documents/documents.parquet"
-    """Raw documents after cleaning and exact dedup (input (a))."""
+    clean_documents: str = "data/clean_documents/partitions/*/documents.parquet"
+    """Raw documents after cleaning and exact dedup (input (a)): a file, or a glob over the drops' files."""
     curriculum_shards: str = "data/curriculum_shards"
     """Curated shards and manifest (inputs (b) and (c))."""
     tokenizer_path: str = "data/tokenizer/tokenizer.json"
-    near_duplicate_clusters: str | None = "data/near_dedup_documents/clusters.parquet"
-    """near_dedup_documents' clusters (id, cluster_id): raw near-copies of held-out documents are removed
+    near_duplicate_clusters: str | None = "data/near_dedup_documents/partitions/*/clusters.parquet"
+    """near_dedup_documents' clusters (id, cluster_id; a file or a glob): raw near-copies of held-out documents are
+    removed
     from (a) too. None = no near-dedup information (held-out documents are removed by id only)."""
     out_dir: str = "runs/data_ablation"
     """Inputs, run folders, results.json, results.md and the plot."""
@@ -162,7 +164,7 @@ class AblationConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds} must be a non-empty list of distinct seeds")
         for path in (self.clean_documents, self.tokenizer_path, self.near_duplicate_clusters):
-            if path is not None and not Path(path).exists():
+            if path is not None and not glob.glob(path):
                 raise ValueError(f"{path}: not found: materialize the curation assets and the tokenizer first")
         ShardReader(self.curriculum_shards)  # a missing manifest or empty shards, named
         self.train_config("raw", self.seeds[0], vocab_size=None).check()
@@ -231,9 +233,14 @@ def seeded_order(ids: list[str], seed: int) -> list[int]:
     return sorted(range(len(ids)), key=keys.__getitem__)
 
 
-def read_raw(path: str | Path) -> list[dict]:
+def read_files(pattern: str, columns: list[str]) -> pa.Table:
+    """The rows of every Parquet file `pattern` names (a path or a glob), in file name order."""
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in sorted(glob.glob(pattern))])
+
+
+def read_raw(pattern: str) -> list[dict]:
     """clean_documents rows: id, text, source."""
-    return pq.read_table(path, columns=["id", "text", "source"]).to_pylist()
+    return read_files(pattern, ["id", "text", "source"]).to_pylist()
 
 
 def read_curated(shard_dir: str | Path) -> list[dict]:
@@ -494,7 +501,7 @@ def run_ablation(config: AblationConfig, progress: Callable[[str], None] = print
     tokenizer = load_tokenizer(config.tokenizer_path)
     clusters = None
     if config.near_duplicate_clusters is not None:
-        table = pq.read_table(config.near_duplicate_clusters, columns=["id", "cluster_id"])
+        table = read_files(config.near_duplicate_clusters, ["id", "cluster_id"])
         clusters = dict(zip(table["id"].to_pylist(), table["cluster_id"].to_pylist()))
     raw, curated = read_raw(config.clean_documents), read_curated(config.curriculum_shards)
     inputs = split_inputs(raw, curated, config.heldout_fraction, config.data_seed, clusters)

@@ -23,11 +23,12 @@ TINY = {
 
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
-    """What clean_documents, curriculum_shards and tokenizer leave under the data folder."""
+    """What clean_documents (one drop), curriculum_shards and tokenizer leave under the data folder."""
     data = tmp_path / "data"
     raw = [{"id": f"r{i:03d}", "text": prose(i, 30 + i % 40), "source": "t", "metadata": "{}"} for i in range(200)]
-    (data / "clean_documents").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(raw), data / "clean_documents" / "documents.parquet")
+    drop = data / "clean_documents" / "partitions" / "sample"
+    drop.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(raw), drop / "documents.parquet")
     scored = [{"id": r["id"], "text": r["text"], "quality_score": (i % 10) / 10} for i, r in enumerate(raw) if i % 3]
     src = write_jsonl(tmp_path / "scored.jsonl", scored)
     build_curriculum([str(src)], data / "curriculum_shards", CurriculumConfig(target_shard_bytes=8000))

@@ -13,6 +13,7 @@ import pytest
 
 from assets.checks import CHECKS
 from assets.curation import clean_documents, near_dedup_documents, raw_documents
+from assets.drops import DROPS, DropLocation
 from assets.ledger import CURATION_ASSETS, CURATION_STAGES, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
@@ -41,16 +42,32 @@ def corpus(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "corpus.jsonl", rows)
 
 
-def materialize(tmp_path: Path, run_config: dict, assets=FIRST_HALF, raise_on_error=True) -> dg.ExecuteInProcessResult:
+DROP = "test"
+"""The drop (partition) the tests curate."""
+
+
+def materialize(
+    tmp_path: Path, run_config: dict, assets=FIRST_HALF, raise_on_error=True, drop=DROP, instance=None
+) -> dg.ExecuteInProcessResult:
+    """Materialize `assets` for input drop `drop` (added to `instance`, an ephemeral one by default)."""
+    instance = instance or dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DROPS.name, [drop])
     return dg.materialize(
         [*assets, *checks_for(assets)],
         raise_on_error=raise_on_error,
+        instance=instance,
+        partition_key=drop,
         resources={
             "paths": CurationPaths(data_dir=str(tmp_path / "data")),
             "wandb": WandbResource(mode="offline", dir=str(tmp_path)),
+            "drops": DropLocation(url=str(tmp_path / "drops")),
         },
         run_config=run_config,
     )
+
+
+def drop_dir(tmp_path: Path, asset: str, drop: str = DROP) -> Path:
+    return tmp_path / "data" / asset / "partitions" / drop
 
 
 def metadata_of(result: dg.ExecuteInProcessResult, asset: str) -> dict:
@@ -83,9 +100,9 @@ def test_first_half_materializes_and_passes_checks(tmp_path):
     assert len(checks) == len(checks_for(FIRST_HALF)) == 10
     assert all(c.passed for c in checks.values()), {k: c.metadata for k, c in checks.items() if not c.passed}
 
-    clean_ledger = pq.read_table(tmp_path / "data" / "clean_documents" / "ledger.parquet").to_pylist()
+    clean_ledger = pq.read_table(drop_dir(tmp_path, "clean_documents") / "ledger.parquet").to_pylist()
     assert {r["id"]: r["reason"] for r in clean_ledger}["copy"] == "exact_duplicate"
-    near_ledger = pq.read_table(tmp_path / "data" / "near_dedup_documents" / "ledger.parquet").to_pylist()
+    near_ledger = pq.read_table(drop_dir(tmp_path, "near_dedup_documents") / "ledger.parquet").to_pylist()
     assert {r["id"]: r["reason"] for r in near_ledger}["d4"].startswith("near_duplicate:")
 
     run_dir = Path(near["wandb_run"].value)
@@ -160,6 +177,7 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
             }
         },
         assets=ALL_ASSETS,
+        drop="sample",  # the drop of the embedded sample corpus
     )
     assert result.success
     checks = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}

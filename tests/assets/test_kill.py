@@ -77,12 +77,18 @@ class Workspace:
         }  # fmt: skip
         self.killed_runs: list[str] = []
 
-    def materialize(self, select: str, kill_when: Callable[[], bool] | None = None, timeout: float = 600) -> str:
-        """'completed', or 'killed' once kill_when() held and the whole process group got SIGKILL."""
+    def materialize(
+        self, select: str, kill_when: Callable[[], bool] | None = None, timeout: float = 600, drop: str | None = None
+    ) -> str:
+        """'completed', or 'killed' once kill_when() held and the whole process group got SIGKILL. drop: the input
+        drop, when `select` holds partitioned curation assets."""
         log = open(self.root / "materialize.log", "a")  # noqa: SIM115 (closed below, after the process ends)
+        if drop is not None:
+            subprocess.run([str(BIN / "python"), "-m", "assets.drops", "add", drop], cwd=ROOT, env=self.env,
+                           check=True, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         proc = subprocess.Popen(
             [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--select", select,
-             "--config-json", json.dumps(run_config(self.releases))],
+             "--config-json", json.dumps(run_config(self.releases)), *(["--partition", drop] if drop else [])],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -169,13 +175,13 @@ def curation_bytes(data: Path) -> dict[str, bytes]:
 
     out = {}
     for stage in CURATION_OUTPUTS:
-        for path in sorted((data / stage).glob("*")):
+        for path in sorted((data / stage).rglob("*")):  # the drops' folders and the dedup indexes too
             if path.suffix == ".png" or not path.is_file() or path.name.startswith("."):
                 continue
             content = path.read_bytes()
             if path.suffix == ".json":
                 content = json.dumps(untimed(json.loads(content)), sort_keys=True).encode()
-            out[f"{stage}/{path.name}"] = content
+            out[str(path.relative_to(data))] = content
     return out
 
 
@@ -184,14 +190,19 @@ def materialize_reference(ws: Workspace) -> dict[str, bytes]:
     paths, so the comparison needs the same folder): their output bytes. The folder is then emptied."""
     from assets.checks import CHECKS
     from assets.definitions import defs
+    from assets.drops import DROPS, SAMPLE_DROP
     from assets.resources import CurationPaths, WandbResource
 
     graph = defs.resolve_asset_graph()
     keys = {k for k in graph.get_all_asset_keys() if graph.get(k).group_name == "curation"} | {dg.AssetKey("tokenizer")}
     assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.key in keys]
     config = {"ops": {k: v for k, v in run_config(ws.releases)["ops"].items() if dg.AssetKey(k) in keys}}
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(DROPS.name, [SAMPLE_DROP])
     result = dg.materialize(
         assets,
+        instance=instance,
+        partition_key=SAMPLE_DROP,
         resources={"paths": CurationPaths(data_dir=str(ws.data)), "wandb": WandbResource(mode="disabled")},
         run_config=config,
     )
@@ -222,7 +233,7 @@ def test_kill_9_at_any_stage_loses_nothing(tmp_path):
     def packaging_mid_release() -> bool:  # the wheel is being built, or the package folder assembled
         return (data / "inference_package" / "wheel-src").exists() or bool(temps(ws.releases))
 
-    assert ws.materialize(graph, curation_running) == "killed"
+    assert ws.materialize(graph, curation_running, drop="sample") == "killed"
     checked = assert_no_partial_files(data)
     # Dagster's run monitoring (the daemon of `dagster dev`) runs beside the rest and marks each killed run failed
     daemon = subprocess.Popen(
@@ -230,7 +241,7 @@ def test_kill_9_at_any_stage_loses_nothing(tmp_path):
         cwd=ROOT, env=ws.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        assert ws.materialize(f"key:scored_documents+ and {graph}", moe_after_a_checkpoint) == "killed"
+        assert ws.materialize(f"key:scored_documents+ and {graph}", moe_after_a_checkpoint, drop="sample") == "killed"
         checked += assert_no_partial_files(data)
         # curation outputs are byte-identical to an uninterrupted run's
         faulted = curation_bytes(data)

@@ -112,9 +112,10 @@ def test_document_markup_in_metadata_loads_nothing_in_the_browser(tmp_path, beac
     src = write_jsonl(tmp_path / "crawl.jsonl", rows)
     env = dagster_env(tmp_path)
     run_config = {"ops": {"raw_documents": {"config": {"inputs": [str(src)]}}}}
+    subprocess.run([str(BIN / "python"), "-m", "assets.drops", "add", "crawl"], cwd=ROOT, env=env, check=True)
     materialize = subprocess.run(
         [str(BIN / "dagster"), "asset", "materialize", "-m", "assets.definitions", "--select", "raw_documents",
-         "--config-json", json.dumps(run_config)],
+         "--partition", "crawl", "--config-json", json.dumps(run_config)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert materialize.returncode == 0, materialize.stderr[-3000:]
