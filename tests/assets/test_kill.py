@@ -190,7 +190,7 @@ def materialize_reference(ws: Workspace) -> dict[str, bytes]:
     paths, so the comparison needs the same folder): their output bytes. The folder is then emptied."""
     from assets.checks import CHECKS
     from assets.definitions import defs
-    from assets.drops import DROPS, SAMPLE_DROP
+    from assets.drops import DROPS, SAMPLE_DROP, DropLocation
     from assets.resources import CurationPaths, WandbResource
 
     graph = defs.resolve_asset_graph()
@@ -203,7 +203,8 @@ def materialize_reference(ws: Workspace) -> dict[str, bytes]:
         assets,
         instance=instance,
         partition_key=SAMPLE_DROP,
-        resources={"paths": CurationPaths(data_dir=str(ws.data)), "wandb": WandbResource(mode="disabled")},
+        resources={"paths": CurationPaths(data_dir=str(ws.data)), "wandb": WandbResource(mode="disabled"),
+                   "drops": DropLocation(data_dir=str(ws.data))},  # fmt: skip
         run_config=config,
     )
     assert result.success and len(CHECKS) > 0

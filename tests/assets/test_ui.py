@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,3 +148,76 @@ def test_document_markup_in_metadata_loads_nothing_in_the_browser(tmp_path, beac
     assert beacon.paths == [], f"the browser fetched {beacon.paths} from a document's markup"
     assert beacon_images == [] and dialogs == []
     assert shown >= 1, "the preview shows the document's markup as literal text"
+
+
+def test_the_ui_lists_the_graph_launches_a_drop_and_shows_its_plots(tmp_path):
+    """`dagster dev` (webserver and daemon) on 127.0.0.1: the asset catalog lists every asset of the project;
+    raw_documents launched from its page materializes the chosen drop; the automation carries the drop through
+    near_dedup_documents, whose page then shows its cluster-size plot."""
+    from playwright.sync_api import sync_playwright
+
+    from assets.definitions import defs
+
+    env = dagster_env(tmp_path)
+    env["FRUGAL_DROPS_URL"] = str(tmp_path / "drops")
+    (tmp_path / "drops").mkdir()
+    rows = [{"id": f"d{i}", "text": prose(i, 120)} for i in range(20)]
+    rows += [{"id": "d3-copy", "text": prose(3, 120) + " read more"}]  # a near-duplicate: a cluster of two
+    write_jsonl(tmp_path / "drops" / "crawl-1.jsonl", rows)
+    # the drop is known before the daemon starts, so its sensor leaves it to the UI
+    subprocess.run([str(BIN / "python"), "-m", "assets.drops", "add", "crawl-1.jsonl"], cwd=ROOT, env=env, check=True)
+    port = free_port()
+    log = open(tmp_path / "dagster-dev.log", "w")  # noqa: SIM115 (closed after the process ends)
+    dev = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-m", "assets.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        wait_for(f"http://127.0.0.1:{port}/server_info", dev, timeout=180)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/assets", wait_until="networkidle")
+            page.get_by_text("raw_documents", exact=True).first.wait_for(timeout=90_000)
+            page.screenshot(path=str(shots / "catalog.png"), full_page=True)
+            keys = [k.to_user_string() for k in defs.resolve_all_asset_keys()]
+            listed = [k for k in keys if page.get_by_text(k, exact=True).count()]
+            assert sorted(listed) == sorted(keys) and len(keys) == 16
+
+            page.goto(f"http://127.0.0.1:{port}/assets/raw_documents", wait_until="networkidle")
+            page.get_by_role("button", name="Materialize", exact=True).first.click()
+            page.get_by_text("crawl-1.jsonl").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(shots / "launch_dialog.png"), full_page=True)
+            page.get_by_role("button", name=re.compile(r"^Launch 1 run")).click()
+            wait_materialized(env, "raw_documents", "crawl-1.jsonl", dev, timeout=240)
+            # no one launches the next stages: the automation condition sensor does
+            wait_materialized(env, "near_dedup_documents", "crawl-1.jsonl", dev, timeout=300)
+
+            page.goto(f"http://127.0.0.1:{port}/assets/near_dedup_documents?partition=crawl-1.jsonl",
+                      wait_until="networkidle")  # fmt: skip
+            page.get_by_text("cluster_size_histogram").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(shots / "near_dedup_documents.png"), full_page=True)
+            plots = page.eval_on_selector_all("img", "els => els.filter(e => e.src.startsWith('data:image/png'))"
+                                              ".map(e => e.naturalWidth)")  # fmt: skip
+            browser.close()
+    finally:
+        os.killpg(dev.pid, signal.SIGTERM)
+        dev.wait(timeout=60)
+        log.close()
+    assert plots and all(w > 100 for w in plots), "the asset page shows its plot, not only behind a dialog"
+    assert (tmp_path / "data" / "near_dedup_documents" / "partitions" / "crawl-1.jsonl" / "clusters.parquet").exists()
+
+
+def wait_materialized(env: dict, asset: str, partition: str, proc: subprocess.Popen, timeout: float) -> None:
+    import dagster as dg
+
+    deadline = time.monotonic() + timeout
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"dagster dev exited with {proc.returncode}"
+            if partition in instance.get_materialized_partitions(dg.AssetKey(asset)):
+                return
+            time.sleep(1)
+    raise AssertionError(f"{asset} [{partition}] was not materialized within {timeout} s")
