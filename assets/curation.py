@@ -5,13 +5,13 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from assets.config import stage_config, to_stage
 from assets.drops import DROPS, SAMPLE_DROP, DropLocation
 from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, stage_metadata
 from assets.resources import CurationPaths, WandbResource
 from pipelines.clean import CleanConfig, clean
 from pipelines.ingest import ingest
 from pipelines.near_dedup import CLUSTERS_FILE, NearDedupConfig, near_dedup
-from pipelines.pii import KINDS as PII_KINDS
 from pipelines.readers import ReaderConfig
 from pipelines.stage import DOCUMENTS_FILE, StageStats
 
@@ -19,40 +19,18 @@ GROUP = "curation"
 OWNER = "team:data"
 
 
-class RawDocumentsConfig(dg.Config):
-    """Inputs of the corpus; with none, the embedded sample corpus is built and used."""
-
-    inputs: list[str] = Field(default_factory=list)
-    """JSONL (.gz/.zst), Parquet or WARC files, folders, globs or fsspec URLs."""
-    sample_documents: int = 3000
-    """Size of the embedded sample corpus when `inputs` is empty (it scales to 100,000 and more)."""
-    sample_seed: int = 0
-    """Seed of the sample corpus's synthetic documents."""
-    max_chars: int = 1_000_000
-    """Documents longer than this are dropped as `oversize`."""
-    text_key: str = "text"
-    id_key: str = "id"
-
-
-class CleanDocumentsConfig(dg.Config):
-    workers: int = 2
-    """Processes normalising text."""
-    redact_pii: list[str] = Field(default_factory=lambda: list(PII_KINDS))
-    """PII kinds replaced by placeholders: email, ip (public addresses), phone; [] switches redaction off."""
-
-
-class NearDedupDocumentsConfig(dg.Config):
-    """See pipelines.near_dedup.NearDedupConfig: the fields have the same names and meaning."""
-
-    threshold: float = 0.8
-    """Jaccard similarity of word n-gram sets above which documents are near-duplicates."""
-    n_gram: int = 5
-    num_perm: int = 128
-    bands: int | None = None
-    """LSH bands (with rows); unset derives them from the threshold."""
-    rows: int | None = None
-    seed: int = 1
-    workers: int = 2
+RawDocumentsConfig = stage_config(
+    ReaderConfig,
+    "RawDocumentsConfig",
+    doc="How a drop's records become documents; `inputs` overrides the drop's own files.",
+    inputs=(list[str], Field(default_factory=list, description="JSONL (.gz/.zst), Parquet or WARC files, folders, "
+                             "globs or fsspec URLs to read instead of the drop's own file or folder.")),
+    sample_documents=(int, Field(default=3000, description="Size of the embedded sample corpus of the `sample` "
+                                 "drop (it scales to 100,000 and more).")),
+    sample_seed=(int, Field(default=0, description="Seed of the sample corpus's synthetic documents.")),
+)  # fmt: skip
+CleanDocumentsConfig = stage_config(CleanConfig, "CleanDocumentsConfig")
+NearDedupDocumentsConfig = stage_config(NearDedupConfig, "NearDedupDocumentsConfig")
 
 
 def finish_stage_asset(
@@ -126,8 +104,7 @@ def raw_documents(
         inputs = [str(sample)]
     elif not inputs:
         inputs = [drops.drop_url(drop)]
-    reader = ReaderConfig(text_key=config.text_key, id_key=config.id_key, max_chars=config.max_chars)
-    stats = ingest(inputs, out_dir, reader, log=context.log)
+    stats = ingest(inputs, out_dir, to_stage(config, ReaderConfig), log=context.log)
     return finish_stage_asset(context, wandb, stats, out_dir, config, {"inputs": dg.MetadataValue.json(inputs)})
 
 
@@ -143,7 +120,7 @@ def clean_documents(
     stats = clean(
         drop_input(paths, "raw_documents", drop),
         out_dir,
-        CleanConfig(workers=config.workers, redact_pii=tuple(config.redact_pii)),
+        to_stage(config, CleanConfig),
         log=context.log,
         index_dir=paths.index_dir("clean_documents"),
         partition=drop,
@@ -161,9 +138,8 @@ def near_dedup_documents(
     hashed; a cluster that holds an earlier drop's documents keeps the one that drop kept."""
     drop = context.partition_key
     out_dir = paths.partition_dir("near_dedup_documents", drop)
-    stage_config = NearDedupConfig(**config.model_dump())  # the fields share their names
-    stats = near_dedup(drop_input(paths, "clean_documents", drop), out_dir, stage_config, log=context.log,
-                       index_dir=paths.index_dir("near_dedup_documents"), partition=drop)  # fmt: skip
+    stats = near_dedup(drop_input(paths, "clean_documents", drop), out_dir, to_stage(config, NearDedupConfig),
+                       log=context.log, index_dir=paths.index_dir("near_dedup_documents"), partition=drop)  # fmt: skip
     hist = stats.extra["cluster_size_histogram"]
     png = bar_chart_png(
         hist, out_dir / "cluster_sizes.png", "Near-duplicate cluster sizes", "documents in cluster", "clusters"

@@ -3,12 +3,14 @@
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from assets.config import stage_config, to_stage
 from assets.curation import curation_asset, drop_input, finish_stage_asset, near_dedup_documents, raw_documents
 from assets.drops import DROPS
 from assets.metadata import bar_chart_png, md_table, png_md, text_table
@@ -16,67 +18,40 @@ from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
 from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
 from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
-from pipelines.quality import KEEP_THRESHOLD, MODEL_FILE, QualityModelConfig, resemblance, train_quality_classifier
+from pipelines.quality import MODEL_FILE, QualityModelConfig, resemblance, train_quality_classifier
 from pipelines.quality_score import SCORES_FILE, ScoreConfig, score_documents
 from pipelines.reference import DOMAINS, ReferenceConfig
 from pipelines.stage import DOCUMENTS_FILE
 
-
-class FilteredDocumentsConfig(dg.Config):
-    languages: list[str] = Field(default_factory=lambda: ["en"])
-    """lid.176 language codes to keep."""
-    min_language_score: float = 0.65
-    """Minimum language score of a document in a wanted language (below it: `language_score:<lang><threshold>`)."""
-    language_by: str = "paragraphs"
-    """paragraphs (each paragraph votes, weighted by its letters) or document (lid.176 on the whole text)."""
-    decontaminate: list[str] = Field(default_factory=list)
-    """Evaluation files (JSONL or text): documents sharing a 13-word passage with one are dropped as
-    `contaminated:<file name>`."""
-    disabled_filters: list[str] = Field(default_factory=list)
-    """Heuristic filters to switch off: gopher_repetition, gopher_quality, c4, fineweb."""
-    filter_overrides: str = "{}"
-    """JSON: per filter, keyword arguments of its datatrove class, e.g. {"gopher_quality": {"min_doc_words": 20}}."""
-    workers: int = 2
+FilteredDocumentsConfig = stage_config(
+    FilterConfig,
+    "FilteredDocumentsConfig",
+    exclude=(*FILTER_NAMES, "lid_model"),  # the filters' own settings: filter_overrides; lid.176 ships with the project
+    disabled_filters=(list[str], Field(default_factory=list, description="Heuristic filters to switch off: "
+                                       + ", ".join(FILTER_NAMES) + ".")),
+    filter_overrides=(dict[str, dict[str, Any]], Field(default_factory=dict, description="Per filter, keyword "
+                      "arguments of its datatrove class over the project's defaults, e.g. "
+                      "{gopher_quality: {min_doc_words: 20}}.")),
+)  # fmt: skip
 
 
-class QualityClassifierConfig(dg.Config):
-    positives: list[str] = Field(default_factory=list)
-    """Reference (high-quality) document files; empty uses the reference domains (pipelines.reference)."""
-    negatives: list[str] = Field(default_factory=list)
-    """Extra negative files, e.g. a sample of a general crawl; junk made from the positives is always used.
-    Never the corpus being curated: the classifier would learn "not this corpus"."""
-    reference_domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
-    """The reference domains to use when no positives are given (those this machine lacks are left out)."""
-    max_per_domain: int = 400
-    """Reference documents per domain (a seeded sample)."""
-    measure_transfer: bool = True
-    """Measure leave-one-domain-out transfer (one more fastText model per domain)."""
-    max_negatives: int = 20_000
-    epoch: int = 25
-    lr: float = 0.5
-    dim: int = 16
-    max_chars: int = 1000
-    seed: int = 0
+QualityClassifierConfig = stage_config(
+    QualityModelConfig,
+    "QualityClassifierConfig",
+    positives=(list[str], Field(default_factory=list, description="Reference (high-quality) document files; "
+               "empty uses the reference domains (pipelines.reference).")),
+    negatives=(list[str], Field(default_factory=list, description="Extra negative files, e.g. a sample of a "
+               "general crawl; junk made from the positives is always used. Never the corpus being curated: the "
+               'classifier would learn "not this corpus".')),
+    reference_domains=(list[str], Field(default_factory=lambda: list(DOMAINS), description="The reference "
+                       "domains to use when no positives are given (those this machine lacks are left out).")),
+    max_per_domain=(int, Field(default=ReferenceConfig().max_per_domain, description="Reference documents per "
+                    "domain (a seeded sample).")),
+)  # fmt: skip
 
 
-class ScoredDocumentsConfig(dg.Config):
-    mode: str = "threshold"
-    """threshold (keep quality_score >= threshold) or top_fraction."""
-    threshold: float = KEEP_THRESHOLD
-    top_fraction: float = 0.8
-    workers: int = 2
-
-
-class CurriculumShardsConfig(dg.Config):
-    n_quality_tiers: int = 3
-    n_difficulty_tiers: int = 2
-    difficulty: str = "compression_ratio"
-    """compression_ratio, word_entropy or readability."""
-    order: str = "easy_to_hard"
-    """easy_to_hard or quality_annealing."""
-    target_shard_mb: float = 32.0
-    row_group_rows: int = 1024
-    seed: int = 0
+ScoredDocumentsConfig = stage_config(ScoreConfig, "ScoredDocumentsConfig")
+CurriculumShardsConfig = stage_config(CurriculumConfig, "CurriculumShardsConfig")
 
 
 @curation_asset("filtered_documents", deps=[near_dedup_documents])
@@ -88,14 +63,8 @@ def filtered_documents(
     unknown = set(config.disabled_filters) - set(FILTER_NAMES)
     if unknown:
         raise ValueError(f"disabled_filters: unknown filters {sorted(unknown)}; known: {list(FILTER_NAMES)}")
-    stage = FilterConfig(
-        languages=tuple(config.languages),
-        min_language_score=config.min_language_score,
-        language_by=config.language_by,
-        decontaminate=tuple(config.decontaminate),
-        workers=config.workers,
-    )
-    for name, kwargs in json.loads(config.filter_overrides).items():
+    stage = to_stage(config, FilterConfig)
+    for name, kwargs in config.filter_overrides.items():
         if name not in FILTER_NAMES:
             raise ValueError(f"filter_overrides: unknown filter {name!r}; known: {list(FILTER_NAMES)}")
         setattr(stage, name, {**getattr(stage, name), **kwargs})
@@ -123,8 +92,7 @@ def quality_classifier(
     out_dir = paths.stage_dir("quality_classifier")
     reference = ReferenceConfig(domains=tuple(config.reference_domains), max_per_domain=config.max_per_domain,
                                 seed=config.seed)  # fmt: skip
-    fields = config.model_dump(exclude={"positives", "negatives", "reference_domains", "max_per_domain"})
-    model_config = QualityModelConfig(**fields, reference=reference)
+    model_config = to_stage(config, QualityModelConfig, reference=reference)
     metrics = train_quality_classifier(
         list(config.negatives), out_dir, list(config.positives) or None, model_config, log=context.log
     )
@@ -202,9 +170,7 @@ def scored_documents(
     """Every filtered document with its quality_score (P(reference quality)); the best are kept."""
     drop = context.partition_key
     out_dir = paths.partition_dir("scored_documents", drop)
-    stage = ScoreConfig(
-        mode=config.mode, threshold=config.threshold, top_fraction=config.top_fraction, workers=config.workers
-    )
+    stage = to_stage(config, ScoreConfig)
     [filtered] = drop_input(paths, "filtered_documents", drop)
     stats = score_documents(
         [filtered], out_dir, paths.stage_dir("quality_classifier") / MODEL_FILE, stage, log=context.log
@@ -242,15 +208,7 @@ def curriculum_shards(
     """Scored documents bucketed by quality tier x difficulty tier, written in curriculum order as zstd
     Parquet shards with manifest.json (rows, bytes, sha256 per shard, bucket counts, config, code version)."""
     out_dir = paths.stage_dir("curriculum_shards")
-    stage = CurriculumConfig(
-        n_quality_tiers=config.n_quality_tiers,
-        n_difficulty_tiers=config.n_difficulty_tiers,
-        difficulty=config.difficulty,
-        order=config.order,
-        target_shard_bytes=int(config.target_shard_mb * 2**20),
-        row_group_rows=config.row_group_rows,
-        seed=config.seed,
-    )
+    stage = to_stage(config, CurriculumConfig)
     drops = context.instance.get_dynamic_partitions(DROPS.name)
     inputs = [str(f) for f in paths.partition_files("scored_documents", DOCUMENTS_FILE, drops)]
     if not inputs:

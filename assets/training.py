@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
+from assets.config import stage_config
 from assets.metadata import md_table, png_md, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths, WandbResource
 from model.tokenizer import TOKENIZER_FILE, TokenizerConfig, iter_texts, load_tokenizer, shard_paths, train_tokenizer
-from training.config import TrainConfig
+from training.config import PRESETS, TrainConfig
 from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_run_dir, rank_log_tails
 
 GROUP = "training"
@@ -76,33 +78,28 @@ def tokenizer_round_trips(paths: CurationPaths) -> dg.AssetCheckResult:
     )
 
 
-class TrainAssetConfig(dg.Config):
-    """A training run (the main knobs of training.config.TrainConfig; the rest keep their defaults)."""
+TRAIN_FIELDS = ("max_steps", "lr", "warmup_steps", "world_size", "ep_size", "zero_stage", "precision",
+                "checkpoint_every", "eval_every", "price_per_device_hour", "seed")  # fmt: skip
+"""The fields of training.config.TrainConfig that a training asset's run config sets (the rest keep their defaults)."""
 
-    preset: str = "small_cpu"
-    """Model preset: debug_tiny, small_cpu or moe_1b."""
-    max_steps: int = 300
-    batch_size: int = 8
-    """Global batch (sequences per step over all ranks)."""
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    world_size: int = 1
-    """Ranks the launcher starts (torchrun when more than 1)."""
-    ep_size: int = 1
-    """Expert-parallel group size."""
-    zero_stage: int = 1
-    precision: str = "fp32"
-    top_p: float | None = None
-    """Dynamic routing (MoE only); unset = fixed top-k."""
-    bias_update_rate: float | None = None
-    """Balancing step gamma (MoE only); unset = the preset's."""
-    capacity_factor: float | None = None
-    checkpoint_every: int = 100
-    eval_every: int = 50
-    bucket_schedule: list[int] | None = None
-    price_per_device_hour: float = 0.05
-    seed: int = 0
+TrainAssetConfig = stage_config(
+    TrainConfig,
+    "TrainAssetConfig",
+    doc="A training run: the main knobs of training.config.TrainConfig (the rest keep their defaults), the model "
+    "preset and the data stream.",
+    include=TRAIN_FIELDS,
+    preset=(str, Field(default="small_cpu", description=f"Model preset: {', '.join(PRESETS)}.")),
+    batch_size=(int, Field(default=8, description="Global batch (sequences per step over all ranks).")),
+    seq_len=(int, Field(default=128, description="Tokens per training sequence (the demo's 128; training.config's "
+                        "DataConfig defaults to 256 for longer runs).")),
+    bucket_schedule=(list[int] | None, Field(default=None, description="Curriculum buckets in reading order, e.g. "
+                     "[0, 1, 2]; unset = every bucket in manifest order.")),
+    top_p=(float | None, Field(default=None, description="Dynamic routing (MoE only); unset = fixed top-k.")),
+    bias_update_rate=(float | None, Field(default=None, description="Balancing step gamma (MoE only); unset = the "
+                      "preset's.")),
+    capacity_factor=(float | None, Field(default=None, description="Expert capacity factor (MoE only); unset = the "
+                     "preset's.")),
+)  # fmt: skip
 
 
 def train_config(config: TrainAssetConfig, paths: CurationPaths, name: str, dense: bool) -> TrainConfig:
@@ -118,8 +115,7 @@ def train_config(config: TrainAssetConfig, paths: CurationPaths, name: str, dens
         "shard_dir": str(paths.stage_dir("curriculum_shards")),
         "tokenizer_path": str(paths.stage_dir("tokenizer") / TOKENIZER_FILE),
         "run_dir": str(paths.stage_dir(name)),
-        **{k: getattr(config, k) for k in ("max_steps", "lr", "warmup_steps", "world_size", "zero_stage", "precision")},
-        **{k: getattr(config, k) for k in ("checkpoint_every", "eval_every", "price_per_device_hour", "seed")},
+        **{k: getattr(config, k) for k in TRAIN_FIELDS},
         "ep_size": 1 if dense else config.ep_size,
     }
     if getattr(config, "distill_weight", 0):

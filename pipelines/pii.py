@@ -39,6 +39,10 @@ class PIIRedactor:
             valid = replacer.validator or (lambda _: True)
             counts[kind] = sum(1 for m in replacer.regex.finditer(text) if valid(m.group(0)))
             if counts[kind]:
+                # datatrove's replacer rotates through its placeholders across calls; starting each document at
+                # the first makes a document's clean text its own, whatever was redacted before it in the same
+                # process (else exact dedup misses copies that land in different batches)
+                replacer._replace_i = 0
                 text = replacer.replace(text)
         return text, counts
 

@@ -172,7 +172,7 @@ def test_whole_graph_on_the_sample_corpus(tmp_path):
             "ops": {
                 "raw_documents": {"config": {"sample_documents": 300}},
                 "quality_classifier": {"config": {"epoch": 10, "measure_transfer": False, "max_per_domain": 150}},
-                "curriculum_shards": {"config": {"target_shard_mb": 0.05}},
+                "curriculum_shards": {"config": {"target_shard_bytes": 50_000}},
                 "tokenizer": {"config": {"vocab_size": 1000}},
             }
         },

@@ -49,7 +49,7 @@ def run_config(releases: Path) -> dict:
         "clean_documents": {"workers": 1},
         "near_dedup_documents": {"workers": 1},
         "quality_classifier": {"epoch": 10, "measure_transfer": False, "max_per_domain": 150},
-        "curriculum_shards": {"target_shard_mb": 0.05},
+        "curriculum_shards": {"target_shard_bytes": 50_000},
         "tokenizer": {"vocab_size": 512},
         "moe_model": {**TINY, "max_steps": MOE_STEPS, "checkpoint_every": CHECKPOINT_EVERY, "eval_every": 40},
         "dense_baseline_model": TINY,
@@ -203,8 +203,11 @@ def materialize_reference(ws: Workspace) -> dict[str, bytes]:
         assets,
         instance=instance,
         partition_key=SAMPLE_DROP,
-        resources={"paths": CurationPaths(data_dir=str(ws.data)), "wandb": WandbResource(mode="disabled"),
-                   "drops": DropLocation(data_dir=str(ws.data))},  # fmt: skip
+        resources={
+            "paths": CurationPaths(data_dir=str(ws.data)),
+            "wandb": WandbResource(mode="disabled"),
+            "drops": DropLocation(data_dir=str(ws.data)),
+        },
         run_config=config,
     )
     assert result.success and len(CHECKS) > 0
