@@ -12,7 +12,7 @@ from assets.ledger import CURATION_ASSETS, CURATION_STAGES, balance_rows, docume
 from assets.metadata import md_table, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths
-from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, sha256_file
+from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, VERSIONS_DIR, sha256_file
 from pipelines.document import DOCUMENT_SCHEMA, LEDGER_SCHEMA
 from pipelines.near_dedup import CLUSTERS_FILE, CLUSTERS_SCHEMA, NEAR_DEDUP_SCHEMA
 from pipelines.quality_score import SCORED_SCHEMA, SCORES_FILE, SCORES_SCHEMA
@@ -28,7 +28,7 @@ SCHEMAS = {
     },
     "filtered_documents": {DOCUMENTS_FILE: DOCUMENT_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
     "scored_documents": {DOCUMENTS_FILE: SCORED_SCHEMA, SCORES_FILE: SCORES_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
-    "curriculum_shards": {"shard-*.parquet": SHARD_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
+    "curriculum_shards": {"versions/*/shard-*.parquet": SHARD_SCHEMA, LEDGER_FILE: LEDGER_SCHEMA},
     "document_ledger": {LEDGER_FILE: LEDGER_SCHEMA},
 }
 PARTITIONED = {a.key.to_user_string() for a in CURATION_ASSETS if a.partitions_def is not None}
@@ -54,7 +54,7 @@ def _schema_check(asset_name: str, files: dict) -> dg.AssetChecksDefinition:
                 actual = pq.read_schema(path)
                 if not actual.remove_metadata().equals(expected, check_metadata=False):
                     problems.append((path.name, str(expected).replace("\n", "; "), str(actual).replace("\n", "; ")))
-            if not any(p.match(pattern) for p in folder.iterdir()):
+            if not any(folder.glob(pattern)):
                 problems.append((pattern, "a file", "missing"))
         return dg.AssetCheckResult(
             passed=not problems,
@@ -163,7 +163,9 @@ def manifest_matches_shards(paths: CurationPaths) -> dg.AssetCheckResult:
         if pq.ParquetFile(path).metadata.num_rows != shard["rows"]:
             problems.append(f"{shard['path']}: row count differs from the manifest")
     listed = {s["path"] for s in manifest["shards"]}
-    problems += [f"{p.name}: not in the manifest" for p in shard_dir.glob("shard-*.parquet") if p.name not in listed]
+    folder = shard_dir / VERSIONS_DIR / f"v{manifest['version']:04d}" if "version" in manifest else shard_dir
+    problems += [f"{p.relative_to(shard_dir)}: not in the manifest" for p in folder.glob("shard-*.parquet")
+                 if p.relative_to(shard_dir).as_posix() not in listed]  # fmt: skip
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={

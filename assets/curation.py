@@ -7,7 +7,7 @@ from pydantic import Field
 
 from assets.config import stage_config, to_stage
 from assets.drops import DROPS, SAMPLE_DROP, DropLocation
-from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, stage_metadata
+from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, rounded, stage_metadata
 from assets.resources import CurationPaths, WandbResource
 from pipelines.clean import CleanConfig, clean
 from pipelines.ingest import ingest
@@ -16,7 +16,6 @@ from pipelines.readers import ReaderConfig
 from pipelines.stage import DOCUMENTS_FILE, StageStats
 
 GROUP = "curation"
-OWNER = "team:data"
 
 
 RawDocumentsConfig = stage_config(
@@ -43,7 +42,11 @@ def finish_stage_asset(
     images: dict[str, Path] | None = None,
 ) -> dg.MaterializeResult:
     metadata = {k: v for k, v in stage_metadata(stats, out_dir / DOCUMENTS_FILE).items() if v is not None}
-    metadata.update(extra_metadata or {})
+    metadata.update(rounded(extra_metadata or {}))
+    if "stats" in metadata:  # only the figures no entry above already shows
+        rest = {k: v for k, v in metadata["stats"].data.items() if k not in metadata}
+        metadata["stats"] = dg.MetadataValue.json(rest) if rest else None
+        metadata = {k: v for k, v in metadata.items() if v is not None}
     run_dir = wandb.log_run(
         context,
         job_type="curation",
@@ -61,16 +64,14 @@ def finish_stage_asset(
 def curation_asset(
     name: str, partitions_def=DROPS, automation=True, deps=(), kinds=("parquet",), **kwargs
 ) -> dg.AssetsDefinition:
-    """The decorator of a curation asset: one partition per input drop, owned by the data team, and (automation)
-    materialized by Dagster's automation once the stage before it has the drop (`assets.sensors`)."""
+    """The decorator of a curation asset: one partition per input drop, and (automation) materialized by Dagster's
+    automation once the stage before it has the drop (`assets.sensors`)."""
     return dg.asset(
         name=name,
         group_name=GROUP,
         kinds=set(kinds),
         partitions_def=partitions_def,
         deps=list(deps),
-        owners=[OWNER],
-        tags={"stage": "curation"},
         automation_condition=dg.AutomationCondition.eager() if automation else None,
         **kwargs,
     )

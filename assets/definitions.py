@@ -43,22 +43,34 @@ release_job = dg.define_asset_job(
     description="Quantize, export, benchmark against the equal-quality dense model, and publish the package.",
 )
 
+# Who answers for each group of assets, and the stage tag the catalog filters by.
+OWNERS = {"curation": "team:data", "training": "team:training", "inference": "team:inference",
+          "evaluation": "team:inference"}  # fmt: skip
+
+
+def _owned(spec: dg.AssetSpec) -> dg.AssetSpec:
+    return spec.replace_attributes(owners=[OWNERS[spec.group_name]], tags={**spec.tags, "stage": spec.group_name})
+
+
 defs = dg.Definitions(
-    assets=[
-        *CURATION_ASSETS,
-        quality_classifier,
-        document_ledger,
-        tokenizer,
-        moe_model,
-        dense_baseline_model,
-        draft_model,
-        quantized_model,
-        benchmark_report,
-        inference_package,
-        exported_model,
-        data_ablation,
-        dense_scaling,
-    ],
+    assets=dg.map_asset_specs(
+        _owned,
+        [
+            *CURATION_ASSETS,
+            quality_classifier,
+            document_ledger,
+            tokenizer,
+            moe_model,
+            dense_baseline_model,
+            draft_model,
+            quantized_model,
+            benchmark_report,
+            inference_package,
+            exported_model,
+            data_ablation,
+            dense_scaling,
+        ],
+    ),
     asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS, *EXPORT_CHECKS],
     jobs=[curation_job, training_job, release_job],
     sensors=SENSORS,

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from assets.curation import clean_documents, curation_asset, near_dedup_documents, raw_documents
 from assets.drops import DROPS
-from assets.metadata import md_table, png_md
+from assets.metadata import column_schema, md_table, png_md
 from assets.quality import curriculum_shards, filtered_documents, scored_documents
 from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
@@ -103,7 +103,8 @@ def document_ledger(
                   images={"kept_by_source": png})  # fmt: skip
     return dg.MaterializeResult(
         metadata={
-            "n_rows": ledger.num_rows,
+            "dagster/row_count": ledger.num_rows,
+            "dagster/column_schema": column_schema(LEDGER_SCHEMA),
             "n_input_documents": n_input,
             "n_final_documents": n_final,
             "n_dropped_documents": n_dropped,

@@ -62,9 +62,33 @@ def bar_chart_png(counts: Mapping[str, int], path: Path, title: str, xlabel: str
     return path
 
 
+def column_schema(schema) -> dg.TableSchema:
+    """A Parquet (pyarrow) schema as Dagster's column schema (`dagster/column_schema`)."""
+    columns = [
+        dg.TableColumn(f.name, str(f.type), constraints=dg.TableColumnConstraints(nullable=f.nullable)) for f in schema
+    ]
+    return dg.TableSchema(columns=columns)
+
+
+def rounded(value, digits: int = 4):
+    """Floats in metadata to `digits` significant digits (in dicts and lists too): 0.0312 rather than
+    0.031249999999999997."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dg.FloatMetadataValue) and value.value is not None:
+        return dg.MetadataValue.float(rounded(value.value, digits))
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    return [rounded(v, digits) for v in value] if isinstance(value, list) else value
+
+
 def stage_metadata(stats: StageStats, documents: Path) -> dict:
-    """The metadata every curation asset shows: counts, drop reasons, a preview of documents."""
+    """The metadata every curation asset shows: counts, drop reasons, a preview of documents, Dagster's row count
+    and column schema; the stage's own figures (stats.json) that no other entry shows."""
+    schema = pq.read_schema(documents) if documents.exists() else None
     return {
+        "dagster/row_count": stats.n_kept,
+        "dagster/column_schema": column_schema(schema) if schema is not None else None,
         "n_in": stats.n_in,
         "n_kept": stats.n_kept,
         "n_dropped": stats.n_dropped,
@@ -76,5 +100,5 @@ def stage_metadata(stats: StageStats, documents: Path) -> dict:
         ),
         "preview": text_table(("id", "source", "text"), preview_rows(documents)),
         "path": dg.MetadataValue.path(str(documents)),
-        "stats": dg.MetadataValue.json(json.loads(json.dumps(stats.extra))) if stats.extra else None,
+        "stats": dg.MetadataValue.json(rounded(json.loads(json.dumps(stats.extra)))) if stats.extra else None,
     }

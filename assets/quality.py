@@ -13,10 +13,10 @@ from pydantic import Field
 from assets.config import stage_config, to_stage
 from assets.curation import curation_asset, drop_input, finish_stage_asset, near_dedup_documents, raw_documents
 from assets.drops import DROPS
-from assets.metadata import bar_chart_png, md_table, png_md, text_table
+from assets.metadata import bar_chart_png, column_schema, md_table, png_md, text_table
 from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
-from pipelines.curriculum import MANIFEST_FILE, CurriculumConfig, build_curriculum
+from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, CurriculumConfig, build_curriculum_version
 from pipelines.filters import FILTER_NAMES, FilterConfig, filter_documents
 from pipelines.quality import MODEL_FILE, QualityModelConfig, resemblance, train_quality_classifier
 from pipelines.quality_score import SCORES_FILE, ScoreConfig, score_documents
@@ -214,7 +214,8 @@ def curriculum_shards(
     if not inputs:
         raise ValueError(f"curriculum_shards: no drop of scored_documents is materialized (drops: {drops})")
     context.log.info(f"curriculum_shards: the scored documents of {len(inputs)} drops")
-    stats = build_curriculum(inputs, out_dir, stage, log=context.log)
+    version = build_curriculum_version(inputs, out_dir, stage, log=context.log)
+    stats = version.stats
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     columns = (
         "bucket",
@@ -227,7 +228,7 @@ def curriculum_shards(
         "difficulty_max",
     )
     bucket_rows = [tuple(b[c] for c in columns) for b in manifest["buckets"]]
-    examples = bucket_examples(out_dir)
+    examples = bucket_examples(version.folder)
     run_dir = wandb.log_run(
         context,
         "curation",
@@ -239,12 +240,17 @@ def curriculum_shards(
         config=config.model_dump(),
     )
     metadata = {
-        "n_rows": manifest["n_rows"],
+        "dagster/row_count": manifest["n_rows"],
+        "dagster/column_schema": column_schema(SHARD_SCHEMA),
         "n_shards": len(manifest["shards"]),
         "mb": round(sum(s["bytes"] for s in manifest["shards"]) / 1e6, 3),
         "buckets": dg.MetadataValue.md(md_table(columns, bucket_rows)),
         "bucket_examples": text_table(("bucket", "end", "id", "score", "text"), examples),
         "manifest": dg.MetadataValue.path(str(out_dir / MANIFEST_FILE)),
+        "version": version.number,
+        "new_version": version.new,
+        "version_dir": dg.MetadataValue.path(str(version.folder)),
+        "n_drops": len(inputs),
         "code_version": manifest["code_version"],
         "seconds": stats.seconds,
     }

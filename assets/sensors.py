@@ -13,7 +13,7 @@ from assets.drops import DROPS, DropLocation
 
 @dg.sensor(
     name="new_drops",
-    target=[raw_documents],
+    target=dg.AssetSelection.assets(raw_documents),
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Adds a `drops` partition and launches raw_documents for each new file or folder in the drop "

@@ -7,19 +7,37 @@ metrics; the asset adds the loss curve and a summary table. A run that failed or
 with the same config; a failure shows the tail of each rank's log.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from assets.config import stage_config
-from assets.metadata import md_table, png_md, text_table
+from assets.config import stage_config, to_stage
+from assets.metadata import md_table, png_md, rounded, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths, WandbResource
-from model.tokenizer import TOKENIZER_FILE, TokenizerConfig, iter_texts, load_tokenizer, shard_paths, train_tokenizer
+from model.io import write_text_atomic
+from model.tokenizer import (
+    TOKENIZER_FILE,
+    TokenizerConfig,
+    TokenizerStats,
+    iter_texts,
+    load_tokenizer,
+    shard_paths,
+    train_tokenizer,
+)
+from pipelines.curriculum import MANIFEST_FILE
 from training.config import PRESETS, TrainConfig
-from training.launch import SUMMARY_FILE, check_inputs, launch_command, prepare_run_dir, rank_log_tails
+from training.launch import (
+    SUMMARY_FILE,
+    check_inputs,
+    continuation_start,
+    launch_command,
+    prepare_run_dir,
+    rank_log_tails,
+)
 
 GROUP = "training"
 TRAINING_TAGS = {"frugal/compute": "training"}
@@ -27,22 +45,42 @@ TRAINING_TAGS = {"frugal/compute": "training"}
 exported_model carry it too, so that no export shares the cores with the benchmark's timings)."""
 
 
-class TokenizerAssetConfig(dg.Config):
-    vocab_size: int = 8192
-    """Vocabulary size, special tokens (bos, eos, pad) and the 256 byte symbols included."""
-    min_frequency: int = 2
-    max_chars: int | None = None
-    """Train on at most this many characters of shard text (unset: all)."""
+TokenizerAssetConfig = stage_config(
+    TokenizerConfig,
+    "TokenizerAssetConfig",
+    doc="Byte-level BPE training; an existing tokenizer made with the same settings is kept unless `retrain`.",
+    exclude=("special_tokens",),  # bos, eos, pad: the ids every model of the project is built around
+    retrain=(bool, Field(default=False, description="Train again even though a tokenizer made with these settings "
+             "exists (by default it is kept when the shards gain a drop, so the models trained with it stay valid).")),
+)  # fmt: skip
+TRAINED_WITH_FILE = "trained_with.json"
+"""Beside tokenizer.json: the settings and the curriculum_shards version it was trained with."""
 
 
 @dg.asset(group_name=GROUP, kinds={"huggingface"}, deps=[curriculum_shards])
 def tokenizer(
     context: dg.AssetExecutionContext, config: TokenizerAssetConfig, paths: CurationPaths, wandb: WandbResource
 ) -> dg.MaterializeResult:
-    """A byte-level BPE (Hugging Face tokenizers) trained on curriculum_shards: tokenizer.json."""
+    """A byte-level BPE (Hugging Face tokenizers) trained on curriculum_shards: tokenizer.json. It is not retrained
+    when the shards change (new drops), so the models trained with it stay valid, unless `retrain` asks for it or
+    its settings change."""
     shard_dir = paths.stage_dir("curriculum_shards")
     out_dir = paths.stage_dir("tokenizer")
-    stats = train_tokenizer(shard_dir, out_dir, TokenizerConfig(**config.model_dump()))
+    settings = to_stage(config, TokenizerConfig)
+    wanted = {"config": config.model_dump(exclude={"retrain"})}
+    record = out_dir / TRAINED_WITH_FILE
+    previous = json.loads(record.read_text()) if record.exists() and (out_dir / TOKENIZER_FILE).exists() else None
+    shards_version = json.loads((shard_dir / MANIFEST_FILE).read_text()).get("version")
+    if previous is not None and previous["config"] == wanted["config"] and not config.retrain:
+        context.log.info(f"tokenizer: kept, trained on curriculum_shards version {previous['shards_version']} "
+                         f"(shards now at version {shards_version}); retrain=true trains again")  # fmt: skip
+        stats = TokenizerStats(**previous["stats"])
+        retrained = False
+    else:
+        stats = train_tokenizer(shard_dir, out_dir, settings)
+        previous = {**wanted, "shards_version": shards_version, "stats": dataclasses.asdict(stats)}
+        write_text_atomic(record, json.dumps(previous, indent=2) + "\n")
+        retrained = True
     context.log.info(f"tokenizer: {stats}")
     tok = load_tokenizer(out_dir / TOKENIZER_FILE)
     sample = next(iter_texts(shard_paths(shard_dir)))[:200]
@@ -52,6 +90,8 @@ def tokenizer(
         "chars_per_token": stats.chars_per_token,
         "n_documents": stats.n_documents,
         "seconds": stats.seconds,
+        "retrained": retrained,
+        "trained_on_shards_version": previous["shards_version"] or 0,
     }
     run_dir = wandb.log_run(context, "tokenizer", summary, config=config.model_dump())
     metadata = {
@@ -99,10 +139,15 @@ TrainAssetConfig = stage_config(
                       "preset's.")),
     capacity_factor=(float | None, Field(default=None, description="Expert capacity factor (MoE only); unset = the "
                      "preset's.")),
+    continue_from_last=(bool, Field(default=False, description="Start from the weights of this asset's last "
+                        "finished run instead of random ones, e.g. to continue training on shards that gained drops "
+                        "(training.config.TrainConfig.init_from); max_steps more steps, a fresh schedule.")),
 )  # fmt: skip
 
 
-def train_config(config: TrainAssetConfig, paths: CurationPaths, name: str, dense: bool) -> TrainConfig:
+def train_config(
+    config: TrainAssetConfig, paths: CurationPaths, name: str, dense: bool, init_from: str | None = None
+) -> TrainConfig:
     model: dict = {"preset": config.preset, "dense_baseline": dense}
     for key in ("top_p", "bias_update_rate", "capacity_factor"):
         value = getattr(config, key)
@@ -117,6 +162,7 @@ def train_config(config: TrainAssetConfig, paths: CurationPaths, name: str, dens
         "run_dir": str(paths.stage_dir(name)),
         **{k: getattr(config, k) for k in TRAIN_FIELDS},
         "ep_size": 1 if dense else config.ep_size,
+        "init_from": init_from,
     }
     if getattr(config, "distill_weight", 0):
         cfg |= {"distill_from": str(paths.stage_dir("moe_model")), "distill_weight": config.distill_weight}
@@ -133,7 +179,8 @@ def train_model(
 ) -> dg.MaterializeResult:
     name = context.asset_key.to_user_string()
     try:
-        cfg = train_config(config, paths, name, dense)
+        init_from = str(continuation_start(paths.stage_dir(name))) if config.continue_from_last else None
+        cfg = train_config(config, paths, name, dense, init_from)
         check_inputs(cfg)
     except ValueError as e:
         raise dg.Failure(description=f"{name}: {e}") from e
@@ -157,14 +204,24 @@ def train_model(
         ) from e
     run_dir = Path(cfg.run_dir)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items() if v is not None]
+    reported_metadata = {k: rounded(v) for k, v in reported.metadata.items()}
+    # the summary's figures that the metadata above does not already list
+    rows = [
+        (k, f"{v:.4g}" if isinstance(v, float) else v)
+        for k, v in summary.items()
+        if v is not None and k not in reported_metadata
+    ]
+    shards = json.loads((Path(cfg.shard_dir) / MANIFEST_FILE).read_text())
     metadata = {
-        **reported.metadata,
-        "resumed": resumed,
-        "summary": dg.MetadataValue.md(md_table(("metric", "value"), rows)),
         "loss_curve": dg.MetadataValue.md(png_md(run_dir / "loss_curve.png", f"{name} loss")),
+        **reported_metadata,
+        "resumed": resumed,
+        "continued_from": dg.MetadataValue.path(cfg.init_from) if cfg.init_from else "none (random weights)",
+        "shards_version": shards.get("version", 0),
         "run_dir": dg.MetadataValue.path(str(run_dir)),
     }
+    if rows:
+        metadata["summary"] = dg.MetadataValue.md(md_table(("metric", "value"), rows))
     return dg.MaterializeResult(metadata=metadata)
 
 

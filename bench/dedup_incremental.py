@@ -12,6 +12,9 @@ from reading the records to the stage's outputs written:
 - incremental: A is indexed first (not timed), then drop B is added: only B's documents are read, cleaned, shingled
   and hashed, and checked against the indexes of A.
 
+Each of the three runs (from scratch, A, B) is a fresh process, as each Dagster run is; the time excludes the
+interpreter's imports.
+
 It then checks the incremental result against the one-shot result: the same documents dropped by exact dedup, the
 same cluster for every document, and the number of kept documents that differ (only where B joined clusters of A,
 whose kept member stays A's: pipelines.near_dedup.cluster_against_index).
@@ -23,6 +26,8 @@ import argparse
 import hashlib
 import json
 import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +39,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from model.io import md_table  # noqa: E402
 from pipelines.clean import CleanConfig, clean  # noqa: E402
-from pipelines.dedup_index import INDEX_DIR  # noqa: E402
+from pipelines.dedup_index import INDEX_DIR, MANIFEST_FILE  # noqa: E402
 from pipelines.near_dedup import NearDedupConfig, near_dedup  # noqa: E402
 
 
@@ -70,15 +75,27 @@ def curate(inputs: list[str], work: Path, workers: int, drop: str | None) -> flo
     return time.perf_counter() - started
 
 
+def in_fresh_process(inputs: list[str], work: Path, workers: int, drop: str | None) -> float:
+    """`curate` in a process of its own (as each Dagster run is): its seconds, imports excluded."""
+    cmd = [sys.executable, __file__, "--child", json.dumps([inputs, str(work), workers, drop])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def rows(path: Path, columns: list[str]) -> dict[str, dict]:
     return {r["id"]: r for r in pq.read_table(path, columns=columns).to_pylist()}
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--child"]:
+        inputs, work, workers, drop = json.loads(sys.argv[2])
+        print(curate(inputs, Path(work), workers, drop))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-documents", type=int, default=100_000)
     parser.add_argument("--new-share", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of adding drop B (the median is reported)")
     parser.add_argument("--corpus-dir", default=str(ROOT / "bench" / "results" / "dedup_incremental_corpus"))
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "dedup_incremental.json"))
     args = parser.parse_args()
@@ -88,13 +105,14 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
 
     print(f"from scratch: {n_a + n_b} documents ...", flush=True)
-    scratch = curate([str(a), str(b)], work / "scratch", args.workers, None)
-    print(f"drop A: indexing {n_a} documents (not timed) ...", flush=True)
-    first = curate([str(a)], work / "inc", args.workers, "A")
-    print(f"drop B: adding {n_b} documents ...", flush=True)
-    added = curate([str(b)], work / "inc", args.workers, "B")
+    scratch = in_fresh_process([str(a), str(b)], work / "scratch", args.workers, None)
+    print(f"drop A: indexing {n_a} documents ...", flush=True)
+    first = in_fresh_process([str(a)], work / "inc", args.workers, "A")
+    print(f"drop B: adding {n_b} documents, {args.repeats} times (the last drop is replaced each time) ...", flush=True)
+    adds = [in_fresh_process([str(b)], work / "inc", args.workers, "B") for _ in range(args.repeats)]
+    added = statistics.median(adds)
 
-    print(f"from scratch {scratch:.1f} s; drop A {first:.1f} s; adding drop B {added:.1f} s", flush=True)
+    print(f"from scratch {scratch:.1f} s; drop A {first:.1f} s; adding drop B {adds} s", flush=True)
     once_clean = rows(work / "scratch" / "clean" / "once" / "ledger.parquet", ["id", "outcome"])
     inc_clean = {**rows(work / "inc" / "clean" / "A" / "ledger.parquet", ["id", "outcome"]),
                  **rows(work / "inc" / "clean" / "B" / "ledger.parquet", ["id", "outcome"])}  # fmt: skip
@@ -103,24 +121,51 @@ def main() -> int:
     once = rows(work / "scratch" / "near" / "once" / "clusters.parquet", columns)
     inc = {**rows(work / "inc" / "near" / "A" / "clusters.parquet", columns),
            **rows(work / "inc" / "near" / "B" / "clusters.parquet", columns)}  # fmt: skip
-    # cluster ids are global positions; with exact dedup dropping the same documents they compare directly
-    cluster_differ = sum(once[i]["cluster_id"] != inc[i]["cluster_id"] for i in once)
+    # Cluster ids are global positions, so they compare directly once A's ids are followed through the merges that
+    # B's documents made (index.json).
+    manifest = json.loads((work / "inc" / "near" / INDEX_DIR / MANIFEST_FILE).read_text())
+    merged = {x: y for e in manifest["partitions"] for x, y in e["merges"]}
+
+    def resolve(c: int) -> int:
+        while c in merged:
+            c = merged[c]
+        return c
+
+    cluster_differ = sum(once[i]["cluster_id"] != resolve(inc[i]["cluster_id"]) for i in once)
     kept_differ = sum(once[i]["kept"] != inc[i]["kept"] for i in once)
+    # The kept rule: a cluster with members in A keeps what A kept and drops B's; other clusters keep what a
+    # one-shot run keeps. Count the clusters where the incremental run keeps anything else.
+    in_a = set(rows(work / "inc" / "near" / "A" / "clusters.parquet", ["id"]))
+    members: dict[int, list[str]] = {}
+    for i, r in once.items():
+        members.setdefault(r["cluster_id"], []).append(i)
+    spanning = unexplained = 0
+    for ids in members.values():
+        if any(i in in_a for i in ids) and any(i not in in_a for i in ids):
+            spanning += 1
+            unexplained += any(inc[i]["kept"] for i in ids if i not in in_a)
+        else:
+            unexplained += any(inc[i]["kept"] != once[i]["kept"] for i in ids)
     result = {
         "n_documents": n_a + n_b, "n_drop_a": n_a, "n_drop_b": n_b, "scratch_seconds": round(scratch, 2),
-        "index_a_seconds": round(first, 2), "add_b_seconds": round(added, 2), "speedup": round(scratch / added, 2),
+        "index_a_seconds": round(first, 2), "add_b_seconds": round(added, 2),
+        "add_b_runs": [round(x, 2) for x in adds], "speedup": round(scratch / added, 2),
         "exact_dedup_outcomes_differ": clean_differ, "cluster_ids_differ": cluster_differ,
-        "kept_differ": kept_differ, "near_dedup_documents": len(once), "workers": args.workers,
+        "kept_differ": kept_differ, "clusters_spanning_drops": spanning, "clusters_against_the_rule": unexplained,
+        "near_dedup_documents": len(once), "workers": args.workers,
     }  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(md_table(
         ("run", "documents read", "seconds", "documents/s", "vs from scratch"),
         [("from scratch: A ∪ B", n_a + n_b, f"{scratch:.1f}", f"{(n_a + n_b) / scratch:,.0f}", "1.0x"),
-         ("incremental: add drop B", n_b, f"{added:.1f}", f"{n_b / added:,.0f}", f"{scratch / added:.1f}x faster")],
+         ("incremental: add drop B (median of runs)", n_b, f"{added:.1f}", f"{n_b / added:,.0f}",
+          f"{scratch / added:.1f}x faster")],
     ))  # fmt: skip
     print(f"\nagreement with from scratch over {len(once)} documents: exact-dedup outcomes differ for "
-          f"{clean_differ}, cluster ids for {cluster_differ}, kept for {kept_differ}")  # fmt: skip
+          f"{clean_differ}, cluster ids (after the recorded merges) for {cluster_differ}; kept differs for "
+          f"{kept_differ} documents, in {spanning} clusters spanning both drops, where A's kept member stays kept; "
+          f"clusters against that rule: {unexplained}")  # fmt: skip
     return 0
 
 

@@ -19,7 +19,7 @@ import xxhash
 from pipelines.cli import reader_config, run_stage, stage_parser
 from pipelines.dedup_index import PartitionIndex, index_record
 from pipelines.document import Ledger
-from pipelines.parallel import default_workers, map_documents
+from pipelines.parallel import default_workers, map_documents, workers_for
 from pipelines.pii import KINDS, PIIRedactor
 from pipelines.progress import track
 from pipelines.readers import ReaderConfig, count_records, read_documents
@@ -39,6 +39,9 @@ class CleanConfig:
     """Processes that normalise text (ftfy is the slow part); 1 runs inline."""
     batch_docs: int = 256
     """Documents per task sent to a worker."""
+    inline_below: int = 2_000
+    """Fewer input documents than this run inline: ftfy costs ~0.7 ms a document, so workers pay for their start-up
+    above ~2,000 (a 4,933-document drop: 3.3-4.1 s inline, 2.9-3.1 s on 2 workers)."""
     redact_pii: tuple[str, ...] = KINDS
     """The PII kinds to replace by placeholders (email, ip, phone); () switches redaction off."""
 
@@ -97,10 +100,12 @@ def clean(
     new_hashes: list[bytes] = []
     new_ids: list[str] = []
     bytes_in = 0
-    records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
+    total = count_records(inputs)
+    records = track(read_documents(inputs, config.reader), desc=STAGE, total=total, log=log)
     PIIRedactor(config.redact_pii)  # unknown kinds fail before any work
     task = _CleanTask(tuple(config.redact_pii))
-    results = map_documents(task, records, ledger.rejected, config.workers, config.batch_docs)
+    workers = workers_for(config.workers, total, config.inline_below)
+    results = map_documents(task, records, ledger.rejected, workers, config.batch_docs)
     pii_totals = dict.fromkeys(config.redact_pii, 0)
     with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
         for record, (text, pii) in results:

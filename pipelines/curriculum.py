@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import subprocess
 import time
 import zlib
@@ -41,7 +42,7 @@ from pipelines.cli import reader_config, run_stage, stage_parser
 from pipelines.document import Document, Ledger
 from pipelines.progress import track
 from pipelines.readers import ReaderConfig, count_records, read_documents
-from pipelines.stage import StageStats, atomic_path, finish_stage, logger
+from pipelines.stage import LEDGER_FILE, STATS_FILE, StageStats, atomic_path, finish_stage, logger
 
 STAGE = "curriculum_shards"
 MANIFEST_FILE = "manifest.json"
@@ -303,6 +304,63 @@ def build_curriculum(
     bytes_in = sum(len(d.text.encode("utf-8")) for d in docs)
     extra = {"n_shards": len(manifest_shards), "bucket_rows": {str(b["bucket"]): b["rows"] for b in buckets}}
     return finish_stage(output_dir, ledger, started, bytes_in=bytes_in, bytes_kept=bytes_in, extra=extra)
+
+
+VERSIONS_DIR = "versions"
+
+
+@dataclass(slots=True)
+class Version:
+    """A version of the shards under `root/versions/vNNNN/`: its number, and whether this build made it."""
+
+    number: int
+    folder: Path
+    new: bool
+    stats: StageStats
+
+
+def versions(root: str | Path) -> list[Path]:
+    """The complete versions under root (a folder with its manifest), oldest first."""
+    found = [p for p in (Path(root) / VERSIONS_DIR).glob("v[0-9][0-9][0-9][0-9]") if (p / MANIFEST_FILE).exists()]
+    return sorted(found)
+
+
+def _content(folder: Path) -> tuple:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    return [s["sha256"] for s in manifest["shards"]], manifest["config"]
+
+
+def build_curriculum_version(
+    inputs: list[str], root: str | Path, config: CurriculumConfig | None = None, log: logging.Logger | None = logger
+) -> Version:
+    """Build the shards of `inputs` as a new version under `root/versions/vNNNN/` (a folder that ShardReader reads on
+    its own), unless they equal the latest version's, which is then kept. `root/manifest.json` becomes the chosen
+    version's manifest with its shard paths relative to root (`versions/vNNNN/shard-...`), so readers of root read
+    the latest version and older versions stay readable where they are. The ledger and stats of the version are
+    copied beside it."""
+    root = Path(root)
+    done = versions(root)
+    number = int(done[-1].name[1:]) + 1 if done else 1
+    folder = root / VERSIONS_DIR / f"v{number:04d}"
+    stats = build_curriculum(inputs, folder, config, log)
+    new = not done or _content(folder) != _content(done[-1])
+    if not new:  # the same shards as the latest version: no new version
+        shutil.rmtree(folder)
+        number, folder = number - 1, done[-1]
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    prefix = folder.relative_to(root).as_posix()
+    manifest["shards"] = [{**s, "path": f"{prefix}/{s['path']}"} for s in manifest["shards"]]
+    manifest["version"] = number
+    manifest["versions"] = [p.relative_to(root).as_posix() for p in versions(root)]
+    for name, content in ((LEDGER_FILE, (folder / LEDGER_FILE).read_bytes()),
+                          (STATS_FILE, (folder / STATS_FILE).read_bytes()),
+                          (MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True).encode())):  # fmt: skip
+        tmp = atomic_path(root / name)
+        tmp.write_bytes(content)
+        os.replace(tmp, root / name)
+    if log is not None:
+        log.info(f"{STAGE}: version {number} ({'new' if new else 'unchanged'}) in {folder}")
+    return Version(number, folder, new, stats)
 
 
 def main(argv: list[str] | None = None) -> int:

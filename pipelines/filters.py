@@ -131,6 +131,10 @@ class FilterConfig:
     workers: int = field(default_factory=default_workers)
     """Processes running the filters."""
     batch_docs: int = 256
+    """Documents per task sent to a worker."""
+    ray_address: str | None = None
+    """Run the filters as `workers` actors on the Ray cluster at this address (host:port, ray://..., auto) instead of
+    local processes; the results are the same."""
     reader: ReaderConfig = field(default_factory=ReaderConfig)
 
 
@@ -265,7 +269,7 @@ def filter_documents(
     ledger = Ledger(STAGE)
     bytes_in = 0
     records = track(read_documents(inputs, config.reader), desc=STAGE, total=count_records(inputs), log=log)
-    results = map_documents(task, records, ledger.rejected, config.workers, config.batch_docs)
+    results = map_documents(task, records, ledger.rejected, config.workers, config.batch_docs, config.ray_address)
     with DocumentWriter(output_dir / DOCUMENTS_FILE) as writer:
         for record, (reason, text, meta) in results:
             bytes_in += len(record.text.encode("utf-8"))
@@ -287,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--language-by", choices=("paragraphs", "document"), default=FilterConfig().language_by)
     parser.add_argument("--no-filter", nargs="*", default=[], choices=FILTER_NAMES, help="heuristic filters to skip")
     parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--ray-address", default=None, help="run the workers on this Ray cluster (host:port, auto)")
     args = parser.parse_args(argv)
     config = FilterConfig(
         languages=tuple(args.languages),
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         language_by=args.language_by,
         decontaminate=tuple(args.decontaminate),
         workers=args.workers,
+        ray_address=args.ray_address,
         reader=reader_config(args),
     )
     for name in args.no_filter:

@@ -211,11 +211,25 @@ def validate_input(input_folder: str, output_dir: Path) -> Ledger:
 
 
 def run(
-    input_folder: str, output_dir: str | Path, config: NearDedupConfig | None = None, validate: bool = True, **kwargs
+    input_folder: str,
+    output_dir: str | Path,
+    config: NearDedupConfig | None = None,
+    validate: bool = True,
+    ray_address: str | None = None,
+    **kwargs,
 ) -> StageStats:
     """Validate the input (see top), run the four stages (with `depends`, running the last one runs the chain;
-    datatrove skips tasks that completed in an earlier run), then write the ledger and stats.json."""
+    datatrove skips tasks that completed in an earlier run), then write the ledger and stats.json. With the Ray
+    executor this process connects to the cluster at `ray_address` (None: $RAY_ADDRESS, else "auto") first, as
+    datatrove's RayPipelineExecutor expects."""
     started = time.monotonic()
+    if kwargs.get("executor") == "ray":
+        import os
+
+        import ray
+
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "auto", ignore_reinit_error=True,
+                 log_to_driver=False)  # fmt: skip
     output_dir = Path(output_dir)
     ledger = validate_input(input_folder, output_dir) if validate else Ledger(STAGE)
     folder = str(output_dir / INPUT_DIR) if validate else input_folder
@@ -247,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="local executor: parallel processes")
     parser.add_argument("--executor-arg", action="append", default=[], help="key=value passed to the executor")
     parser.add_argument("--no-validate", action="store_true", help="input written by a Frugal stage: skip the check")
+    parser.add_argument("--ray-address", default=None, help="Ray executor: the cluster (host:port; $RAY_ADDRESS, auto)")
     args = parser.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.executor_arg)
     config = NearDedupConfig(threshold=args.threshold)
     return run_stage(
         run, args.input, args.output, config, validate=not args.no_validate, executor=args.executor,
-        tasks=args.tasks, workers=args.workers, **extra,
+        tasks=args.tasks, workers=args.workers, ray_address=args.ray_address, **extra,
     )  # fmt: skip
 
 

@@ -84,6 +84,10 @@ class TrainConfig:
     peak_flops: float | None = None
     """Peak FLOP/s of one device for the MFU estimate; None = measured with a matmul at start-up."""
     wandb_project: str = "frugal"
+    init_from: str | None = None
+    """A finished run folder (model.safetensors, config.json) whose weights start this run, e.g. the last run, to
+    continue training on shards that gained drops; the optimizer and the schedule start afresh. None = random
+    initial weights (seeded)."""
     distill_from: str | None = None
     """A trained run folder (model.safetensors, config.json) whose logits the model also learns from
     (knowledge distillation, e.g. a speculative draft from its target); None = plain next-token loss."""

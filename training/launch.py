@@ -44,6 +44,14 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not Path(cfg.tokenizer_path).exists():
         raise ValueError(f"{cfg.tokenizer_path}: tokenizer not found: materialize the tokenizer asset first")
     check_compatible(load_tokenizer(cfg.tokenizer_path), cfg.model)
+    if cfg.init_from is not None:
+        from model.io import WEIGHTS_FILE, load_config
+
+        start = load_config(Path(cfg.init_from))  # names the missing or broken config.json
+        if not (Path(cfg.init_from) / WEIGHTS_FILE).exists():
+            raise ValueError(f"{Path(cfg.init_from) / WEIGHTS_FILE}: missing: init_from needs a finished run")
+        if start != cfg.model:
+            raise ValueError(f"init_from={cfg.init_from}: its model config differs from this run's")
     if cfg.distill_from is not None:
         from model.io import WEIGHTS_FILE, load_config
 
@@ -57,6 +65,31 @@ def check_inputs(cfg: TrainConfig) -> None:
                 f"distill_from={cfg.distill_from}: the teacher's vocabulary ({teacher.vocab_size}) differs from "
                 f"the model's ({cfg.model.vocab_size})"
             )
+
+
+CONTINUED_DIR = "continued_from"
+
+
+def continuation_start(run_dir: str | Path) -> Path:
+    """The weights a continued run of `run_dir` starts from (TrainConfig.init_from): the finished run's model and
+    config, copied to `run_dir/continued_from/` before the new run overwrites them. An interrupted continuation (no
+    summary.json yet) keeps the copy it started from, so it resumes. ValueError when there is nothing to continue."""
+    from model.io import CONFIG_FILE as MODEL_CONFIG_FILE
+    from model.io import WEIGHTS_FILE
+
+    run_dir = Path(run_dir)
+    start = run_dir / CONTINUED_DIR
+    if (run_dir / SUMMARY_FILE).exists() and (run_dir / WEIGHTS_FILE).exists():
+        tmp = start.with_name(f".{CONTINUED_DIR}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in (WEIGHTS_FILE, MODEL_CONFIG_FILE):
+            shutil.copy2(run_dir / name, tmp / name)
+        shutil.rmtree(start, ignore_errors=True)
+        os.replace(tmp, start)
+    if not (start / WEIGHTS_FILE).exists():
+        raise ValueError(f"{run_dir}: no finished run to continue from (train it once first)")
+    return start
 
 
 def prepare_run_dir(cfg: TrainConfig) -> bool:

@@ -122,6 +122,10 @@ class Trainer:
         self.moe = cfg.model.n_routed_experts > 0
         torch.manual_seed(cfg.seed)
         reference = Transformer(cfg.model)  # identical initial weights on every rank
+        if cfg.init_from is not None:  # continued training: the weights of a finished run (a resume overrides them)
+            from model.io import load_model
+
+            reference.load_state_dict(load_model(Path(cfg.init_from)).state_dict())
         if self.moe:
             from model.moe_deepspeed import deepspeed_transformer, load_reference_state
 

@@ -9,13 +9,16 @@ from pipelines.curriculum import (
     CurriculumConfig,
     bucket_order,
     build_curriculum,
+    build_curriculum_version,
     compression_ratio,
     readability,
     sha256_file,
     tiers,
+    versions,
     word_entropy,
 )
 from tests.conftest import prose, write_jsonl
+from training.data import ShardReader
 
 
 def scored_corpus(tmp_path, n=60):
@@ -73,3 +76,20 @@ def test_rejects_unscored_input_and_bad_config(tmp_path):
         build_curriculum([str(src)], tmp_path / "out")
     with pytest.raises(ValueError, match="difficulty must be one of"):
         build_curriculum([str(src)], tmp_path / "out", CurriculumConfig(difficulty="vibes"))
+
+
+def test_each_update_is_a_new_version_and_old_versions_stay_readable(tmp_path):
+    rows = [{"id": f"d{i:03d}", "text": prose(i, 30 + i % 40), "quality_score": (i % 10) / 10} for i in range(90)]
+    first = write_jsonl(tmp_path / "a.jsonl", rows[:60])
+    second = write_jsonl(tmp_path / "b.jsonl", rows[60:])
+    root = tmp_path / "shards"
+    config = CurriculumConfig(target_shard_bytes=4000)
+    v1 = build_curriculum_version([str(first)], root, config, log=None)
+    again = build_curriculum_version([str(first)], root, config, log=None)
+    assert (v1.number, v1.new) == (1, True) and (again.number, again.new) == (1, False)  # unchanged: no version
+    v2 = build_curriculum_version([str(first), str(second)], root, config, log=None)
+    assert (v2.number, v2.new) == (2, True) and [p.name for p in versions(root)] == ["v0001", "v0002"]
+    latest, old = ShardReader(root), ShardReader(root / "versions" / "v0001")
+    assert latest.manifest["n_rows"] == 90 and latest.manifest["version"] == 2 and old.manifest["n_rows"] == 60
+    assert all(s["path"].startswith("versions/v0002/") for s in latest.manifest["shards"])
+    assert json.loads((root / "stats.json").read_text())["n_kept"] == 90  # the ledger and stats follow the version

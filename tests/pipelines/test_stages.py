@@ -107,7 +107,7 @@ def test_near_dedup_clusters_and_keeps_longest(tmp_path):
 def test_near_dedup_is_deterministic_across_worker_counts(tmp_path):
     src = corpus_with_near_duplicates(tmp_path)
     near_dedup([str(src)], tmp_path / "one", NearDedupConfig(workers=1))
-    near_dedup([str(src)], tmp_path / "two", NearDedupConfig(workers=2, batch_docs=8))
+    near_dedup([str(src)], tmp_path / "two", NearDedupConfig(workers=2, batch_docs=8, inline_below=0))
     for name in ("documents.parquet", "clusters.parquet", "ledger.parquet"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 

@@ -21,6 +21,7 @@ from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
 from training.config import TrainConfig
 from training.data import PackedLoader, validation_rows
+from training.launch import continuation_start
 from training.metrics import read_metrics
 from training.train import main
 
@@ -242,3 +243,18 @@ def test_a_distilled_draft_moves_toward_its_teacher(inputs, tmp_path):
         return F.kl_div(q, p, log_target=True, reduction="batchmean").item()
 
     assert kl_to_teacher("distilled") < kl_to_teacher("plain")
+
+
+def test_a_continued_run_starts_from_the_last_runs_weights(inputs, tmp_path):
+    """continuation_start snapshots the finished run; a run with init_from starts at the loss the first one ended
+    near, far below a fresh start, with a fresh schedule of its own."""
+    run = tmp_path / "moe"
+    train(write_config(inputs, run, max_steps=16))
+    first = losses(run)
+    start = continuation_start(run)
+    assert (start / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+    train(write_config(inputs, run, max_steps=8, init_from=str(start)))
+    continued = losses(run)
+    assert len(continued) == 8 and continued[0] < first[0] - 0.5 and continued[0] < first[-1] + 0.3
+    with pytest.raises(ValueError, match="no finished run to continue from"):
+        continuation_start(tmp_path / "never_trained")
