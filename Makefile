@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui llama-cpp bench-dedup bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
+.PHONY: install demo test lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 
 bench-dedup: install
 	$(BIN)/python bench/dedup.py
+
+# issue 18: adding a 5% drop against the persisted dedup indexes vs curating the whole 100,000 documents again
+bench-dedup-incremental: install
+	$(BIN)/python bench/dedup_incremental.py
 
 bench-quality: install
 	$(BIN)/python bench/quality.py

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, prose, write_jsonl
+from tests.pipelines.test_filters import ENGLISH
 
 BIN = Path(sys.executable).parent
 
@@ -96,12 +97,8 @@ def test_near_dedup_on_datatrove_ray_executor_equals_the_local_executor(ray_clus
 def test_the_filter_stage_on_ray_actors_equals_local_processes(ray_cluster, tmp_path):
     from pipelines.filters import FilterConfig, filter_documents
 
-    rows = [{"id": f"en{i}", "text": prose(i, 80)} for i in range(6)]
-    english = (
-        "The committee met on Tuesday to review the budget for the coming year. Members agreed that the library "
-        "needs new shelves, and the treasurer will present three quotes at the next meeting in March."
-    )
-    rows += [{"id": f"real{i}", "text": f"{english} Item {i} was discussed at length by everyone."} for i in range(6)]
+    rows = [{"id": f"soup{i}", "text": prose(i, 80)} for i in range(6)]  # no language: dropped
+    rows += [{"id": f"en{i}", "text": f"{ENGLISH}\n\nNote {i}: the same holds for the next release."} for i in range(6)]
     src = write_jsonl(tmp_path / "docs.jsonl", rows)
     import ray
 
