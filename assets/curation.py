@@ -7,7 +7,7 @@ from pydantic import Field
 
 from assets.config import stage_config, to_stage
 from assets.drops import DROPS, SAMPLE_DROP, DropLocation
-from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, rounded, stage_metadata
+from assets.metadata import bar_chart_png, drop_reason_rows, md_table, png_md, rounded, sparkline_md, stage_metadata
 from assets.resources import CurationPaths, WandbResource
 from pipelines.clean import CleanConfig, clean
 from pipelines.ingest import ingest
@@ -32,6 +32,10 @@ CleanDocumentsConfig = stage_config(CleanConfig, "CleanDocumentsConfig")
 NearDedupDocumentsConfig = stage_config(NearDedupConfig, "NearDedupDocumentsConfig")
 
 
+THUMBNAILS = ("cluster_sizes", "score_distribution")
+"""The metadata entries that are a stage's thumbnail plot (assets.metadata.sparkline_md)."""
+
+
 def finish_stage_asset(
     context: dg.AssetExecutionContext,
     wandb: WandbResource,
@@ -41,8 +45,11 @@ def finish_stage_asset(
     extra_metadata: dict | None = None,
     images: dict[str, Path] | None = None,
 ) -> dg.MaterializeResult:
-    metadata = {k: v for k, v in stage_metadata(stats, out_dir / DOCUMENTS_FILE).items() if v is not None}
-    metadata.update(rounded(extra_metadata or {}))
+    extra_metadata = rounded(extra_metadata or {})
+    # a thumbnail plot (a short Markdown value, which the UI shows inline) goes on top of the asset's page
+    thumbnails = {k: v for k, v in extra_metadata.items() if k in THUMBNAILS}
+    metadata = thumbnails | {k: v for k, v in stage_metadata(stats, out_dir / DOCUMENTS_FILE).items() if v is not None}
+    metadata.update({k: v for k, v in extra_metadata.items() if k not in THUMBNAILS})
     if "stats" in metadata:  # only the figures no entry above already shows
         rest = {k: v for k, v in metadata["stats"].data.items() if k not in metadata}
         metadata["stats"] = dg.MetadataValue.json(rest) if rest else None
@@ -145,7 +152,11 @@ def near_dedup_documents(
     png = bar_chart_png(
         hist, out_dir / "cluster_sizes.png", "Near-duplicate cluster sizes", "documents in cluster", "clusters"
     )
+    sizes = [hist.get(str(k), 0) for k in range(1, max(map(int, hist), default=1) + 1)]
     extra = {
+        "cluster_sizes": dg.MetadataValue.md(
+            sparkline_md(sizes, "clusters by size") + f" clusters of 1 to {len(sizes)} documents (log scale)"
+        ),
         "near_duplicate_rate": stats.extra["near_duplicate_rate"],
         "n_clusters": stats.extra["n_clusters"],
         "lsh_bands_x_rows": f"{stats.extra['bands']} x {stats.extra['rows']}",

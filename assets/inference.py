@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets.metadata import md_table, png_md
+from assets.metadata import md_table, png_md, sparkline_md
 from assets.resources import CurationPaths, WandbResource
 from assets.scaling import dense_scaling
 from assets.training import TRAINING_CHECKS, TRAINING_TAGS, dense_baseline_model, draft_model, moe_model
@@ -439,7 +439,12 @@ def benchmark_report(
             summary["vs_peer"] = head["vs_peer"]["median"]
     run_dir = wandb.log_run(context, "benchmark", summary, tables={"waterfall": (cost.COLUMNS, cost.cells(table))},
                             images={"waterfall": chart}, config=config.model_dump())  # fmt: skip
+    frugal_rows = [r for r in table if not r["peer"]]
     metadata = {
+        "cost": dg.MetadataValue.md(
+            sparkline_md([r["output_usd_per_1m"] for r in frugal_rows], "cost waterfall", log=True)
+            + f" $ per 1M output tokens, rows 1 to {len(frugal_rows)} (log scale)"
+        ),
         "headline": dg.MetadataValue.md(text),
         "waterfall": dg.MetadataValue.md(markdown),
         "chart": dg.MetadataValue.md(png_md(chart, "cost waterfall")),

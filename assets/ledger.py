@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from assets.curation import clean_documents, curation_asset, near_dedup_documents, raw_documents
 from assets.drops import DROPS
-from assets.metadata import column_schema, md_table, png_md
+from assets.metadata import column_schema, md_table, png_md, sparkline_md
 from assets.quality import curriculum_shards, filtered_documents, scored_documents
 from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
@@ -103,6 +103,10 @@ def document_ledger(
                   images={"kept_by_source": png})  # fmt: skip
     return dg.MaterializeResult(
         metadata={
+            "kept": dg.MetadataValue.md(
+                sparkline_md([r[2] for r in rows], "documents kept after each stage")
+                + f" documents kept after each stage, {n_input} to {n_final}"
+            ),
             "dagster/row_count": ledger.num_rows,
             "dagster/column_schema": column_schema(LEDGER_SCHEMA),
             "n_input_documents": n_input,

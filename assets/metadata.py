@@ -45,6 +45,42 @@ def png_md(path: Path, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
+INLINE_MD_CHARS = 1000
+"""The Dagster UI shows a Markdown metadata value inline when it is shorter than this, and behind a [Show Markdown]
+dialog otherwise; a full plot (a data: PNG of tens of kB) always goes behind the dialog."""
+
+
+def sparkline_md(values, alt: str, kind: str = "bars", log: bool = False, size: tuple[int, int] = (180, 36)) -> str:
+    """A 1-bit PNG thumbnail of `values` (bars, or a line) as inline Markdown, short enough for the UI to show on
+    the asset's page (INLINE_MD_CHARS); the full plot with its axes stays in its own entry."""
+    import io
+    import math
+
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    v = [math.log10(1 + x) if log else float(x) for x in values]
+    top, low = max(v, default=1.0), min(v, default=0.0) if kind == "line" else 0.0
+    span = (top - low) or 1.0
+    image = Image.new("1", size, 1)
+    draw = ImageDraw.Draw(image)
+    if kind == "bars":
+        step = width / max(len(v), 1)
+        for i, x in enumerate(v):
+            draw.rectangle([i * step + 1, height - 1 - (height - 2) * (x - low) / span, (i + 1) * step - 2, height - 1],
+                           fill=0)  # fmt: skip
+    else:
+        step = (width - 1) / max(len(v) - 1, 1)
+        points = [(i * step, height - 2 - (height - 4) * (x - low) / span) for i, x in enumerate(v)]
+        draw.line(points, fill=0, width=2)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    md = f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+    if len(md) >= INLINE_MD_CHARS and width > 60:  # a long noisy line: a narrower picture
+        return sparkline_md(values, alt, kind, log, (width // 2, height))
+    return md
+
+
 def bar_chart_png(counts: Mapping[str, int], path: Path, title: str, xlabel: str, ylabel: str = "count") -> Path:
     import matplotlib
 

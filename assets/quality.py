@@ -13,7 +13,7 @@ from pydantic import Field
 from assets.config import stage_config, to_stage
 from assets.curation import curation_asset, drop_input, finish_stage_asset, near_dedup_documents, raw_documents
 from assets.drops import DROPS
-from assets.metadata import bar_chart_png, column_schema, md_table, png_md, text_table
+from assets.metadata import bar_chart_png, column_schema, md_table, png_md, sparkline_md, text_table
 from assets.resources import CurationPaths, WandbResource
 from model.io import atomic_file
 from pipelines.curriculum import MANIFEST_FILE, SHARD_SCHEMA, CurriculumConfig, build_curriculum_version
@@ -177,6 +177,10 @@ def scored_documents(
     )
     hist_png, per_source_png, histogram = score_plots(out_dir, Path(filtered))
     extra = {
+        "score_distribution": dg.MetadataValue.md(
+            sparkline_md(list(histogram.values()), "quality scores", log=True)
+            + " documents by quality_score, 0 to 1 in tenths (log scale)"
+        ),
         "score_histogram": dg.MetadataValue.md(
             md_table(("quality_score", "documents"), list(histogram.items())) + "\n\n" + png_md(hist_png, "scores")
         ),

@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.config import stage_config, to_stage
-from assets.metadata import md_table, png_md, rounded, text_table
+from assets.metadata import md_table, png_md, rounded, sparkline_md, text_table
 from assets.quality import curriculum_shards
 from assets.resources import CurationPaths, WandbResource
 from model.io import write_text_atomic
@@ -38,6 +38,7 @@ from training.launch import (
     prepare_run_dir,
     rank_log_tails,
 )
+from training.metrics import read_metrics
 
 GROUP = "training"
 TRAINING_TAGS = {"frugal/compute": "training"}
@@ -212,7 +213,12 @@ def train_model(
         if v is not None and k not in reported_metadata
     ]
     shards = json.loads((Path(cfg.shard_dir) / MANIFEST_FILE).read_text())
+    losses = [r["loss"] for r in read_metrics(run_dir)]
     metadata = {
+        "loss": dg.MetadataValue.md(
+            sparkline_md(losses, "training loss", kind="line")
+            + f" training loss, step 1 to {len(losses)}: {losses[0]:.3f} to {losses[-1]:.3f}"
+        ),
         "loss_curve": dg.MetadataValue.md(png_md(run_dir / "loss_curve.png", f"{name} loss")),
         **reported_metadata,
         "resumed": resumed,
