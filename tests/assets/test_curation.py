@@ -267,3 +267,32 @@ def test_filters_that_drop_everything_stop_the_run(tmp_path):
     assert "dropped all 30 documents" in str(failures["filtered_documents"].event_specific_data.error)
     assert "quality_classifier" not in failures  # it never trains on the corpus, however little of it there is
     assert not (tmp_path / "data" / "curriculum_shards").exists()
+
+
+def test_drops_in_turn_dedup_against_each_other_and_a_bad_drop_fails_alone(tmp_path):
+    """Drop a, then a drop whose file is gone (its run fails, nothing of it is indexed), then drop b with copies of
+    a's documents: b's ledger names the kept documents in drop a, and the ledger balances per drop."""
+    instance = dg.DagsterInstance.ephemeral()
+    (tmp_path / "drops").mkdir()
+    write_jsonl(tmp_path / "drops" / "a.jsonl", [{"id": f"a{i}", "text": prose(i, 120)} for i in range(10)])
+    copies = [{"id": "b_exact", "text": prose(2, 120)}, {"id": "b_near", "text": prose(3, 120) + " read more"}]
+    write_jsonl(tmp_path / "drops" / "b.jsonl", [*copies, *({"id": f"b{i}", "text": prose(50 + i, 120)}
+                                                            for i in range(5))])  # fmt: skip
+    ops = {"clean_documents": {"config": {"workers": 1}}, "near_dedup_documents": {"config": {"workers": 1}}}
+    assert materialize(tmp_path, {"ops": ops}, drop="a.jsonl", instance=instance).success
+    failed = materialize(tmp_path, {"ops": ops}, drop="gone.jsonl", instance=instance, raise_on_error=False)
+    assert not failed.success
+    assert materialize(tmp_path, {"ops": ops}, drop="b.jsonl", instance=instance).success
+
+    index = json.loads((tmp_path / "data" / "near_dedup_documents" / "index" / "index.json").read_text())
+    assert [e["key"] for e in index["partitions"]] == ["a.jsonl", "b.jsonl"]
+    clean_ledger = {r["id"]: r for r in pq.read_table(drop_dir(tmp_path, "clean_documents", "b.jsonl")
+                                                       / "ledger.parquet").to_pylist()}  # fmt: skip
+    assert (clean_ledger["b_exact"]["reason"], clean_ledger["b_exact"]["duplicate_partition"]) == (
+        "exact_duplicate",
+        "a.jsonl",
+    )
+    near = {r["id"]: r for r in pq.read_table(drop_dir(tmp_path, "near_dedup_documents", "b.jsonl")
+                                              / "ledger.parquet").to_pylist()}  # fmt: skip
+    assert near["b_near"]["duplicate_of"] == "a3" and near["b_near"]["duplicate_partition"] == "a.jsonl"
+    assert set(instance.get_materialized_partitions(dg.AssetKey("near_dedup_documents"))) == {"a.jsonl", "b.jsonl"}
