@@ -32,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.curriculum import sha256_file
 from pipelines.stage import STATS_FILE, Pending, write_table
 
 FORMAT = "frugal-dedup-index"
@@ -47,14 +48,6 @@ class DedupIndexError(ValueError):
 
 def rebuild_hint(folder: Path) -> str:
     return f"rebuild it with: python -m pipelines.dedup_index rebuild {folder.parent}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ids_sha256(ids: Sequence[str]) -> str:
