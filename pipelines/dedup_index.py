@@ -12,19 +12,13 @@ Rules:
 - A drop whose documents changed may replace its table only when it is the last drop. Otherwise later drops were
   deduplicated against the old documents, and the index refuses it.
 - A manifest or table that does not read, or whose sha256 or parameters differ from what is expected, is refused
-  naming the file. `python -m pipelines.dedup_index rebuild STAGE_DIR` rebuilds the index from the drops' own
-  outputs.
-
-CLI: python -m pipelines.dedup_index rebuild data/near_dedup_documents   (or data/clean_documents)
+  naming the file. `python -m pipelines.dedup_rebuild STAGE_DIR` rebuilds the index from the drops' own outputs.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.curriculum import sha256_file
-from pipelines.stage import STATS_FILE, Pending, write_table
+from pipelines.stage import Pending, write_table
 
 FORMAT = "frugal-dedup-index"
 VERSION = 1
@@ -47,7 +41,7 @@ class DedupIndexError(ValueError):
 
 
 def rebuild_hint(folder: Path) -> str:
-    return f"rebuild it with: python -m pipelines.dedup_index rebuild {folder.parent}"
+    return f"rebuild it with: python -m pipelines.dedup_rebuild {folder.parent}"
 
 
 def ids_sha256(ids: Sequence[str]) -> str:
@@ -164,50 +158,3 @@ def index_record(index: PartitionIndex, key: str, inputs: Sequence[str]) -> dict
     """What a drop's stats.json records of its place in the index, so that `rebuild` can replay the drops."""
     return {"partition": key, "position": index.position(key), "first_position": index.first_position(key),
             "inputs": list(inputs), "params": index.params}  # fmt: skip
-
-
-def rebuild(stage_dir: str | Path, log=print) -> list[str]:
-    """Rebuild `STAGE_DIR/index` by re-running the stage on each drop, in the order the drops were indexed (as
-    recorded in each drop's stats.json). The outputs are rewritten with the same content. Returns the drop keys."""
-    from pipelines.clean import STAGE as CLEAN_STAGE
-    from pipelines.clean import rerun_partition as rerun_clean
-    from pipelines.near_dedup import STAGE as NEAR_DEDUP_STAGE
-    from pipelines.near_dedup import rerun_partition as rerun_near_dedup
-
-    stage_dir = Path(stage_dir)
-    records = []
-    for stats_file in sorted((stage_dir / PARTITIONS_DIR).glob(f"*/{STATS_FILE}")):
-        stats = json.loads(stats_file.read_text())
-        record = stats.get("extra", {}).get("index")
-        if record is None:
-            raise DedupIndexError(f"{stats_file}: no index record (made without an index)")
-        records.append((record["position"], stats["stage"], stats_file.parent, record))
-    if not records:
-        raise DedupIndexError(f"{stage_dir / PARTITIONS_DIR}: no drops to rebuild the index from")
-    shutil.rmtree(stage_dir / INDEX_DIR, ignore_errors=True)
-    rerun = {CLEAN_STAGE: rerun_clean, NEAR_DEDUP_STAGE: rerun_near_dedup}
-    keys = []
-    for _, stage, out_dir, record in sorted(records, key=lambda r: r[0]):
-        log(f"{stage}: re-indexing drop {record['partition']}")
-        rerun[stage](record, out_dir, stage_dir / INDEX_DIR)
-        keys.append(record["partition"])
-    return keys
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The dedup index of a partitioned curation stage")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("rebuild", help="rebuild STAGE_DIR/index from the drops under STAGE_DIR/partitions")
-    p.add_argument("stage_dir")
-    args = parser.parse_args(argv)
-    try:
-        keys = rebuild(args.stage_dir, log=lambda m: print(m, file=sys.stderr))
-    except DedupIndexError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"rebuilt {Path(args.stage_dir) / INDEX_DIR} from {len(keys)} drops: {', '.join(keys)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.clean import CleanConfig, clean
-from pipelines.dedup_index import INDEX_DIR, MANIFEST_FILE, PARTITIONS_DIR, DedupIndexError, main, rebuild
+from pipelines.dedup_index import INDEX_DIR, MANIFEST_FILE, PARTITIONS_DIR, DedupIndexError
+from pipelines.dedup_rebuild import main, rebuild
 from pipelines.near_dedup import NearDedupConfig, near_dedup
 from tests.conftest import prose, write_jsonl
 
@@ -127,7 +128,7 @@ def test_a_corrupt_or_mismatched_index_is_refused_naming_the_file_and_rebuilt_by
     with pytest.raises(DedupIndexError, match=r"index\.json: unreadable"):
         run_incremental(tmp_path, [("C", b)])
 
-    assert main(["rebuild", str(root / "near_dedup_documents")]) == 0
+    assert main([str(root / "near_dedup_documents")]) == 0
     assert "from 2 drops: A, B" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in sorted(index.iterdir())} == good
     assert (out_b / "clusters.parquet").read_bytes() == outputs
