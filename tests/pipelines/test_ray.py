@@ -55,7 +55,11 @@ def ray_cluster(tmp_path_factory):
     started = {p.pid for p in psutil.Process(head.pid).children(recursive=True)} | {head.pid}
     yield address
     os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # `ray start --block` takes its daemons down slowly (30 s): the group goes now
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
     for pid in started:  # Ray's daemons that left the group: only those this test started
         if psutil.pid_exists(pid):
             psutil.Process(pid).kill()
