@@ -113,9 +113,10 @@ class PartitionIndex:
         tables = []
         for entry in entries:
             path = self.folder / entry.file
-            try:
-                ok = sha256_file(path) == entry.sha256
-                table = pq.read_table(path, columns=list(columns) if columns else None) if ok else None
+            try:  # the file is read once: hashed, then parsed from the same bytes
+                data = path.read_bytes()
+                ok = hashlib.sha256(data).hexdigest() == entry.sha256
+                table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None) if ok else None
             except (OSError, pa.ArrowException) as e:
                 raise DedupIndexError(f"{path}: unreadable dedup index table ({e}); {self._hint()}") from e
             if table is None or table.num_rows != entry.rows:
