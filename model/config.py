@@ -48,6 +48,16 @@ class ModelConfig:
     ceil(capacity_factor * top_k * tokens / n_routed_experts) tokens per step and the routes beyond it are
     dropped (counted in the metrics). None = never drop, as DeepSeek-V3 does. Evaluation never drops."""
     tie_embeddings: bool = True
+    mtp_depth: int = 0
+    """Multi-token prediction modules (DeepSeek-V3 section 2.2): module k predicts the token k + 1 positions
+    ahead from module k - 1's hidden state and the embedding of the token k positions ahead. They train with the
+    model and serve as its own speculative draft; 0 = none."""
+    mtp_moe: bool = True
+    """Each MTP module's block has a MoE feed-forward (as the main model's MoE layers); False = dense SwiGLU of
+    width d_ff. A model without routed experts always gets dense ones."""
+    mtp_loss_weight: float = 0.3
+    """lambda: the training loss is main + lambda * mean over depths of the MTP cross-entropy (DeepSeek-V3 starts at
+    0.3). training.config.TrainConfig.mtp_weight_schedule may step it down later in the run."""
 
     def __post_init__(self) -> None:
         kv = self.n_kv_heads or self.n_heads
@@ -63,12 +73,22 @@ class ModelConfig:
             raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.mtp_depth < self.max_seq_len - 1:
+            raise ValueError(
+                f"mtp_depth must be in [0, max_seq_len - 1 = {self.max_seq_len - 1}), got {self.mtp_depth}: depth k "
+                "predicts the token k + 1 positions ahead"
+            )
+        if self.mtp_loss_weight < 0:
+            raise ValueError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     def is_moe_layer(self, layer: int) -> bool:
+        """Main layers 0 .. n_layers - 1; layer n_layers + k - 1 is MTP module k's block."""
+        if layer >= self.n_layers:
+            return self.n_routed_experts > 0 and self.mtp_moe
         return self.n_routed_experts > 0 and layer >= self.n_dense_layers
 
     def active_ffn_params(self, layer: int) -> int:
@@ -77,20 +97,32 @@ class ModelConfig:
             return 3 * self.d_model * self.d_ff
         return 3 * self.d_model * self.d_expert * (self.n_shared_experts + self.top_k)
 
+    def _attn_params(self) -> int:
+        return self.d_model * self.head_dim * (2 * self.n_heads + 2 * (self.n_kv_heads or self.n_heads))
+
+    def _ffn_params(self, layer: int) -> int:
+        """Every feed-forward weight of `layer` (all experts and the router for a MoE layer)."""
+        if not self.is_moe_layer(layer):
+            return 3 * self.d_model * self.d_ff
+        experts = self.n_shared_experts + self.n_routed_experts
+        return 3 * self.d_model * self.d_expert * experts + self.d_model * self.n_routed_experts
+
     def active_params(self) -> int:
-        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * (self.n_kv_heads or self.n_heads))
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        layers = sum(attn + self.active_ffn_params(i) + 2 * self.d_model for i in range(self.n_layers))
+        layers = sum(self._attn_params() + self.active_ffn_params(i) + 2 * self.d_model for i in range(self.n_layers))
         return embed + layers + self.d_model  # + the final norm
 
     def total_params(self) -> int:
-        experts = self.n_shared_experts + self.n_routed_experts
-        moe = 3 * self.d_model * self.d_expert * experts + self.d_model * self.n_routed_experts
-        dense = 3 * self.d_model * self.d_ff
-        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * (self.n_kv_heads or self.n_heads))
+        """Parameters of the main model: what serving without MTP speculation reads (see mtp_params)."""
         embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        ffn = sum(moe if self.is_moe_layer(i) else dense for i in range(self.n_layers))
-        return embed + self.n_layers * (attn + 2 * self.d_model) + ffn + self.d_model  # + the final norm
+        layers = sum(self._attn_params() + self._ffn_params(i) + 2 * self.d_model for i in range(self.n_layers))
+        return embed + layers + self.d_model  # + the final norm
+
+    def mtp_params(self) -> int:
+        """Weights of the MTP modules; the embedding and output head are shared, so not counted. Per module: two
+        input norms, the 2D -> D projection, one block (two norms, attention, feed-forward) and the head's norm."""
+        block = self._attn_params() + self._ffn_params(self.n_layers) + 2 * self.d_model
+        return self.mtp_depth * (2 * self.d_model * self.d_model + block + 3 * self.d_model)
 
 
 def debug_tiny() -> ModelConfig:

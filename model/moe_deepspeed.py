@@ -129,8 +129,9 @@ def deepspeed_transformer(config: ModelConfig, ep_size: int = 1) -> Transformer:
     return Transformer(config, moe_layer=lambda c: DeepSpeedMoE(c, ep_size))
 
 
-def _moe_prefixes(config: ModelConfig) -> list[str]:
-    return [f"layers.{i}.ffn." for i in range(config.n_layers) if config.is_moe_layer(i)]
+def _moe_prefixes(model: Transformer) -> list[str]:
+    """State-dict prefixes of the DeepSpeed MoE layers: the main model's and the MTP modules' blocks."""
+    return [f"{name}." for name, module in model.named_modules() if isinstance(module, DeepSpeedMoE)]
 
 
 def load_reference_state(model: Transformer, reference: dict[str, torch.Tensor], ep_rank: int = 0) -> None:
@@ -138,7 +139,7 @@ def load_reference_state(model: Transformer, reference: dict[str, torch.Tensor],
     (global expert ep_rank * n_local + j is local expert j)."""
     state = {k: v for k, v in reference.items()}
     ours = model.state_dict()
-    for prefix in _moe_prefixes(model.config):
+    for prefix in _moe_prefixes(model):
         layer: DeepSpeedMoE = model.get_submodule(prefix[:-1])
         n_local = layer.moe.num_local_experts
         state[prefix + GATE + ".wg.weight"] = state.pop(prefix + "router.weight")
@@ -157,7 +158,7 @@ def reference_state(model: Transformer, ep_group=None) -> dict[str, torch.Tensor
     """The model's weights in the reference layout, experts gathered over the expert-parallel group
     (a collective: every rank of the group must call it)."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for prefix in _moe_prefixes(model.config):
+    for prefix in _moe_prefixes(model):
         layer: DeepSpeedMoE = model.get_submodule(prefix[:-1])
         n_local = layer.moe.num_local_experts
         state[prefix + "router.weight"] = state.pop(prefix + GATE + ".wg.weight")

@@ -241,6 +241,8 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """Layer `layer` of the model; layer n_layers + k - 1 is MTP module k's block (ModelConfig.is_moe_layer)."""
+
     def __init__(self, config: ModelConfig, layer: int, moe_layer: Callable[[ModelConfig], nn.Module] = MoE):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
@@ -251,6 +253,32 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, start_pos=0, cache=None, key_mask_BS=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, key_mask_BS)
         return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3 section 2.2). At position i, depth k combines module k-1's
+    hidden state h^{k-1}_i (the main model's, through its final norm, for k = 1) with the embedding of token
+    t_{i+k}:  h'_i = W [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],  h^k = Block(h'),  and predicts t_{i+k+1} with
+    the shared output head over RMSNorm(h^k_i). The embedding and head are the main model's; the block has its
+    own attention (and KV cache) over positions of this depth. Names follow the checkpoints of DeepSeek-V3 and
+    GLM-4.5 (enorm, hnorm, eh_proj, shared_head.norm), and so does the order of the concatenation."""
+
+    def __init__(self, config: ModelConfig, moe_layer: Callable[[ModelConfig], nn.Module] = MoE):
+        super().__init__()
+        D = config.d_model
+        self.enorm = RMSNorm(D, config.norm_eps)
+        self.hnorm = RMSNorm(D, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(config, config.n_layers, moe_layer)
+        self.norm = RMSNorm(D, config.norm_eps)
+        """The norm before the shared head (shared_head.norm in DeepSeek-V3 / GLM-4.5 checkpoints)."""
+
+    def combine(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+
+    def forward(self, h_prev_BTD, emb_BTD, cos, sin, start_pos=0, cache: LayerCache | None = None) -> torch.Tensor:
+        """h^k (B, T, D), before the head's norm, for positions start_pos .. start_pos + T - 1."""
+        return self.block(self.combine(h_prev_BTD, emb_BTD), cos, sin, start_pos, cache)
 
 
 class Transformer(nn.Module):
@@ -264,6 +292,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, moe_layer) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config, moe_layer) for _ in range(config.mtp_depth))
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
@@ -276,12 +305,19 @@ class Transformer(nn.Module):
         """GPT-2 style: weights ~ N(0, 0.02), and the projections that write into the residual stream
         (attention wo, SwiGLU w2, expert w2) scaled by 1/sqrt(2 n_layers) so the stream's variance stays
         ~1 with depth; the untrained model then predicts near-uniformly (loss ~ ln V)."""
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * (self.config.n_layers + self.config.mtp_depth))
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norms stay at 1
             is_output = name.endswith(("wo.weight", "w2.weight", "w2_EDF"))
             nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
+
+    def new_mtp_cache(self, batch: int, max_len: int | None = None) -> list[LayerCache]:
+        """One full-precision cache per MTP module."""
+        n_kv = self.config.n_kv_heads or self.config.n_heads
+        shape = (batch, n_kv, max_len or self.config.max_seq_len, self.config.head_dim)
+        dtype = self.embed.weight.dtype
+        return [LayerCache(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in self.mtp]
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[LayerCache]:
         """One cache per layer, in the embedding's dtype unless given; a model may set `cache_factory`
@@ -300,22 +336,55 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         cache: list[LayerCache] | None = None,
         key_mask_BS: torch.Tensor | None = None,
+        with_mtp: bool = False,
+        return_hidden: bool = False,
     ):
         """Logits (B, T, V) for tokens at positions start_pos .. start_pos + T - 1. For a batch of prompts
         of different lengths, left-pad them and pass key_mask_BS (False on padding, S >= start_pos + T):
-        RoPE scores depend only on relative positions, so each row gets its unpadded result."""
+        RoPE scores depend only on relative positions, so each row gets its unpadded result.
+
+        with_mtp (training, from position 0, no cache): (logits, [MTP logits of depth k, (B, T - k, V)]), where
+        depth k's row i predicts token i + k + 1. return_hidden: (logits, h) with h (B, T, D) the final hidden state
+        through the final norm, which MTP module 1 starts from."""
         T = tokens_BT.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
-        x = self.embed(tokens_BT)
+        emb = self.embed(tokens_BT)
+        x = emb
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, start_pos, None if cache is None else cache[i], key_mask_BS)
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        logits = self.lm_head(h)
+        if return_hidden:
+            return logits, h
+        if not with_mtp:
+            return logits
+        assert start_pos == 0 and cache is None and key_mask_BS is None, "MTP training runs whole sequences"
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            if k >= T:
+                break
+            h = module(h[:, : T - k], emb[:, k:], cos[: T - k], sin[: T - k])
+            mtp_logits.append(self.lm_head(module.norm(h)))
+        return logits, mtp_logits
+
+    def mtp_step(self, k: int, h_prev_BTD, tokens_BT, start_pos: int, cache: list[LayerCache] | None = None):
+        """MTP module k (1-based) at positions start_pos ..: its hidden state h^k and its logits, which predict the
+        token k + 1 positions ahead. tokens_BT are the tokens k positions ahead of those positions."""
+        T = tokens_BT.shape[1]
+        cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        module = self.mtp[k - 1]
+        h = module(h_prev_BTD, self.embed(tokens_BT), cos, sin, start_pos, None if cache is None else cache[k - 1])
+        return h, self.lm_head(module.norm(h))
 
     def moe_layers(self) -> list[nn.Module]:
-        """The MoE feed-forwards, each with last_routing, aux_loss, bias and update_bias(load_E)."""
+        """The main model's MoE feed-forwards, each with last_routing, aux_loss, bias and update_bias(load_E)."""
         return [layer.ffn for layer in self.layers if not isinstance(layer.ffn, SwiGLU)]
 
+    def mtp_moe_layers(self) -> list[nn.Module]:
+        """The MTP modules' MoE feed-forwards (they balance like the main ones)."""
+        return [m.block.ffn for m in self.mtp if not isinstance(m.block.ffn, SwiGLU)]
+
     def aux_loss(self) -> torch.Tensor:
-        return sum((m.aux_loss for m in self.moe_layers()), torch.zeros(()))
+        return sum((m.aux_loss for m in self.moe_layers() + self.mtp_moe_layers()), torch.zeros(()))

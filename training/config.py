@@ -94,6 +94,13 @@ class TrainConfig:
     distill_weight: float = 0.5
     """loss = (1 - w) cross-entropy + w T^2 KL(teacher_T || student_T), T = distill_temperature."""
     distill_temperature: float = 1.0
+    mtp_weight_schedule: str = "constant"
+    """The MTP loss weight lambda over the run (model.mtp_depth > 0): "constant" keeps model.mtp_loss_weight;
+    "stepped" drops it to mtp_weight_final after mtp_weight_step_fraction of max_steps, as DeepSeek-V3 did (0.3 for
+    its first 10T tokens, 0.1 for the last 4.8T)."""
+    mtp_weight_final: float = 0.1
+    mtp_weight_step_fraction: float = 0.68
+    """DeepSeek-V3 stepped at 10 / 14.8 of its tokens."""
 
     def check(self) -> None:
         """Every mistake a launch would only find later, found now (ValueError naming the field)."""
@@ -118,6 +125,18 @@ class TrainConfig:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.model.mtp_depth >= self.data.seq_len:
+            raise ValueError(
+                f"model.mtp_depth={self.model.mtp_depth} leaves no position to train in sequences of data.seq_len="
+                f"{self.data.seq_len}: depth k needs k + 1 tokens after a position"
+            )
+        if self.mtp_weight_schedule not in ("constant", "stepped"):
+            raise ValueError(f"mtp_weight_schedule must be constant or stepped, not {self.mtp_weight_schedule!r}")
+        if self.mtp_weight_final < 0 or not 0 < self.mtp_weight_step_fraction < 1:
+            raise ValueError(
+                f"mtp_weight_final={self.mtp_weight_final} must be >= 0 and mtp_weight_step_fraction="
+                f"{self.mtp_weight_step_fraction} in (0, 1)"
+            )
         if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
             raise ValueError(
                 f"distill_weight={self.distill_weight} must be in [0, 1] and distill_temperature="
@@ -129,6 +148,11 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def mtp_weight_at(self, step: int) -> float:
+        """lambda at `step` (see mtp_weight_schedule)."""
+        stepped = self.mtp_weight_schedule == "stepped" and step >= self.mtp_weight_step_fraction * self.max_steps
+        return self.mtp_weight_final if stepped else self.model.mtp_loss_weight
 
     def deepspeed_config(self) -> dict:
         """The DeepSpeed JSON config for this run (the optimizer and schedule are passed as objects)."""

@@ -21,9 +21,13 @@ from model.io import atomic_file
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token."""
+    """Training FLOPs (forward + backward) per token, the MTP modules included (each runs a block, the 2D -> D
+    projection and the shared output head once more per token)."""
     matmul_params = config.active_params() - config.vocab_size * config.d_model * (0 if config.tie_embeddings else 1)
-    return 6.0 * matmul_params + 12.0 * config.n_layers * config.d_model * seq_len
+    mtp_block = config._attn_params() + config.active_ffn_params(config.n_layers)
+    mtp = config.mtp_depth * (mtp_block + 2 * config.d_model**2 + config.vocab_size * config.d_model)
+    layers = config.n_layers + config.mtp_depth
+    return 6.0 * (matmul_params + mtp) + 12.0 * layers * config.d_model * seq_len
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:

@@ -101,6 +101,17 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, router_lr_scale: 
     return groups
 
 
+def mtp_losses(mtp_logits: list[torch.Tensor], y_BT: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per MTP depth k (1-based), its cross-entropy and top-1 accuracy: depth k's row i predicts y[i + k]
+    (= x[i + k + 1]), the token k positions after the main head's target."""
+    out = []
+    for k, logits_BTV in enumerate(mtp_logits, start=1):
+        target = y_BT[:, k:].reshape(-1)
+        flat = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
+        out.append((F.cross_entropy(flat, target), (flat.argmax(-1) == target).float().mean()))
+    return out
+
+
 def distillation_kl(student_BTV: torch.Tensor, x_BT: torch.Tensor, teacher: Transformer, T: float) -> torch.Tensor:
     """T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over tokens (Hinton et al. 2015):
     the student learns the teacher's whole next-token distribution, not just the data's token."""
@@ -216,7 +227,9 @@ class Trainer:
     # -- steps -------------------------------------------------------------------------------------------
 
     def _moe_layers(self) -> list:
-        return self.engine.module.moe_layers() if self.moe else []
+        """The main model's MoE layers, then the MTP modules': every one balances by its own loads."""
+        module = self.engine.module
+        return module.moe_layers() + module.mtp_moe_layers() if self.moe else []
 
     def train_step(self, batch_BT: torch.Tensor) -> dict:
         cfg = self.cfg
@@ -226,13 +239,18 @@ class Trainer:
         local = batch_BT[self.rank * self.micro : (self.rank + 1) * self.micro]
         x, y = local[:, :-1], local[:, 1:]
         start = time.perf_counter()
-        logits = self.engine(x)
+        depth = cfg.model.mtp_depth
+        logits, mtp_logits = self.engine(x, with_mtp=True) if depth else (self.engine(x), [])
         loss = F.cross_entropy(logits.float().reshape(-1, cfg.model.vocab_size), y.reshape(-1))
         aux = self.engine.module.aux_loss() if self.moe else torch.zeros(())
         objective, kl = loss, None
         if self.teacher is not None:
             kl = distillation_kl(logits, x, self.teacher, cfg.distill_temperature)
             objective = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
+        mtp = mtp_losses(mtp_logits, y)
+        mtp_weight = cfg.mtp_weight_at(self.step)
+        if mtp:  # DeepSeek-V3: L = L_main + lambda * mean over depths of L_MTP^k
+            objective = objective + mtp_weight * sum(k_loss for k_loss, _ in mtp) / len(mtp)
         self.engine.backward(objective + aux.to(loss.dtype))
         self.engine.step()
         self.step += 1
@@ -240,10 +258,12 @@ class Trainer:
 
         layers = self._moe_layers()
         E = cfg.model.n_routed_experts
-        # one all-reduce: loss, stop flag, and per MoE layer its expert loads, routed and dropped routes
+        # one all-reduce: loss, stop flag, distillation KL, MTP loss and accuracy per depth, and per MoE layer its
+        # expert loads, routed and dropped routes
         parts = [loss.detach().float().view(1), torch.tensor([float(self.stop_requested)])]
         if kl is not None:
             parts.append(kl.detach().float().view(1))
+        parts += [torch.stack(pair).detach().float() for pair in mtp]
         for layer in layers:  # DeepSpeedMoE layers: their gate counts routes
             parts += [
                 layer.last_routing.load_E(E),
@@ -253,11 +273,19 @@ class Trainer:
         dist.all_reduce(flat)
         self.stop_requested = flat[1].item() > 0
         record = {"step": self.step, "loss": flat[0].item() / self.world, "lr": lr, "tokens": self.tokens}
+        at = 2
         if kl is not None:
-            record["distill_kl"] = flat[2].item() / self.world
+            record["distill_kl"] = flat[at].item() / self.world
+            at += 1
+        for k in range(1, len(mtp) + 1):
+            record[f"mtp_loss/depth{k}"] = flat[at].item() / self.world
+            record[f"mtp_accuracy/depth{k}"] = flat[at + 1].item() / self.world
+            at += 2
+        if mtp:
+            record["mtp_weight"] = mtp_weight
         n_tokens = batch_BT.shape[0] * cfg.data.seq_len
         if layers:
-            per_layer = flat[2 + (kl is not None) :].view(len(layers), E + 2)
+            per_layer = flat[at:].view(len(layers), E + 2)
             load_LE, routed_L, dropped_L = per_layer[:, :E], per_layer[:, E], per_layer[:, E + 1]
             for layer, load_E in zip(layers, load_LE):
                 layer.update_bias(load_E)
@@ -290,20 +318,28 @@ class Trainer:
         out, total, count = {}, 0.0, 0
         layers = self._moe_layers()
         loads = [torch.zeros(self.cfg.model.n_routed_experts) for _ in layers]
+        depth = self.cfg.model.mtp_depth
+        mtp_sums = torch.zeros(depth, 2)  # per depth: summed loss and accuracy, weighted by rows
         for bucket, rows in self.val_rows.items():
             losses = []
             for batch in rows.split(self.micro):
-                logits = self.engine(batch[:, :-1])
+                x, y = batch[:, :-1], batch[:, 1:]
+                logits, mtp_logits = self.engine(x, with_mtp=True) if depth else (self.engine(x), [])
                 for load, layer in zip(loads, layers):
                     load += layer.last_routing.load_E(self.cfg.model.n_routed_experts)
                 losses.append(
-                    F.cross_entropy(logits.float().reshape(-1, self.cfg.model.vocab_size), batch[:, 1:].reshape(-1))
-                    * batch[:, 1:].numel()
+                    F.cross_entropy(logits.float().reshape(-1, self.cfg.model.vocab_size), y.reshape(-1)) * y.numel()
                 )
+                for k, (k_loss, k_acc) in enumerate(mtp_losses(mtp_logits, y)):
+                    mtp_sums[k] += torch.stack([k_loss, k_acc]).float() * len(batch)
             n = rows[:, 1:].numel()
             out[f"val_loss/bucket{bucket}"] = (sum(losses) / n).item()
             total, count = total + sum(losses).item(), count + n
         out["val_loss"] = total / count
+        n_rows = sum(len(rows) for rows in self.val_rows.values())
+        for k in range(depth):
+            out[f"val_mtp_loss/depth{k + 1}"] = (mtp_sums[k, 0] / n_rows).item()
+            out[f"val_mtp_accuracy/depth{k + 1}"] = (mtp_sums[k, 1] / n_rows).item()
         if layers:  # balance over every held-out token: many documents, unlike one training batch
             ratios = [(load.max() / load.mean().clamp_min(1e-9)).item() for load in loads]
             out.update({f"val_expert_load_max_over_mean/layer{i}": r for i, r in enumerate(ratios)})
@@ -324,6 +360,8 @@ class Trainer:
         if "expert_load_max_over_mean" in record:
             parts.append(f"load max/mean {record['expert_load_max_over_mean']:.2f}")
             parts.append(f"experts/token {record['active_experts_per_token']:.2f}")
+        if "mtp_accuracy/depth1" in record:
+            parts.append(f"mtp1 acc {record['mtp_accuracy/depth1']:.2f}")
         parts.append(f"${record['spend_usd']:.4f}")
         return " | ".join(parts)
 
@@ -360,7 +398,7 @@ class Trainer:
         summary = {
             "step": self.step,
             "tokens": self.tokens,
-            **{k: v for k, v in record.items() if k.startswith(("loss", "val_", "expert_load", "active_", "dropped"))},
+            **{k: v for k, v in record.items() if k.startswith(("loss", "val_", "expert_load", "active_", "dropped", "mtp_"))},
             "tokens_per_s": _mean_recent(records, "tokens_per_s"),
             "mfu": _mean_recent(records, "mfu"),
             "device_hours": self.meter.device_hours,

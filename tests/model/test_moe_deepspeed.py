@@ -125,3 +125,16 @@ def test_training_steps_match_the_reference():
             losses.append(loss.item())
         curves.append(losses)
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_mtp_modules_on_deepspeed_give_the_reference_logits_and_convert_both_ways():
+    ref, ds = pair(mtp_depth=2)
+    assert len(ds.mtp_moe_layers()) == 2 and isinstance(ds.mtp[0].block.ffn, DeepSpeedMoE)
+    tokens = torch.randint(0, ref.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        (ref_main, ref_mtp), (ds_main, ds_mtp) = ref(tokens, with_mtp=True), ds(tokens, with_mtp=True)
+    torch.testing.assert_close(ds_main, ref_main, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ds_mtp, ref_mtp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    back = reference_state(ds)
+    assert back.keys() == ref.state_dict().keys() and all(torch.equal(back[k], v) for k, v in ref.state_dict().items())

@@ -11,8 +11,40 @@ from model.transformer import MoE, Router, Transformer
 
 def test_parameter_accounting_matches_the_modules():
     for preset in (debug_tiny(), dense_baseline(debug_tiny())):
-        model = Transformer(preset)
-        assert sum(p.numel() for p in model.parameters()) == preset.total_params()
+        for mtp in ({}, {"mtp_depth": 2}, {"mtp_depth": 1, "mtp_moe": False}):
+            config = dataclasses.replace(preset, **mtp)
+            model = Transformer(config)
+            mtp_params = sum(p.numel() for p in model.mtp.parameters())
+            assert mtp_params == config.mtp_params()
+            assert sum(p.numel() for p in model.parameters()) - mtp_params == config.total_params()
+
+
+@pytest.mark.parametrize("mtp_moe", [True, False])
+def test_mtp_modules_chain_depths_and_decode_incrementally_like_the_training_forward(mtp_moe):
+    """Depth k's row i predicts token i + k + 1 from depth k-1's hidden state and token i + k; stepping the modules
+    position by position through their caches gives the logits of the one-shot training forward."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(debug_tiny(), mtp_depth=2, mtp_moe=mtp_moe)
+    model = Transformer(config).eval()
+    assert isinstance(model.mtp[0].block.ffn, MoE) == mtp_moe and len(model.mtp_moe_layers()) == 2 * mtp_moe
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    T = tokens.shape[1]
+    with torch.no_grad():
+        logits, mtp_logits = model(tokens, with_mtp=True)
+        assert [x.shape[1] for x in mtp_logits] == [T - 1, T - 2]
+        main, h0 = model(tokens, return_hidden=True)
+        torch.testing.assert_close(main, logits)
+        caches = model.new_mtp_cache(batch=2)
+        h1_steps, l1_steps, l2_steps = [], [], []
+        for i in range(T - 1):  # depth 1 at position i: h0_i and token i + 1
+            h1, l1 = model.mtp_step(1, h0[:, i : i + 1], tokens[:, i + 1 : i + 2], i, caches)
+            h1_steps.append(h1)
+            l1_steps.append(l1)
+        h1 = torch.cat(h1_steps, 1)
+        for i in range(T - 2):  # depth 2 at position i: h1_i and token i + 2
+            l2_steps.append(model.mtp_step(2, h1[:, i : i + 1], tokens[:, i + 2 : i + 3], i, caches)[1])
+    torch.testing.assert_close(torch.cat(l1_steps, 1), mtp_logits[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(l2_steps, 1), mtp_logits[1], rtol=1e-4, atol=1e-5)
 
 
 def test_dense_baseline_has_the_same_active_parameters():
@@ -127,3 +159,9 @@ def test_bad_configs_are_refused():
         ModelConfig(d_model=100, n_heads=3)
     with pytest.raises(ValueError, match="max_seq_len"):
         Transformer(debug_tiny())(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="mtp_depth must be in"):
+        dataclasses.replace(debug_tiny(), mtp_depth=-1)
+    with pytest.raises(ValueError, match="mtp_depth must be in"):
+        dataclasses.replace(debug_tiny(), mtp_depth=63)
+    with pytest.raises(ValueError, match="mtp_loss_weight"):
+        dataclasses.replace(debug_tiny(), mtp_loss_weight=-0.1)

@@ -127,8 +127,10 @@ def test_training_lowers_the_loss_and_exports_a_model_that_reloads(inputs, tmp_p
 
 def test_resume_after_sigterm_gives_the_losses_of_an_uninterrupted_run(inputs, tmp_path):
     steps = 240  # long enough for SIGTERM to land mid-run: on an idle machine 60 steps ended (in ~1 s) before it did
-    train(write_config(inputs, tmp_path / "whole", max_steps=steps, checkpoint_every=1000))
-    config = write_config(inputs, tmp_path / "cut", max_steps=steps, checkpoint_every=1000)
+    # with an MTP module (a MoE block) and the stepped MTP weight, which a resumed run must follow too
+    mtp = {"model": {"preset": "debug_tiny", "mtp_depth": 1}, "mtp_weight_schedule": "stepped"}
+    train(write_config(inputs, tmp_path / "whole", max_steps=steps, checkpoint_every=1000, **mtp))
+    config = write_config(inputs, tmp_path / "cut", max_steps=steps, checkpoint_every=1000, **mtp)
     proc = start(config)
     metrics = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -143,6 +145,8 @@ def test_resume_after_sigterm_gives_the_losses_of_an_uninterrupted_run(inputs, t
     out = train(config)
     assert "resumed from" in out and f"at step {stopped_at}" in out
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bit-exact, every step
+    mtp_losses = [[r["mtp_loss/depth1"] for r in read_metrics(tmp_path / run)] for run in ("cut", "whole")]
+    assert mtp_losses[0] == mtp_losses[1]
 
 
 def test_expert_parallel_ranks_match_data_parallel_ranks_and_one_rank(inputs, tmp_path):
@@ -151,8 +155,9 @@ def test_expert_parallel_ranks_match_data_parallel_ranks_and_one_rank(inputs, tm
         "dp2": {"world_size": 2},
         "ep2": {"world_size": 2, "ep_size": 2},
     }
+    mtp = {"model": {"preset": "debug_tiny", "mtp_depth": 1}}  # its MoE block's experts are split too
     for name, changes in runs.items():
-        train(write_config(inputs, tmp_path / name, **changes))
+        train(write_config(inputs, tmp_path / name, **changes, **mtp))
     one, dp2, ep2 = (losses(tmp_path / name) for name in runs)
     assert len(one) == 12
     assert ep2 == pytest.approx(dp2, rel=1e-5) and dp2 == pytest.approx(one, rel=1e-5)
@@ -187,6 +192,9 @@ def test_a_killed_rank_fails_the_run_and_shows_the_rank_logs(inputs, tmp_path):
         ({"tokenizer_path": "/nowhere/tokenizer.json"}, "tokenizer not found"),
         ({"distill_from": "/nowhere/teacher"}, "/nowhere/teacher/config.json: missing"),
         ({"distill_weight": 1.5}, "distill_weight=1.5 must be in [0, 1]"),
+        ({"model": {"mtp_depth": -1}}, "mtp_depth must be in [0, max_seq_len - 1 = 63), got -1"),
+        ({"model": {"mtp_depth": 32}}, "model.mtp_depth=32 leaves no position to train"),
+        ({"mtp_weight_schedule": "cosine"}, "mtp_weight_schedule must be constant or stepped"),
     ],
 )
 def test_bad_inputs_are_refused_before_anything_starts(inputs, tmp_path, capsys, changes, message):
@@ -194,6 +202,36 @@ def test_bad_inputs_are_refused_before_anything_starts(inputs, tmp_path, capsys,
     assert main(["--config", str(write_config(inputs, run_dir, **changes))]) == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()  # nothing was launched or written
+
+
+def test_mtp_modules_train_log_each_depth_and_export_with_the_model(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    train(write_config(inputs, run_dir, max_steps=40, eval_every=20, checkpoint_every=100,
+                       model={"preset": "debug_tiny", "mtp_depth": 2}, mtp_weight_schedule="stepped",
+                       mtp_weight_step_fraction=0.5))  # fmt: skip
+    records = read_metrics(run_dir)
+    first, last = records[0], records[-1]
+    for k in (1, 2):
+        assert abs(first[f"mtp_loss/depth{k}"] - math.log(512)) < 0.5  # untrained: near uniform
+        assert last[f"mtp_loss/depth{k}"] < first[f"mtp_loss/depth{k}"] - 1.0
+        assert 0 <= last[f"mtp_accuracy/depth{k}"] <= 1 and f"val_mtp_loss/depth{k}" in last
+    assert [r["mtp_weight"] for r in records[:20]] == [0.3] * 20 and records[20]["mtp_weight"] == 0.1
+    # the MTP blocks (MoE) balance beside the main MoE layer: layer1 and layer2 are the two modules'
+    assert "expert_load_max_over_mean/layer2" in last
+    # the exported model carries the modules; plain torch gives the held-out MTP losses DeepSpeed reported
+    model = load_model(run_dir)
+    assert len(model.mtp) == 2
+    cfg = TrainConfig.from_file(run_dir / "train_config.json")
+    rows = validation_rows(PackedLoader(cfg.shard_dir, load_tokenizer(run_dir / "tokenizer.json"), cfg.data), cfg)
+    from training.train import mtp_losses
+
+    with torch.no_grad():
+        sums = torch.zeros(2)
+        for batch in rows.values():
+            _, mtp_logits = model(batch[:, :-1], with_mtp=True)
+            sums += torch.stack([loss for loss, _ in mtp_losses(mtp_logits, batch[:, 1:])]) * len(batch)
+    n = sum(len(b) for b in rows.values())
+    assert (sums / n).tolist() == pytest.approx([last["val_mtp_loss/depth1"], last["val_mtp_loss/depth2"]], rel=1e-4)
 
 
 def test_empty_shards_are_refused(inputs, tmp_path, capsys):
