@@ -395,10 +395,11 @@ class Trainer:
         module = self.engine.module
         state = reference_state(module, self.ep_group) if self.moe else module.state_dict()
         records = read_metrics(self.run_dir) if self.rank == 0 else []  # rank 0 writes metrics.jsonl
+        reported = ("loss", "val_", "expert_load", "active_", "dropped", "mtp_")
         summary = {
             "step": self.step,
             "tokens": self.tokens,
-            **{k: v for k, v in record.items() if k.startswith(("loss", "val_", "expert_load", "active_", "dropped", "mtp_"))},
+            **{k: v for k, v in record.items() if k.startswith(reported)},
             "tokens_per_s": _mean_recent(records, "tokens_per_s"),
             "mfu": _mean_recent(records, "mfu"),
             "device_hours": self.meter.device_hours,
