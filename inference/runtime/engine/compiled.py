@@ -80,9 +80,10 @@ def static_forward(
     positions_P: torch.Tensor,
     slots_P: torch.Tensor,
     tables_PM: torch.Tensor,
-) -> torch.Tensor:
-    """Logits (P, V) of P tokens, each at its position, attending through its own block-table row. Every
-    shape is fixed by P and M, so `torch.compile` traces it into one graph."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (P, V) and final hidden states (P, D, through the final norm) of P tokens, each at its position,
+    attending through its own block-table row. Every shape is fixed by P and M, so `torch.compile` traces it into
+    one graph."""
     mc = model.config
     H, G, Dh = mc.n_heads, mc.n_kv_heads or mc.n_heads, mc.head_dim
     P, M = tables_PM.shape
@@ -103,7 +104,8 @@ def static_forward(
         h_PD = block.ffn_norm(x_PD)
         dense = isinstance(block.ffn, SwiGLU)
         x_PD = x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].dense(h_PD))
-    return model.lm_head(model.norm(x_PD)).float()
+    h_PD = model.norm(x_PD)
+    return model.lm_head(h_PD).float(), h_PD
 
 
 def compile_options(device: torch.device, autotune: bool = True) -> dict:
@@ -188,8 +190,9 @@ class CompiledStep:
     def fits(self, batch: Batch) -> bool:
         return self._fn is not None and batch.tokens_N.shape[0] <= self.buckets[-1]
 
-    def __call__(self, batch: Batch, logits_at: list[int]) -> torch.Tensor | None:
-        """Logits (L, V) at `logits_at`, or None when the step does not fit a compiled bucket."""
+    def __call__(self, batch: Batch, logits_at: list[int], return_hidden: bool = False):
+        """Logits (L, V) at `logits_at` (return_hidden: and the hidden states (N, D) of every token, as
+        runner.forward), or None when the step does not fit a compiled bucket."""
         if not self.fits(batch):
             return None
         N = batch.tokens_N.shape[0]
@@ -201,5 +204,6 @@ class CompiledStep:
         ends = torch.tensor(batch.ends, device=self.device)
         run_N = torch.searchsorted(ends, torch.arange(N, device=self.device), right=True)
         tables[:N, :M] = batch.block_tables_BM.to(self.device)[run_N]
-        logits_PV = self._run(tokens, positions, slots, tables)
-        return logits_PV[torch.tensor(logits_at, dtype=torch.long, device=self.device)]
+        logits_PV, h_PD = self._run(tokens, positions, slots, tables)
+        logits = logits_PV[torch.tensor(logits_at, dtype=torch.long, device=self.device)]
+        return (logits, h_PD[:N]) if return_hidden else logits

@@ -6,7 +6,8 @@ sample or verify per request, deliver each request's new tokens through its call
 requests that finished. The server runs the steps in a process of its own (inference.runtime.engine.process);
 tests and offline callers step it themselves (`run_until_done`).
 
-Speculative decoding (with a draft): gamma adapts per step from the measured costs (inference.runtime.speculative
+Speculative decoding, with a draft model or with the target's own MTP modules (inference.runtime.engine.mtp;
+`EngineConfig.proposer`): gamma adapts per step from the measured costs (inference.runtime.speculative
 .GammaPolicy, the same for the whole batch), down to plain steps when the draft does not pay. A request
 with a seed and temperature > 0 keeps the package's gamma instead, so that its random draws, and therefore
 its text, repeat exactly; greedy requests are deterministic under any gamma.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.runtime.engine import runner, spec_decode
+from inference.runtime.engine import mtp, runner, spec_decode
 from inference.runtime.engine.block_pool import BlockPool
 from inference.runtime.engine.compiled import BUCKETS, CompiledStep
 from inference.runtime.engine.experts import GroupedExperts
@@ -56,7 +57,10 @@ class EngineConfig:
     second half keeps released prefixes for reuse). Memory is only touched as blocks are used."""
     prefix_caching: bool = True
     gamma: int = 4
-    """The most tokens the draft proposes per round."""
+    """The most tokens the draft proposes per round (with MTP, at most the model's mtp_depth)."""
+    proposer: str = "auto"
+    """Who proposes speculative tokens: "mtp" (the target's multi-token-prediction modules), "draft" (the draft
+    model), "none" (plain decoding), or "auto": MTP when the target has modules, else the draft when one is given."""
     adaptive_gamma: bool = True
     compile_sizes: tuple[int, ...] = BUCKETS
     """Token counts the compiled step is built for (`Engine.compile`); a step of more tokens runs eager."""
@@ -72,6 +76,23 @@ class EngineConfig:
             raise ValueError(f"compile_sizes must be token counts >= 1, got {self.compile_sizes}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError(f"kv_blocks must be >= 1, got {self.kv_blocks}")
+        if self.proposer not in PROPOSERS:
+            raise ValueError(f"proposer must be one of {PROPOSERS}, not {self.proposer!r}")
+
+
+PROPOSERS = ("auto", "mtp", "draft", "none")
+
+
+def resolve_proposer(choice: str, target: Generator, draft: Generator | None) -> str:
+    """The proposer an engine runs: `choice` checked against what the models have, "auto" resolved."""
+    depth = target.model.config.mtp_depth
+    if choice == "auto":
+        return "mtp" if depth else "draft" if draft is not None else "none"
+    if choice == "mtp" and not depth:
+        raise ValueError("proposer 'mtp': the target has no MTP modules (its config.json says mtp_depth=0)")
+    if choice == "draft" and draft is None:
+        raise ValueError("proposer 'draft': no draft model was given")
+    return choice
 
 
 @dataclass(slots=True)
@@ -147,22 +168,34 @@ class Engine:
     def __init__(self, target: Generator, draft: Generator | None = None, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         config.check()
+        self.proposer = resolve_proposer(config.proposer, target, draft)
+        draft = draft if self.proposer == "draft" else None
         self.target, self.draft = target, draft
         self.max_seq_len = min(g.model.config.max_seq_len for g in (target, draft) if g is not None)
         num_blocks = config.kv_blocks or 2 * config.max_batch * -(-self.max_seq_len // config.block_size)
         self.pool = BlockPool(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.pool, config.max_batch, config.max_step_tokens, config.max_queue,
-                                   config.prefix_caching)  # fmt: skip
+                                   config.prefix_caching, lazy_draft=self.proposer != "mtp")  # fmt: skip
         self.caches = [_cache_for(target, config, num_blocks)]
         if draft is not None:
             self.caches.append(_cache_for(draft, config, num_blocks))
         self.experts = [_grouped_experts(g) for g in (target, draft) if g is not None]
         """Per model, its MoE layers' experts stacked for grouped computation (inference.runtime.engine.experts)."""
+        self.gamma = config.gamma
+        self.mtp_cache = self.mtp_experts = None
+        if self.proposer == "mtp":  # one full-precision cache layer per depth, on the target's block tables
+            mc = target.model.config
+            self.gamma = min(config.gamma, mc.mtp_depth)
+            self.mtp_cache = PagedKVCache(mc.mtp_depth, num_blocks, config.block_size, mc.n_kv_heads or mc.n_heads,
+                                          mc.head_dim, "fp32", target.model.embed.weight.dtype)  # fmt: skip
+            self.mtp_experts = {id(m): GroupedExperts(m) for m in target.model.mtp_moe_layers()}
+            self.mtp_experts = {key: e for key, e in self.mtp_experts.items() if e.usable}
         sizes = tuple(sorted(set(config.compile_sizes)))
         self.steps = [CompiledStep(g.model, cache, experts, config.block_size, sizes, config.compile_autotune)
                       for g, cache, experts in zip((target, draft), self.caches, self.experts)]  # fmt: skip
         """Per model, its compiled step for few-token batches; idle (the eager forward) until `compile`."""
-        self.policy = GammaPolicy(config.gamma) if draft is not None and config.adaptive_gamma else None
+        speculative = self.proposer != "none"
+        self.policy = GammaPolicy(self.gamma) if speculative and config.adaptive_gamma else None
         self.stats = EngineStats()
         self.eos = target.eos
         self._lock = threading.Lock()
@@ -175,14 +208,14 @@ class Engine:
         serving; returns the seconds it took. Without it every step runs the eager forward."""
         return sum(step.compile() for step in self.steps)
 
-    def _forward(self, which: int, batch: Batch, logits_at: list[int]) -> torch.Tensor:
-        """Logits of model `which` (0 target, 1 draft) at `logits_at`: the compiled step when the batch fits
-        one of its buckets, else the eager packed forward."""
-        logits = self.steps[which](batch, logits_at)
-        if logits is not None:
-            return logits
+    def _forward(self, which: int, batch: Batch, logits_at: list[int], return_hidden: bool = False):
+        """Logits of model `which` (0 target, 1 draft) at `logits_at` (return_hidden: and every token's final
+        hidden state): the compiled step when the batch fits one of its buckets, else the eager packed forward."""
+        out = self.steps[which](batch, logits_at, return_hidden)
+        if out is not None:
+            return out
         model = (self.target, self.draft)[which].model
-        return runner.forward(model, batch, self.caches[which], logits_at, self.experts[which])
+        return runner.forward(model, batch, self.caches[which], logits_at, self.experts[which], return_hidden)
 
     # -- requests in ---------------------------------------------------------------------------------
 
@@ -286,8 +319,12 @@ class Engine:
         for seq, n in chunks:
             self.scheduler.grow(seq, seq.computed + n)
         fresh = self.pool.take_fresh()
-        for cache in self.caches:
+        for cache in [*self.caches, *([self.mtp_cache] if self.mtp_cache is not None else [])]:
             cache.zero_blocks(fresh)
+        if self.proposer == "mtp":
+            for seq in running:
+                if seq.mtp is None:
+                    seq.mtp = mtp.MTPState.start(self.target.model.config.mtp_depth, seq.computed)
         in_step = decoding + [s for s, _ in chunks]
         try:
             t0 = time.perf_counter()
@@ -303,7 +340,7 @@ class Engine:
         self._observe(decoding, gammas, accepted, t1 - t0, t2 - t1)
         with self._lock:
             for seq, (tokens, logprobs, reason) in results.items():
-                self.scheduler.register_full_blocks(seq, seq.draft_computed if self.draft else None)
+                self.scheduler.register_full_blocks(seq, self._proposer_computed(seq))
                 if reason is not None:
                     self._finish(seq, reason, None, tokens, logprobs)
                 elif tokens:
@@ -312,15 +349,23 @@ class Engine:
         self.stats.batch_sizes[len(in_step)] += 1
         self.stats.busy_seconds += time.perf_counter() - started
 
+    def _proposer_computed(self, seq: Sequence) -> int | None:
+        """Positions the proposer's caches hold for `seq` (None without a proposer)."""
+        if self.proposer == "draft":
+            return seq.draft_computed
+        if self.proposer == "mtp":
+            return seq.mtp.ready
+        return None
+
     def _gammas(self, decoding: list[Sequence]) -> list[int]:
-        if self.draft is None or not decoding:
+        if self.proposer == "none" or not decoding:
             return [0] * len(decoding)
-        shared = self.policy.choose(self.config.gamma) if self.policy else self.config.gamma
+        shared = self.policy.choose(self.gamma) if self.policy else self.gamma
         self.stats.last_gamma = shared
         gammas = []
         for seq in decoding:
             fixed = seq.params.seed is not None and not seq.params.greedy  # its draws must repeat
-            gammas.append(min(self.config.gamma if fixed else shared, seq.left - 1))
+            gammas.append(min(self.gamma if fixed else shared, seq.left - 1))
         return gammas
 
     def _propose(self, decoding, gammas) -> tuple[list[list[int]], list[list]]:
@@ -329,8 +374,11 @@ class Engine:
         feeds whatever its draft cache lacks, the prompt included."""
         proposals = [[] for _ in decoding]
         qs = [[] for _ in decoding]
-        if self.draft is None or not any(gammas):
+        if not any(gammas):
             return proposals, qs
+        if self.proposer == "mtp":
+            model, bs = self.target.model, self.config.block_size
+            return mtp.propose(model, self.mtp_cache, self.mtp_experts, decoding, gammas, bs)
         bs = self.config.block_size
         for i in range(max(gammas)):
             runs, rows = [], []
@@ -373,7 +421,10 @@ class Engine:
                 else:
                     wanted.append(range(batch.ends[k] - 1, batch.ends[k]) if done else range(0))
         flat = [i for r in wanted for i in r]
-        logits_LV = self._forward(0, batch, flat)
+        if self.proposer == "mtp":  # MTP module 1 reads the target's hidden states of every computed position
+            logits_LV, h_ND = self._forward(0, batch, flat, return_hidden=True)
+        else:
+            logits_LV = self._forward(0, batch, flat)
         rows, at = [], 0
         for r in wanted:
             rows.append(logits_LV[at : at + len(r)])
@@ -383,6 +434,8 @@ class Engine:
             L = len(seq.tokens)
             n, nxt = spec_decode.accept(rows[k], seq.params, seq.output_ids, proposals[k], qs[k], seq.generator)
             seq.computed = L + n
+            if self.proposer == "mtp":  # positions L - 1 .. L - 1 + n are now the target's, confirmed
+                seq.mtp.target_hidden(L - 1, h_ND[begins[k] : begins[k] + n + 1])
             accepted.append(n)
             if g:
                 seq.draft_computed = L + min(n, g - 1)
@@ -397,6 +450,8 @@ class Engine:
             logits_KV = rows[k]
             start = seq.computed
             seq.computed += n
+            if self.proposer == "mtp":
+                seq.mtp.target_hidden(start, h_ND[begins[k] : batch.ends[k]])
             self.stats.prompt_tokens += n
             if seq.params.prompt_logprobs:
                 nxt_prompt = seq.prompt_ids[start + 1 : seq.computed]

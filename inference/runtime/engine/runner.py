@@ -104,6 +104,19 @@ GROUPED_MAX_TOKENS = 64
 every token, in a few large products); beyond, prompt chunks use the per-expert loop, where FLOPs dominate."""
 
 
+def _layer(block, x_ND, batch: Batch, cache: PagedKVCache, layer: int, cos, sin, grouped: dict) -> torch.Tensor:
+    """One transformer block over the packed tokens; `layer` is the block's layer in `cache`."""
+    x_ND = x_ND + _attention(block.attn, block.attn_norm(x_ND), batch, cache, layer, cos, sin)
+    h_ND = block.ffn_norm(x_ND)
+    ffn = grouped.get(id(block.ffn))
+    return x_ND + (ffn(h_ND) if ffn is not None else block.ffn(h_ND[None])[0])
+
+
+def _rope(model: Transformer, batch: Batch):
+    """cos, sin (N, 1, Dh / 2): one angle per token, all heads."""
+    return model.rope_cos[batch.positions_N][:, None, :], model.rope_sin[batch.positions_N][:, None, :]
+
+
 @torch.no_grad()
 def forward(
     model: Transformer,
@@ -111,18 +124,40 @@ def forward(
     cache: PagedKVCache,
     logits_at: list[int],
     experts: dict[int, GroupedExperts] | None = None,
-) -> torch.Tensor:
+    return_hidden: bool = False,
+):
     """Logits (L, V) of the packed tokens at indices `logits_at` (none: an empty tensor, and no head).
-    experts: GroupedExperts by id of their MoE layer, used for steps of few tokens."""
+    experts: GroupedExperts by id of their MoE layer, used for steps of few tokens. return_hidden: (logits, h_ND),
+    the final hidden state of every packed token through the final norm (where MTP module 1 starts)."""
     x_ND = model.embed(batch.tokens_N)
-    cos = model.rope_cos[batch.positions_N][:, None, :]  # (N, 1, Dh / 2): one angle per token, all heads
-    sin = model.rope_sin[batch.positions_N][:, None, :]
+    cos, sin = _rope(model, batch)
     grouped = experts if experts and x_ND.shape[0] <= GROUPED_MAX_TOKENS else {}
     for i, block in enumerate(model.layers):
-        x_ND = x_ND + _attention(block.attn, block.attn_norm(x_ND), batch, cache, i, cos, sin)
-        h_ND = block.ffn_norm(x_ND)
-        ffn = grouped.get(id(block.ffn))
-        x_ND = x_ND + (ffn(h_ND) if ffn is not None else block.ffn(h_ND[None])[0])
+        x_ND = _layer(block, x_ND, batch, cache, i, cos, sin, grouped)
+    if return_hidden:
+        h_ND = model.norm(x_ND)
+        logits = model.lm_head(h_ND[torch.tensor(logits_at, dtype=torch.long)]).float()
+        return logits, h_ND
     if not logits_at:
         return x_ND.new_zeros(0, model.config.vocab_size)
     return model.lm_head(model.norm(x_ND[torch.tensor(logits_at)])).float()
+
+
+@torch.no_grad()
+def mtp_forward(
+    model: Transformer,
+    depth: int,
+    batch: Batch,
+    h_prev_ND: torch.Tensor,
+    cache: PagedKVCache,
+    logits_at: list[int],
+    experts: dict[int, GroupedExperts] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTP module `depth` (1-based; layer depth - 1 of `cache`) over the packed tokens, each the token `depth`
+    positions ahead of its position, with h_prev_ND the previous depth's hidden states there: (h_ND, logits (L, V))."""
+    module = model.mtp[depth - 1]
+    x_ND = module.combine(h_prev_ND, model.embed(batch.tokens_N))
+    cos, sin = _rope(model, batch)
+    grouped = experts if experts and x_ND.shape[0] <= GROUPED_MAX_TOKENS else {}
+    x_ND = _layer(module.block, x_ND, batch, cache, depth - 1, cos, sin, grouped)
+    return x_ND, model.lm_head(module.norm(x_ND[torch.tensor(logits_at, dtype=torch.long)])).float()

@@ -67,6 +67,8 @@ class Sequence:
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     delivered: bool = False
     """Whether an output went out yet (the first carries the prompt's log-probs)."""
+    mtp: object | None = None
+    """The MTP proposer's caches and pending hidden states (inference.runtime.engine.mtp.MTPState)."""
 
     @property
     def tokens(self) -> list[int]:
@@ -82,13 +84,23 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_batch: int, max_step_tokens: int, max_queue: int, prefix_caching: bool):
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_batch: int,
+        max_step_tokens: int,
+        max_queue: int,
+        prefix_caching: bool,
+        lazy_draft: bool = True,
+    ):
+        """lazy_draft: the proposer catches up by itself on cached blocks its cache lacks (a draft model);
+        False (MTP, which needs the target's hidden states) reuses only blocks the proposer holds too."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1, got {max_step_tokens}")
         self.pool, self.max_batch, self.max_step_tokens = pool, max_batch, max_step_tokens
-        self.max_queue, self.prefix_caching = max_queue, prefix_caching
+        self.max_queue, self.prefix_caching, self.lazy_draft = max_queue, prefix_caching, lazy_draft
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefix_queries = self.prefix_hits = 0
@@ -109,6 +121,12 @@ class Scheduler:
             if self.prefix_caching and not seq.params.prompt_logprobs:
                 usable = (len(seq.prompt_ids) - 1) // bs  # the last prompt token is always computed: its logits
                 hits = self.pool.lookup(seq.hashes[:usable])
+            ready = next((i for i, b in enumerate(hits) if b not in self.pool.draft_ready), len(hits))
+            if not self.lazy_draft:
+                # an MTP entry at depth k reads the token k positions ahead, so a block's last entries depend on
+                # the next block's tokens: reuse a ready block only when the next block matched too
+                hits = hits[: ready if ready < len(hits) else max(0, ready - 1)]
+                ready = len(hits)
             need = self.blocks_for(len(seq.prompt_ids) + seq.params.max_new_tokens) - len(hits)
             if not self.pool.can_admit(hits, need):
                 break
@@ -116,7 +134,6 @@ class Scheduler:
             self.pool.admit(hits, need)
             seq.block_table, seq.reserved = list(hits), need
             seq.computed = seq.cached_tokens = len(hits) * bs
-            ready = next((i for i, b in enumerate(hits) if b not in self.pool.draft_ready), len(hits))
             seq.draft_computed = ready * bs  # the draft catches up on the rest at its first proposal
             seq.registered = len(hits)
             if not seq.params.prompt_logprobs:
