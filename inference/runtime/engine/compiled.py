@@ -71,6 +71,28 @@ def _attend(q_PHDh, cache: PagedKVCache, layer: int, slot_PS, allowed_PS, G: int
     return out_PGRDh.reshape(P, H * Dh).to(q_PHDh.dtype)
 
 
+def _static_layer(block, x_PD, cache: PagedKVCache, layer: int, slots_P, slot_PS, allowed_PS, cos, sin, experts):
+    """One transformer block over P tokens (layer `layer` of `cache`)."""
+    attn = block.attn
+    P, H, G, Dh = x_PD.shape[0], attn.n_heads, attn.n_kv, attn.head_dim
+    h_PD = block.attn_norm(x_PD)
+    q_PHDh = apply_rope(attn.wq(h_PD).view(P, H, Dh), cos, sin)
+    k_PGDh = apply_rope(attn.wk(h_PD).view(P, G, Dh), cos, sin)
+    cache.write(layer, slots_P, k_PGDh, attn.wv(h_PD).view(P, G, Dh))  # in place, traced into the graph
+    x_PD = x_PD + attn.wo(_attend(q_PHDh, cache, layer, slot_PS, allowed_PS, G))
+    h_PD = block.ffn_norm(x_PD)
+    dense = isinstance(block.ffn, SwiGLU)
+    return x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].dense(h_PD))
+
+
+def _slots_and_mask(positions_P, tables_PM, block_size: int):
+    """Each token's cache slot for every position of its table (P, S), and which of them it may attend to."""
+    S = tables_PM.shape[1] * block_size
+    key_S = torch.arange(S, device=positions_P.device)
+    slot_PS = tables_PM[:, key_S // block_size] * block_size + key_S % block_size
+    return slot_PS, key_S[None, :] <= positions_P[:, None]
+
+
 def static_forward(
     model: Transformer,
     cache: PagedKVCache,
@@ -84,28 +106,37 @@ def static_forward(
     """Logits (P, V) and final hidden states (P, D, through the final norm) of P tokens, each at its position,
     attending through its own block-table row. Every shape is fixed by P and M, so `torch.compile` traces it into
     one graph."""
-    mc = model.config
-    H, G, Dh = mc.n_heads, mc.n_kv_heads or mc.n_heads, mc.head_dim
-    P, M = tables_PM.shape
-    S = M * block_size
-    key_S = torch.arange(S, device=tokens_P.device)
-    slot_PS = tables_PM[:, key_S // block_size] * block_size + key_S % block_size
-    allowed_PS = key_S[None, :] <= positions_P[:, None]
+    slot_PS, allowed_PS = _slots_and_mask(positions_P, tables_PM, block_size)
     x_PD = model.embed(tokens_P)
     cos = model.rope_cos[positions_P][:, None, :]
     sin = model.rope_sin[positions_P][:, None, :]
     for i, block in enumerate(model.layers):
-        attn = block.attn
-        h_PD = block.attn_norm(x_PD)
-        q_PHDh = apply_rope(attn.wq(h_PD).view(P, H, Dh), cos, sin)
-        k_PGDh = apply_rope(attn.wk(h_PD).view(P, G, Dh), cos, sin)
-        cache.write(i, slots_P, k_PGDh, attn.wv(h_PD).view(P, G, Dh))  # in place, traced into the graph
-        x_PD = x_PD + attn.wo(_attend(q_PHDh, cache, i, slot_PS, allowed_PS, G))
-        h_PD = block.ffn_norm(x_PD)
-        dense = isinstance(block.ffn, SwiGLU)
-        x_PD = x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].dense(h_PD))
+        x_PD = _static_layer(block, x_PD, cache, i, slots_P, slot_PS, allowed_PS, cos, sin, experts)
     h_PD = model.norm(x_PD)
     return model.lm_head(h_PD).float(), h_PD
+
+
+def static_mtp_forward(
+    model: Transformer,
+    depth: int,
+    cache: PagedKVCache,
+    experts: dict[int, GroupedExperts],
+    block_size: int,
+    tokens_P: torch.Tensor,
+    h_prev_PD: torch.Tensor,
+    positions_P: torch.Tensor,
+    slots_P: torch.Tensor,
+    tables_PM: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MTP module `depth` over P tokens, as inference.runtime.engine.runner.mtp_forward: (h^depth (P, D), logits
+    (P, V)); its cache layer is depth - 1."""
+    slot_PS, allowed_PS = _slots_and_mask(positions_P, tables_PM, block_size)
+    module = model.mtp[depth - 1]
+    x_PD = module.combine(h_prev_PD, model.embed(tokens_P))
+    cos = model.rope_cos[positions_P][:, None, :]
+    sin = model.rope_sin[positions_P][:, None, :]
+    x_PD = _static_layer(module.block, x_PD, cache, depth - 1, slots_P, slot_PS, allowed_PS, cos, sin, experts)
+    return x_PD, model.lm_head(module.norm(x_PD)).float()
 
 
 def compile_options(device: torch.device, autotune: bool = True) -> dict:
@@ -190,11 +221,8 @@ class CompiledStep:
     def fits(self, batch: Batch) -> bool:
         return self._fn is not None and batch.tokens_N.shape[0] <= self.buckets[-1]
 
-    def __call__(self, batch: Batch, logits_at: list[int], return_hidden: bool = False):
-        """Logits (L, V) at `logits_at` (return_hidden: and the hidden states (N, D) of every token, as
-        runner.forward), or None when the step does not fit a compiled bucket."""
-        if not self.fits(batch):
-            return None
+    def _inputs(self, batch: Batch):
+        """The batch padded to its bucket: (N, tokens, positions, slots, tables)."""
         N = batch.tokens_N.shape[0]
         P = bucket_for(N, self.buckets)
         tokens, positions, slots, tables = self._padding(P)
@@ -204,6 +232,64 @@ class CompiledStep:
         ends = torch.tensor(batch.ends, device=self.device)
         run_N = torch.searchsorted(ends, torch.arange(N, device=self.device), right=True)
         tables[:N, :M] = batch.block_tables_BM.to(self.device)[run_N]
+        return N, tokens, positions, slots, tables
+
+    def __call__(self, batch: Batch, logits_at: list[int], return_hidden: bool = False):
+        """Logits (L, V) at `logits_at` (return_hidden: and the hidden states (N, D) of every token, as
+        runner.forward), or None when the step does not fit a compiled bucket."""
+        if not self.fits(batch):
+            return None
+        N, tokens, positions, slots, tables = self._inputs(batch)
         logits_PV, h_PD = self._run(tokens, positions, slots, tables)
         logits = logits_PV[torch.tensor(logits_at, dtype=torch.long, device=self.device)]
         return (logits, h_PD[:N]) if return_hidden else logits
+
+
+class CompiledMTPStep(CompiledStep):
+    """The MTP modules' step, compiled per depth and bucket like the target's: `__call__(depth, batch, h_prev_ND,
+    logits_at)` gives (h_ND, logits (L, V)), or None when the batch does not fit a bucket (then the engine runs
+    runner.mtp_forward)."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, experts: dict[int, GroupedExperts],
+                 block_size: int, buckets: tuple[int, ...] = BUCKETS, autotune: bool = True):  # fmt: skip
+        super().__init__(model, cache, {}, block_size, buckets, autotune)
+        self.experts = {id(m): experts.get(id(m)) or GroupedExperts(m) for m in model.mtp_moe_layers()}
+        self._fns: dict[int, Callable] = {}
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._fns)
+
+    def fits(self, batch: Batch) -> bool:
+        return bool(self._fns) and batch.tokens_N.shape[0] <= self.buckets[-1]
+
+    def compile(self) -> float:
+        start = time.perf_counter()
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+        D = self.model.config.d_model
+        with torch._inductor.config.patch(compile_options(self.device, self.autotune)):
+            for depth in range(1, len(self.model.mtp) + 1):
+
+                def step(tokens_P, h_prev_PD, positions_P, slots_P, tables_PM, depth=depth):
+                    return static_mtp_forward(self.model, depth, self.cache, self.experts, self.block_size,
+                                              tokens_P, h_prev_PD, positions_P, slots_P, tables_PM)  # fmt: skip
+
+                self._fns[depth] = torch.compile(step, fullgraph=True, dynamic=False)
+                for n in self.buckets:
+                    tokens, positions, slots, tables = self._padding(n)
+                    with torch.no_grad():
+                        self._fns[depth](tokens, torch.zeros(n, D, device=self.device), positions, slots, tables)
+        self.compile_seconds = time.perf_counter() - start
+        log.info("compiled the MTP step for %d depths in %.1f s", len(self.model.mtp), self.compile_seconds)
+        return self.compile_seconds
+
+    @torch.no_grad()
+    def __call__(self, depth: int, batch: Batch, h_prev_ND: torch.Tensor, logits_at: list[int]):
+        if not self.fits(batch):
+            return None
+        N, tokens, positions, slots, tables = self._inputs(batch)
+        h_prev = h_prev_ND.new_zeros(tokens.shape[0], h_prev_ND.shape[1])
+        h_prev[:N] = h_prev_ND
+        h_PD, logits_PV = self._fns[depth](tokens, h_prev, positions, slots, tables)
+        return h_PD[:N], logits_PV[torch.tensor(logits_at, dtype=torch.long, device=self.device)]

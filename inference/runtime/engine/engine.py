@@ -28,7 +28,7 @@ import torch
 
 from inference.runtime.engine import mtp, runner, spec_decode
 from inference.runtime.engine.block_pool import BlockPool
-from inference.runtime.engine.compiled import BUCKETS, CompiledStep
+from inference.runtime.engine.compiled import BUCKETS, CompiledMTPStep, CompiledStep
 from inference.runtime.engine.experts import GroupedExperts
 from inference.runtime.engine.paged_cache import PagedKVCache
 from inference.runtime.engine.runner import Batch, Run
@@ -109,9 +109,20 @@ class EngineStats:
     """Per request: decoding steps without the draft."""
     proposed: int = 0
     accepted: int = 0
+    proposed_at: Counter = field(default_factory=Counter)
+    """Per proposal index i (0 = the first of a round): rounds in which it was verified, i.e. every earlier
+    proposal was accepted (so accepted_at[i] / proposed_at[i] is the acceptance at depth i + 1)."""
+    accepted_at: Counter = field(default_factory=Counter)
     last_gamma: int = 0
     finished: Counter = field(default_factory=Counter)
     busy_seconds: float = 0.0
+    propose_seconds: float = 0.0
+    """Seconds in proposer forwards (the draft's or the MTP modules'), over `propose_forwards` of them, and in
+    target forwards, over `verify_forwards`: counted on steps without prompt chunks only, so that their ratio
+    is the cost of one proposal step relative to one decoding forward of the target."""
+    propose_forwards: int = 0
+    verify_seconds: float = 0.0
+    verify_forwards: int = 0
 
 
 @dataclass(slots=True)
@@ -194,6 +205,9 @@ class Engine:
         self.steps = [CompiledStep(g.model, cache, experts, config.block_size, sizes, config.compile_autotune)
                       for g, cache, experts in zip((target, draft), self.caches, self.experts)]  # fmt: skip
         """Per model, its compiled step for few-token batches; idle (the eager forward) until `compile`."""
+        if self.proposer == "mtp":
+            self.steps.append(CompiledMTPStep(target.model, self.mtp_cache, {**self.experts[0], **self.mtp_experts},
+                                              config.block_size, sizes, config.compile_autotune))  # fmt: skip
         speculative = self.proposer != "none"
         self.policy = GammaPolicy(self.gamma) if speculative and config.adaptive_gamma else None
         self.stats = EngineStats()
@@ -216,6 +230,14 @@ class Engine:
             return out
         model = (self.target, self.draft)[which].model
         return runner.forward(model, batch, self.caches[which], logits_at, self.experts[which], return_hidden)
+
+    def _mtp_forward(self, depth: int, batch: Batch, h_prev_ND: torch.Tensor, logits_at: list[int]):
+        """MTP module `depth` over a packed batch: the compiled step when it fits a bucket, else eager."""
+        out = self.steps[-1](depth, batch, h_prev_ND, logits_at)
+        if out is not None:
+            return out
+        model = self.target.model
+        return runner.mtp_forward(model, depth, batch, h_prev_ND, self.mtp_cache, logits_at, self.mtp_experts)
 
     # -- requests in ---------------------------------------------------------------------------------
 
@@ -258,7 +280,9 @@ class Engine:
                            "free": len(pool.free)},
                 prefix_queries=self.scheduler.prefix_queries, prefix_hits=self.scheduler.prefix_hits,
                 stats=dataclasses.replace(self.stats, batch_sizes=Counter(self.stats.batch_sizes),
-                                          finished=Counter(self.stats.finished)),
+                                          finished=Counter(self.stats.finished),
+                                          proposed_at=Counter(self.stats.proposed_at),
+                                          accepted_at=Counter(self.stats.accepted_at)),
             )  # fmt: skip
 
     # -- running to the end ----------------------------------------------------------------------------
@@ -338,6 +362,12 @@ class Engine:
                     self._finish(seq, "error", f"decoding failed: {type(e).__name__}: {e}")
             return
         self._observe(decoding, gammas, accepted, t1 - t0, t2 - t1)
+        if not chunks:
+            if any(gammas):
+                self.stats.propose_seconds += t1 - t0
+                self.stats.propose_forwards += max(gammas)
+            self.stats.verify_seconds += t2 - t1
+            self.stats.verify_forwards += 1
         with self._lock:
             for seq, (tokens, logprobs, reason) in results.items():
                 self.scheduler.register_full_blocks(seq, self._proposer_computed(seq))
@@ -377,8 +407,7 @@ class Engine:
         if not any(gammas):
             return proposals, qs
         if self.proposer == "mtp":
-            model, bs = self.target.model, self.config.block_size
-            return mtp.propose(model, self.mtp_cache, self.mtp_experts, decoding, gammas, bs)
+            return mtp.propose(self._mtp_forward, decoding, gammas, self.config.block_size)
         bs = self.config.block_size
         for i in range(max(gammas)):
             runs, rows = [], []
@@ -442,6 +471,9 @@ class Engine:
             results[seq] = self._emit(seq, [*proposals[k][:n], nxt], rows[k])
             self.stats.proposed += g
             self.stats.accepted += n
+            for i in range(min(n + 1, g)):
+                self.stats.proposed_at[i] += 1
+                self.stats.accepted_at[i] += i < n
             if g:
                 self.stats.spec_rounds += 1
             else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.runtime.engine import runner, spec_decode
+from inference.runtime.engine import spec_decode
 from inference.runtime.engine.runner import Batch, Run
 
 
@@ -75,9 +75,11 @@ class MTPState:
         self.trails[0].append(start, h_ND)
 
 
-def propose(model, cache, experts, decoding, gammas, block_size: int) -> tuple[list[list[int]], list[list]]:
+def propose(forward, decoding, gammas, block_size: int) -> tuple[list[list[int]], list[list]]:
     """Each decoding request's proposals (up to its gamma <= mtp_depth) and their distributions, one MTP
-    forward per depth over every request still proposing. `decoding` are engine Sequences with an MTPState."""
+    forward per depth over every request still proposing. `decoding` are engine Sequences with an MTPState;
+    forward(depth, batch, h_prev_ND, logits_at) -> (h_ND, logits) runs one depth (the engine's compiled step, or
+    runner.mtp_forward)."""
     proposals: list[list[int]] = [[] for _ in decoding]
     qs: list[list] = [[] for _ in decoding]
     spec: list[tuple[int, torch.Tensor] | None] = [None] * len(decoding)
@@ -104,7 +106,7 @@ def propose(model, cache, experts, decoding, gammas, block_size: int) -> tuple[l
             spans.append((begin, C))
         batch = Batch.pack(runs, block_size)
         logits_at = [end - 1 for end in batch.ends]
-        h_ND, logits_LV = runner.mtp_forward(model, k, batch, torch.cat(h_parts), cache, logits_at, experts)
+        h_ND, logits_LV = forward(k, batch, torch.cat(h_parts), logits_at)
         starts = [0, *batch.ends[:-1]]
         for r, j in enumerate(rows):
             seq, state = decoding[j], decoding[j].mtp

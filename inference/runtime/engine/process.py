@@ -39,14 +39,16 @@ def _child(package_dir: str, kv_cache: str | None, config: EngineConfig, specula
     try:
         package = load_package(Path(package_dir), kv_cache=kv_cache)
         config.gamma = package.gamma
-        engine = Engine(package.target, package.draft if speculative else None, config)
+        if not speculative:
+            config.proposer = "none"
+        engine = Engine(package.target, package.draft, config)
         compile_seconds = engine.compile() if compile else None
     except Exception as e:  # the server reports it and exits
         outputs.send(("failed", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
         return
     tokenizer = package.target.tokenizer
     outputs.send(("ready", package.name, tokenizer.to_str(), engine.max_seq_len, engine.pool.num_blocks,
-                  compile_seconds))  # fmt: skip
+                  compile_seconds, engine.proposer))  # fmt: skip
     pending: list[SequenceOutput] = []
     while True:
         try:
@@ -100,7 +102,7 @@ class EngineProcess:
             raise ValueError(message[1])
         from tokenizers import Tokenizer
 
-        _, self.name, tokenizer_json, self.max_seq_len, self.num_blocks, self.compile_seconds = message
+        _, self.name, tokenizer_json, self.max_seq_len, self.num_blocks, self.compile_seconds, self.proposer = message
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self._callbacks: dict[str, Callable[[SequenceOutput], None]] = {}
         self._lock = threading.Lock()

@@ -2,7 +2,8 @@
 
     frugal-serve [--package PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16]
                  [--max-queue 64] [--max-step-tokens 256] [--block-size 16] [--kv-blocks N]
-                 [--no-prefix-caching] [--no-speculative] [--kv-cache fp32|int8|int8-channel]
+                 [--no-prefix-caching] [--no-speculative] [--proposer auto|mtp|draft|none]
+                 [--kv-cache fp32|int8|int8-channel]
                  [--request-timeout 600] [--threads N] [--no-compile | --fast-compile] [--compile-sizes 1,4,8,16]
     (from a checkout: python -m inference.runtime.serve --package PATH ...)
 
@@ -32,7 +33,8 @@ The chat template is plain text, one line per message and an open assistant turn
 
 Requests are batched by inference.runtime.engine, in a process of its own (inference.runtime.engine.process; the package
 is verified and loaded there): continuous batching over a paged KV cache with prefix caching, and
-speculative decoding with the package's draft unless --no-speculative. At most --max-queue requests wait
+speculative decoding unless --no-speculative: with the target's own MTP modules when the package has them, else
+with its draft (--proposer picks one). At most --max-queue requests wait
 for a place in the batch; another gets 429 (rate_limit_error, queue_full). A request past
 --request-timeout seconds ends with 504 (request_timeout) and frees its blocks; a client that disconnects
 frees them at the next step.
@@ -77,7 +79,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException
 
 from inference.runtime.engine.compiled import BUCKETS
-from inference.runtime.engine.engine import Engine, EngineConfig
+from inference.runtime.engine.engine import PROPOSERS, Engine, EngineConfig
 from inference.runtime.engine.process import EngineProcess
 from inference.runtime.generate import EOS_TOKEN, PAD_TOKEN
 from inference.runtime.kv_cache import KV_CACHES
@@ -261,6 +263,7 @@ def build_app(engine, name: str, tokenizer, api_key: str | None = None, request_
         return {
             "status": "ok", "model": name, "running": snap.running, "waiting": snap.waiting,
             "max_batch": engine.config.max_batch, "max_queue": engine.config.max_queue, "kv_blocks": snap.kv_blocks,
+            "proposer": engine.proposer,
         }  # fmt: skip
 
     @app.get("/metrics")
@@ -424,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-blocks", type=int, help="KV blocks (default: 2 x max-batch full contexts)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="never reuse cached prompt blocks")
     parser.add_argument("--no-speculative", action="store_true", help="decode with the target alone")
+    parser.add_argument(
+        "--proposer", choices=PROPOSERS, default="auto",
+        help="speculative proposals from the target's MTP modules or the draft model (auto: MTP when present)",
+    )  # fmt: skip
     parser.add_argument("--kv-cache", choices=KV_CACHES, help="override the package's KV cache")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -460,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, max_step_tokens=args.max_step_tokens,
         block_size=args.block_size, kv_blocks=args.kv_blocks, prefix_caching=not args.no_prefix_caching,
-        compile_sizes=args.compile_sizes, compile_autotune=not args.fast_compile,
+        compile_sizes=args.compile_sizes, compile_autotune=not args.fast_compile, proposer=args.proposer,
     )  # fmt: skip
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

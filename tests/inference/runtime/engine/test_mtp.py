@@ -3,6 +3,7 @@ greedy output identical to plain decoding, every proposal equal to what the one-
 the target's distribution under sampling (chi-square), reproducible seeded requests, prefix reuse, and the
 proposer's configuration."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -54,8 +55,8 @@ def trained():
 @pytest.mark.parametrize("kv_cache,block_size,gamma", [("fp32", 4, 3), ("fp32", 1, 1), ("fp32", 16, 2), ("int8", 8, 3)])
 def test_batched_mtp_greedy_equals_each_request_decoded_alone(trained, kv_cache, block_size, gamma):
     target, texts = trained
-    if kv_cache == "int8":  # a model of its own: the cache format is set on the model
-        target, texts = mtp_target()
+    if kv_cache == "int8":  # a copy: the cache format is set on the model
+        target = copy.deepcopy(target)
         use_int8_kv_cache(target)
     ref = Generator(target)
     engine = Engine(ref, None, EngineConfig(max_batch=6, block_size=block_size, gamma=gamma, max_step_tokens=24))
@@ -82,8 +83,8 @@ def test_every_proposal_is_what_the_training_forward_predicts(trained, monkeypat
     rounds = []
     real = mtp.propose
 
-    def spy(model, cache, experts, decoding, gammas, block_size):
-        proposals, qs = real(model, cache, experts, decoding, gammas, block_size)
+    def spy(forward, decoding, gammas, block_size):
+        proposals, qs = real(forward, decoding, gammas, block_size)
         rounds.extend((seq.request_id, len(seq.tokens), list(p)) for seq, p in zip(decoding, proposals) if p)
         return proposals, qs
 
@@ -189,3 +190,18 @@ def test_the_proposer_follows_the_models_and_the_configuration(trained):
         Engine(Generator(target), None, EngineConfig(proposer="draft"))
     with pytest.raises(ValueError, match="proposer must be one of"):
         EngineConfig(proposer="eagle").check()
+
+
+def test_the_compiled_mtp_step_gives_the_eager_proposals_and_tokens(trained):
+    """The MTP modules compiled per depth (inference.runtime.engine.compiled.CompiledMTPStep, one bucket of 4 tokens,
+    no autotuning, as tests/inference/runtime/engine/test_compiled.py) against the eager packed forward."""
+    target, texts = trained
+    config = EngineConfig(max_batch=3, block_size=4, gamma=3, adaptive_gamma=False, max_step_tokens=24,
+                          compile_sizes=(4,), compile_autotune=False)  # fmt: skip
+    eager, compiled = Engine(Generator(target), None, config), Engine(Generator(target), None, config)
+    assert compiled.compile() > 0 and compiled.steps[-1].compiled and not eager.steps[-1].compiled
+    ps = [t[:4] for t in texts[:4]] + prompts(3, seed=1)
+    requests = [(str(i), p, SamplingParams(max_new_tokens=12, temperature=0)) for i, p in enumerate(ps)]
+    want, got = staggered(eager, requests), staggered(compiled, requests)
+    assert got.tokens == want.tokens
+    assert compiled.stats.accepted_at == eager.stats.accepted_at and compiled.stats.accepted > 0
