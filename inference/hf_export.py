@@ -11,6 +11,11 @@ differs is mapped exactly:
 - Router: `norm_topk_prob=True`, `routed_scaling_factor=1.0`, one expert group (`n_group=topk_group=1`).
 - Experts: `gate_up_proj` is Frugal's w1 (gate) and w3 (up) stacked, `down_proj` its w2.
 - No QK-norm, no attention bias; tied embeddings and the norm epsilon as trained.
+- MTP modules (DeepSeek-V3 section 2.2) as GLM-4.5 checkpoints carry them: `num_nextn_predict_layers` in
+  config.json and, for module k, layer `num_hidden_layers + k - 1` with the block's usual weights plus `enorm`,
+  `hnorm`, `eh_proj` (its input is [enorm(embedding); hnorm(hidden)]), `shared_head.norm`, and copies of the shared
+  embedding and head (`embed_tokens`, `shared_head.head`). transformers ignores those layers; vLLM and SGLang read
+  them for MTP speculative decoding.
 
 Refused, naming the field: softmax router scores, top-p dynamic routing (engines run a fixed top-k; with
 `approximate` it is exported as top-k and the model card says so), MoE layers without a shared expert, and
@@ -54,7 +59,18 @@ def exportable(cfg: ModelConfig, approximate: bool = False) -> list[str]:
                     "(they route a fixed top-k); pass --approximate to export it as top-k"
                 )
             notes.append(f"top_p={cfg.top_p} dynamic routing is exported as fixed top-{cfg.top_k} routing")
+    if cfg.mtp_depth and not exports_mtp(cfg):
+        notes.append(
+            f"the {cfg.mtp_depth} MTP module(s) are left out: "
+            + ("LlamaForCausalLM has no MTP layers" if not cfg.n_routed_experts else "their blocks are dense (mtp_moe="
+               "false), and GLM-4.5's MTP layers are MoE layers")
+        )  # fmt: skip
     return notes
+
+
+def exports_mtp(cfg: ModelConfig) -> bool:
+    """The MTP modules have GLM-4.5's layout (a MoE model whose MTP blocks are MoE) and so are exported."""
+    return bool(cfg.mtp_depth and cfg.n_routed_experts and cfg.mtp_moe)
 
 
 def hf_config(cfg: ModelConfig, token_ids: dict[str, int]):
@@ -76,48 +92,90 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int]):
         **common, intermediate_size=cfg.d_ff, moe_intermediate_size=cfg.d_expert, n_routed_experts=cfg.n_routed_experts,
         n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.top_k, first_k_dense_replace=cfg.n_dense_layers,
         norm_topk_prob=True, routed_scaling_factor=1.0, n_group=1, topk_group=1, use_qk_norm=False,
-        num_nextn_predict_layers=0, rope_parameters=rope, partial_rotary_factor=1.0,
+        num_nextn_predict_layers=cfg.mtp_depth if exports_mtp(cfg) else 0, rope_parameters=rope,
+        partial_rotary_factor=1.0,
     )  # fmt: skip
     assert config.rope_parameters.get("partial_rotary_factor", 1.0) == 1.0, config.rope_parameters
     return config
 
 
-def state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """transformers' parameter names -> Frugal's fp32 weights, mapped as the module docstring says."""
-    cfg = model.config
+def _layer_state(p: str, block, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """One decoder layer's weights under transformers' names, prefixed by `p`."""
     G = cfg.n_kv_heads or cfg.n_heads
+    attn, ffn = block.attn, block.ffn
+    if getattr(attn.wq, "weight", None) is None:
+        raise ValueError("export the fp32 model: quantized layers have no float weight to write")
+    state = {
+        p + "input_layernorm.weight": block.attn_norm.weight,
+        p + "post_attention_layernorm.weight": block.ffn_norm.weight,
+        p + "self_attn.q_proj.weight": _halves(attn.wq.weight, cfg.n_heads),
+        p + "self_attn.k_proj.weight": _halves(attn.wk.weight, G),
+        p + "self_attn.v_proj.weight": attn.wv.weight,
+        p + "self_attn.o_proj.weight": attn.wo.weight,
+    }
+    if isinstance(ffn, MoE):
+        if ffn.quantized is not None:
+            raise ValueError("export the fp32 model: its experts are quantized")
+        shared = ffn.shared
+        state |= {
+            p + "mlp.gate.weight": ffn.router.weight,
+            p + "mlp.gate.e_score_correction_bias": ffn.router.bias,
+            p + "mlp.experts.gate_up_proj": torch.cat([ffn.w1_EFD, ffn.w3_EFD], dim=1),
+            p + "mlp.experts.down_proj": ffn.w2_EDF,
+            p + "mlp.shared_experts.gate_proj.weight": shared.w1.weight,
+            p + "mlp.shared_experts.up_proj.weight": shared.w3.weight,
+            p + "mlp.shared_experts.down_proj.weight": shared.w2.weight,
+        }
+    else:
+        state |= {p + "mlp.gate_proj.weight": ffn.w1.weight, p + "mlp.up_proj.weight": ffn.w3.weight,
+                  p + "mlp.down_proj.weight": ffn.w2.weight}  # fmt: skip
+    return state
+
+
+def state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """transformers' parameter names -> Frugal's fp32 weights, mapped as the module docstring says (the main
+    model: what transformers' own model holds)."""
+    cfg = model.config
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
              "lm_head.weight": model.lm_head.weight}  # fmt: skip
     for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        attn, ffn = block.attn, block.ffn
-        if getattr(attn.wq, "weight", None) is None:
-            raise ValueError("export the fp32 model: quantized layers have no float weight to write")
-        state |= {
-            p + "input_layernorm.weight": block.attn_norm.weight,
-            p + "post_attention_layernorm.weight": block.ffn_norm.weight,
-            p + "self_attn.q_proj.weight": _halves(attn.wq.weight, cfg.n_heads),
-            p + "self_attn.k_proj.weight": _halves(attn.wk.weight, G),
-            p + "self_attn.v_proj.weight": attn.wv.weight,
-            p + "self_attn.o_proj.weight": attn.wo.weight,
-        }
-        if isinstance(ffn, MoE):
-            if ffn.quantized is not None:
-                raise ValueError("export the fp32 model: its experts are quantized")
-            shared = ffn.shared
-            state |= {
-                p + "mlp.gate.weight": ffn.router.weight,
-                p + "mlp.gate.e_score_correction_bias": ffn.router.bias,
-                p + "mlp.experts.gate_up_proj": torch.cat([ffn.w1_EFD, ffn.w3_EFD], dim=1),
-                p + "mlp.experts.down_proj": ffn.w2_EDF,
-                p + "mlp.shared_experts.gate_proj.weight": shared.w1.weight,
-                p + "mlp.shared_experts.up_proj.weight": shared.w3.weight,
-                p + "mlp.shared_experts.down_proj.weight": shared.w2.weight,
-            }
-        else:
-            state |= {p + "mlp.gate_proj.weight": ffn.w1.weight, p + "mlp.up_proj.weight": ffn.w3.weight,
-                      p + "mlp.down_proj.weight": ffn.w2.weight}  # fmt: skip
+        state |= _layer_state(f"model.layers.{i}.", block, cfg)
     return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def mtp_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The MTP modules as GLM-4.5 / DeepSeek-V3 checkpoints name them: module k is layer n_layers + k - 1."""
+    cfg = model.config
+    state = {}
+    for k, module in enumerate(model.mtp):
+        p = f"model.layers.{cfg.n_layers + k}."
+        state |= _layer_state(p, module.block, cfg)
+        state |= {
+            p + "enorm.weight": module.enorm.weight,
+            p + "hnorm.weight": module.hnorm.weight,
+            p + "eh_proj.weight": module.eh_proj.weight,
+            p + "shared_head.norm.weight": module.norm.weight,
+            p + "shared_head.head.weight": model.lm_head.weight,
+            p + "embed_tokens.weight": model.embed.weight,
+        }
+    return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+
+
+def _add_mtp_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Put the MTP layers into the saved checkpoint: into model.safetensors, or as one more shard of a sharded
+    one (its index updated)."""
+    from safetensors.torch import load_file, save_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        doc = json.loads(index.read_text())
+        shard = "model-mtp.safetensors"
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        doc["weight_map"] |= dict.fromkeys(tensors, shard)
+        index.write_text(json.dumps(doc, indent=2) + "\n")
+        return
+    path = folder / "model.safetensors"
+    save_file({**load_file(str(path)), **tensors}, str(path), metadata={"format": "pt"})
 
 
 def to_hf(model: Transformer, token_ids: dict[str, int] | None = None, approximate: bool = False):
@@ -182,6 +240,8 @@ def write_hf(run_dir: Path, out_dir: Path, overwrite: bool = False, approximate:
     hf = to_hf(model, token_ids, approximate)
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
+        if exports_mtp(model.config):
+            _add_mtp_tensors(tmp, mtp_state_dict(model))
         tokenizer.save_pretrained(tmp)
         generation = GenerationConfig(**{k.replace("_token", "_token_id"): v for k, v in token_ids.items()},
                                       max_length=model.config.max_seq_len)  # fmt: skip

@@ -133,3 +133,49 @@ def test_gguf_files_hold_the_tensor_type_asked_for(tmp_path, tiny_tokenizer, out
         want = frugal.layers[0].ffn.w3.weight.detach().numpy()
         step = np.abs(want).reshape(-1, 32).max(1, keepdims=True) / 127
         assert (np.abs(got - want).reshape(-1, 32) <= step * 0.6).all()
+
+
+def test_mtp_modules_export_as_glm45_nextn_layers_that_compute_frugals_mtp_logits(tmp_path, tiny_tokenizer):
+    """The exported layer n_layers + k - 1, read the way vLLM's and SGLang's GLM-4.5 MTP layer reads it
+    (enorm, hnorm, eh_proj, transformers' own decoder layer, shared_head), gives Frugal's MTP logits; transformers
+    itself loads the folder, ignores those layers and computes the main model's logits."""
+    from safetensors.torch import load_file
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer, Glm4MoeRMSNorm
+
+    run, frugal = run_folder(tmp_path / "run", dataclasses.replace(debug_tiny(), n_kv_heads=2, mtp_depth=2),
+                             tiny_tokenizer)  # fmt: skip
+    out = export(run, "hf", tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 2
+    hf = assert_twin(out, frugal)
+    tensors = load_file(str(out / "model.safetensors"))
+    L, T = frugal.config.n_layers, 20
+    rows = torch.randint(0, frugal.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, want = frugal(rows, with_mtp=True)
+        h = hf.model(rows).last_hidden_state  # through the final norm, as engines hand it to the MTP layer
+        for k in (1, 2):
+            p = f"model.layers.{L + k - 1}."
+            layer = Glm4MoeDecoderLayer(hf.config, L + k - 1).eval()
+            layer.load_state_dict({n.removeprefix(p): v for n, v in tensors.items() if n.startswith(p)
+                                   and n.split(".")[3] in ("input_layernorm", "post_attention_layernorm", "self_attn",
+                                                           "mlp")}, strict=True)  # fmt: skip
+            norms = {}
+            for name in ("enorm", "hnorm", "shared_head.norm"):
+                norms[name] = Glm4MoeRMSNorm(hf.config.hidden_size, hf.config.rms_norm_eps)
+                norms[name].weight.copy_(tensors[p + name + ".weight"])
+            emb = torch.nn.functional.embedding(rows[:, k:], tensors[p + "embed_tokens.weight"])
+            x = torch.cat([norms["enorm"](emb), norms["hnorm"](h[:, : T - k])], -1) @ tensors[p + "eh_proj.weight"].T
+            positions = torch.arange(T - k)[None]
+            h = layer(x, position_ids=positions, position_embeddings=hf.model.rotary_emb(x, positions))
+            got = norms["shared_head.norm"](h) @ tensors[p + "shared_head.head.weight"].T
+            assert ((got - want[k - 1]).abs().max() / want[k - 1].abs().max()).item() < 1e-4, k
+
+
+def test_mtp_modules_without_a_glm45_layout_are_left_out_and_the_card_says_so(tmp_path, tiny_tokenizer):
+    run, frugal = run_folder(tmp_path / "run", dataclasses.replace(debug_tiny(), mtp_depth=1, mtp_moe=False),
+                             tiny_tokenizer)  # fmt: skip
+    out = export(run, "hf", tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert "MTP module(s) are left out" in (out / "README.md").read_text()
+    assert_twin(out, frugal)
