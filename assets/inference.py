@@ -658,6 +658,9 @@ class InferencePackageConfig(dg.Config):
     kv_cache: str = "fp32"
     """fp32, int8 (per token) or int8-channel: what frugal-serve uses by default."""
     gamma: int = 4
+    include_draft: bool | None = None
+    """Ship the draft model: None (auto) ships it only when the target has no MTP modules, which then propose
+    speculative tokens themselves (frugal-serve --proposer draft still needs one)."""
     releases_dir: str = "releases"
     hf_repo: str | None = None
     """A Hugging Face Hub model repository to push the release folder to, when HF_TOKEN is set."""
@@ -676,16 +679,28 @@ def model_card(name: str, version: str, meta: dict, paths: CurationPaths) -> str
     from inference.release import wheel_name
 
     wheel = f"{wheel_name(name)}-{version}-py3-none-any.whl"
+    depth = config.get("mtp_depth", 0)
+    if meta["proposer"] == "mtp":
+        speculation = f"its own {depth} multi-token-prediction module(s) (DeepSeek-V3's MTP)"
+    else:
+        speculation = f"a small dense draft model (gamma {meta['gamma']})"
+    helpers = []
+    if depth:
+        helpers.append(f"- MTP: {depth} module(s) trained with the target (each one block, sharing its embedding and "
+                       "head), shipped in its weights; they propose the speculative tokens.")  # fmt: skip
+    if meta["draft"]:
+        helpers.append("- Draft: a dense model trained on the same shards with the same tokenizer, distilled from the "
+                       "target" + (" (frugal-serve --proposer draft)." if depth else "."))  # fmt: skip
     return f"""# {name} {version}
 
 A DeepSeek-style Mixture-of-Experts language model built by Frugal, quantized to {meta["scheme"].upper()} and
-served with speculative decoding by a small dense draft model (gamma {meta["gamma"]}), with an
+served with speculative decoding by {speculation}, with an
 {meta["kv_cache"]} KV cache. Context: {config["max_seq_len"]} tokens; vocabulary: {config["vocab_size"]}.
 
 - Target: {config["n_layers"]} layers, d_model {config["d_model"]}, {config["n_routed_experts"]} routed experts
   (top-{config["top_k"]}) + {config["n_shared_experts"]} shared; {train["total_params"]:,} parameters,
   {train["active_params"]:,} active per token.
-- Draft: a dense model trained on the same shards with the same tokenizer, distilled from the target.
+{chr(10).join(helpers)}
 
 ## Data lineage
 
@@ -745,18 +760,25 @@ def inference_package(
     source = paths.stage_dir("quantized_model") / scheme
     if not (source / "target" / WEIGHTS_FILE).exists():
         raise dg.Failure(description=f"{source / 'target' / WEIGHTS_FILE}: missing: materialize quantized_model")
+    depth = json.loads((source / "target" / "config.json").read_text())["model"].get("mtp_depth", 0)
+    include_draft = config.include_draft if config.include_draft is not None else not depth
+    draft_dir = source / "draft" if include_draft else None
+    if include_draft and not (source / "draft" / WEIGHTS_FILE).exists():
+        raise dg.Failure(description=f"{source / 'draft' / WEIGHTS_FILE}: missing: materialize quantized_model")
     meta = {
         "name": config.name,
         "version": config.version,
         "scheme": scheme,
         "kv_cache": config.kv_cache,
         "gamma": config.gamma,
+        "proposer": "mtp" if depth else "draft" if include_draft else "none",
+        "draft": include_draft,
         "source": {"quantized_model": str(source), "dagster_run": context.run_id},
     }
     release = Path(config.releases_dir) / f"{config.name}-{config.version}"
     package_dir = release / "package"
     manifest = assemble(
-        package_dir, source / "target", source / "draft", meta, model_card(config.name, config.version, meta, paths)
+        package_dir, source / "target", draft_dir, meta, model_card(config.name, config.version, meta, paths)
     )
     context.log.info(f"package folder {package_dir}: {len(manifest['files'])} files; building the wheel ...")
     wheel = build_wheel(package_dir, release, paths.stage_dir("inference_package"))

@@ -55,3 +55,21 @@ def long_package(tmp_path_factory, tiny_tokenizer):
     meta = {"name": "frugal-long", "version": "0.0.1", "scheme": "fp32", "kv_cache": "fp32", "gamma": 3}
     assemble(d / "pkg", d / "target", None, meta, "# frugal-long\n\nA test package.\n")
     return d / "pkg"
+
+
+@pytest.fixture(scope="session")
+def mtp_package(tmp_path_factory, tiny_tokenizer):
+    """An INT8 debug_tiny target with two MTP modules (quantized with it, in its model.safetensors) and no draft:
+    the release's layout when the model proposes its own speculative tokens."""
+    import dataclasses
+
+    d = tmp_path_factory.mktemp("mtp-package")
+    torch.manual_seed(0)
+    target = Transformer(dataclasses.replace(debug_tiny(), mtp_depth=2))
+    cfg = QuantConfig("int8")
+    save_quantized(target, quantize_weights(target, cfg), cfg, d / "target")
+    shutil.copy(tiny_tokenizer, d / "target" / "tokenizer.json")
+    meta = {"name": "frugal-mtp", "version": "0.0.1", "scheme": "int8", "kv_cache": "fp32", "gamma": 3,
+            "proposer": "mtp", "draft": False}  # fmt: skip
+    assemble(d / "pkg", d / "target", None, meta, "# frugal-mtp\n\nA test package.\n")
+    return d / "pkg"

@@ -41,3 +41,46 @@ def test_a_tampered_weight_file_is_refused_naming_it(tiny_package, tmp_path):
     (pkg / "draft" / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=r"draft/tokenizer\.json: listed in manifest\.json but missing"):
         load_package(pkg)
+
+
+def test_a_package_with_mtp_modules_serves_without_a_draft(mtp_package):
+    from inference.runtime.engine.engine import Engine, EngineConfig
+    from inference.runtime.engine.sampler import SamplingParams
+    from inference.runtime.quantize import Int8Linear
+
+    package = load_package(mtp_package)
+    assert package.draft is None and len(package.target.model.mtp) == 2
+    assert isinstance(package.target.model.mtp[0].eh_proj, Int8Linear)  # quantized with the target
+    engine = Engine(package.target, package.draft, EngineConfig(gamma=package.gamma))
+    assert engine.proposer == "mtp" and engine.gamma == 2
+    prompt = package.target.tokenizer.encode("ka lo mi").ids
+    got = []
+    engine.add("a", prompt, SamplingParams(max_new_tokens=10, temperature=0), lambda out: got.extend(out.token_ids))
+    engine.run_until_done()
+    assert got == package.target.generate_ids(prompt, SamplingConfig(max_new_tokens=10))
+    assert engine.stats.proposed > 0
+
+
+def test_missing_or_mismatched_mtp_weights_are_refused_naming_the_tensor(mtp_package, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from inference.runtime.package import write_manifest
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(mtp_package, pkg)
+    weights = pkg / "target" / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if k != "mtp.1.eh_proj.q"}, str(weights))
+    write_manifest(pkg)  # a consistent manifest: the weights themselves are what is wrong
+    with pytest.raises(ValueError, match=r"target/model\.safetensors: missing mtp\.1\.eh_proj\.q"):
+        load_package(pkg)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("mtp.1.")}, str(weights))
+    write_manifest(pkg)
+    with pytest.raises(ValueError, match=r"model\.safetensors: missing mtp\.1\."):
+        load_package(pkg)
+    wrong = dict(tensors)
+    wrong["mtp.0.hnorm.weight"] = wrong["mtp.0.hnorm.weight"][:10]
+    save_file(wrong, str(weights))
+    write_manifest(pkg)
+    with pytest.raises(ValueError, match=r"mtp\.0\.hnorm\.weight \(10,\) != \(64,\)"):
+        load_package(pkg)
