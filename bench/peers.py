@@ -81,7 +81,8 @@ class FrugalDecoder:
         if compiled:  # the graphs of the models measured before go: their guards would be checked on every call
             torch._dynamo.reset()
 
-        self.engine = Engine(Generator(model.eval()), None, EngineConfig(max_batch=1, compile_sizes=(1,)))
+        config = EngineConfig(max_batch=1, compile_sizes=(1,), proposer="none")
+        self.engine = Engine(Generator(model.eval()), None, config)
         self.compile_s = self.engine.compile() if compiled else None
 
     def decode(self, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -258,7 +259,8 @@ def speculative(package: Path, args, bar) -> dict:
     prompts = [row[: min(limit, 16)].tolist() for row in rows[:: max(1, len(rows) // 8)][:8]]
     out = {}
     for label, draft, sizes in (("plain", None, (1,)), ("speculative", pkg.draft, (1, 8))):
-        config = EngineConfig(max_batch=1, gamma=pkg.gamma, compile_sizes=sizes)
+        proposer = "none" if label == "plain" else "auto"  # the package's own: its MTP modules, else its draft
+        config = EngineConfig(max_batch=1, gamma=pkg.gamma, compile_sizes=sizes, proposer=proposer)
         torch._dynamo.reset()
         engine = Engine(pkg.target, draft, config)
         compile_s = engine.compile()

@@ -72,6 +72,9 @@ class Row:
     quality_of: str
     """Which model's quality this is: dense (the equal-quality dense model) or moe."""
     draft: str | None = None
+    proposer: str | None = None
+    """Who proposes speculative tokens (inference.runtime.engine.engine.EngineConfig.proposer); None = the draft
+    when the row has one, else none (a target's MTP modules propose only where a row asks for "mtp")."""
     compiled: bool = False
     concurrency: int = 1
     prefix_caching: bool = False
@@ -192,7 +195,8 @@ class FrugalServer:
         sizes = (*(b for b in BUCKETS if b < c), min(b for b in (*BUCKETS, c) if b >= c))
         config = EngineConfig(max_batch=row.concurrency, max_queue=max(64, workload.requests),
                               prefix_caching=row.prefix_caching, gamma=workload.gamma, compile_sizes=sizes,
-                              compile_autotune=workload.compile_autotune)  # fmt: skip
+                              compile_autotune=workload.compile_autotune,
+                              proposer=row.proposer or ("draft" if draft else "none"))  # fmt: skip
         self.engine = Engine(self.target, draft, config)
         self.compile_s = self.engine.compile() if row.compiled else None
         self.cached = 0

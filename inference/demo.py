@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from inference.runtime.generate import SamplingConfig
 from inference.runtime.kv_cache import KV_CACHES
 from inference.runtime.package import load_package
-from inference.runtime.speculative import SpeculativeGenerator
 
 PROMPTS = ("The function returns", "This module provides")
 SAMPLE_PROMPTS = ("The function returns", "This module provides", "Once upon a time", "The results show")
@@ -76,26 +74,39 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.kv_cache or package.meta['kv_cache']} KV cache), verified against its manifest"
     )
     samples(package, args.max_new_tokens)
-    print("\nspeculative decoding is lossless: greedy text with and without the draft")
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens)  # greedy: speculation must not change a token
-    spec = SpeculativeGenerator(target, draft, gamma=package.gamma, adaptive=True)
+    from inference.runtime.engine.engine import Engine, EngineConfig
+
+    plain_engine = Engine(target, None, EngineConfig(proposer="none"))
+    spec_engine = Engine(target, draft, EngineConfig(gamma=package.gamma))  # the package's MTP modules, else its draft
+    who = {"mtp": "its MTP modules", "draft": "the draft"}.get(spec_engine.proposer, "nothing")
+    print(f"\nspeculative decoding is lossless: greedy text with and without speculation (proposed by {who})")
     for prompt in PROMPTS:
         ids = target.tokenizer.encode(prompt).ids
-        start = time.perf_counter()
-        plain = target.generate_ids(ids, cfg)
-        t_plain = time.perf_counter() - start
-        start = time.perf_counter()
-        fast = spec.generate_ids(ids, cfg)
-        t_spec = time.perf_counter() - start
+        plain, t_plain = greedy(plain_engine, ids, args.max_new_tokens)
+        fast, t_spec = greedy(spec_engine, ids, args.max_new_tokens)
         print(f"\nprompt: {prompt!r}")
         print(f"  plain       ({len(plain) / t_plain:6.1f} tok/s): {target.tokenizer.decode(plain)!r}")
         print(f"  speculative ({len(fast) / t_spec:6.1f} tok/s): {target.tokenizer.decode(fast)!r}")
         print(f"  identical: {plain == fast}")
-    s = spec.stats
+    s = spec_engine.stats
+    rounds = s.spec_rounds + s.plain_rounds
     print(
-        f"\nspeculative decoding, adaptive gamma up to {package.gamma}: acceptance rate {s.acceptance_rate:.2f}, "
-        f"{s.mean_accepted_length:.2f} tokens per target forward pass, {s.proposed} proposals in {s.rounds} rounds"
+        f"\nspeculative decoding by {who}, adaptive gamma up to {spec_engine.gamma}: acceptance rate "
+        f"{s.accepted / max(1, s.proposed):.2f}, {(s.accepted + rounds) / max(1, rounds):.2f} tokens per target "
+        f"forward pass, {s.proposed} proposals in {rounds} rounds"
     )
+
+
+def greedy(engine, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """One greedy request through `engine`: its tokens and the seconds they took."""
+    from inference.runtime.engine.sampler import SamplingParams
+
+    out: list[int] = []
+    engine.add(f"greedy-{time.perf_counter_ns()}", ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0),
+               lambda o: out.extend(o.token_ids))  # fmt: skip
+    start = time.perf_counter()
+    engine.run_until_done()
+    return out, time.perf_counter() - start
 
 
 if __name__ == "__main__":
