@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
+.PHONY: install demo test lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-mtp bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,14 @@ bench-train: install $(DAGSTER_HOME)/dagster.yaml
 		{ $(BIN)/python -m assets.drops add $(DROP) && \
 		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer' --partition $(DROP); }
 	$(BIN)/python bench/train.py
+
+# issue 19: MTP modules trained with the MoE (vs without, two seeds) and used as its speculative proposer (vs the
+# distilled draft); trains on the demo's shards and tokenizer like bench-train
+bench-mtp: install $(DAGSTER_HOME)/dagster.yaml
+	test -f $(FRUGAL_DATA_DIR)/tokenizer/tokenizer.json || \
+		{ $(BIN)/python -m assets.drops add $(DROP) && \
+		$(BIN)/dagster asset materialize -m assets.definitions --select '+tokenizer' --partition $(DROP); }
+	$(BIN)/python bench/mtp.py
 
 # the data ablation (training.ablation) on the demo's data: raw vs curated vs curriculum, shared held-out set
 bench-ablation: install $(DAGSTER_HOME)/dagster.yaml

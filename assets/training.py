@@ -140,6 +140,9 @@ TrainAssetConfig = stage_config(
                       "preset's.")),
     capacity_factor=(float | None, Field(default=None, description="Expert capacity factor (MoE only); unset = the "
                      "preset's.")),
+    mtp_depth=(int | None, Field(default=None, description="Multi-token-prediction modules trained with the MoE "
+               "(DeepSeek-V3; they are its speculative proposer when served); unset = the preset's (none); 0 = none. "
+               "The dense models ignore it.")),
     continue_from_last=(bool, Field(default=False, description="Start from the weights of this asset's last "
                         "finished run instead of random ones, e.g. to continue training on shards that gained drops "
                         "(training.config.TrainConfig.init_from); max_steps more steps, a fresh schedule.")),
@@ -150,7 +153,7 @@ def train_config(
     config: TrainAssetConfig, paths: CurationPaths, name: str, dense: bool, init_from: str | None = None
 ) -> TrainConfig:
     model: dict = {"preset": config.preset, "dense_baseline": dense}
-    for key in ("top_p", "bias_update_rate", "capacity_factor"):
+    for key in ("top_p", "bias_update_rate", "capacity_factor", "mtp_depth"):
         value = getattr(config, key)
         if value is not None and not dense:
             model[key] = value

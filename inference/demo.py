@@ -1,7 +1,8 @@
 """What `make demo` ends with: the benchmark table, then text from the published package (the quantized MoE
 model): seeded samples (temperature, top-p and a frequency penalty, which keeps a small model from repeating
 itself), decoded together by the serving engine; then the check that speculative decoding is lossless (greedy
-text with and without the draft, identical), with speed and acceptance rate.
+text with and without speculation, identical: by the MTP modules of a target that has them, else by the
+draft), with speed and acceptance rate.
 
 python -m inference.demo [--package releases/<name>-<version>/package] [--kv-cache fp32|int8|int8-channel]
 (the newest release under releases/ by default)

@@ -101,6 +101,11 @@ class TrainConfig:
     mtp_weight_final: float = 0.1
     mtp_weight_step_fraction: float = 0.68
     """DeepSeek-V3 stepped at 10 / 14.8 of its tokens."""
+    mtp_distill_weight: float = 0.0
+    """Self-distillation of the MTP modules: each depth's loss is (1 - w) cross-entropy on the data + w KL(main head
+    || depth) for the same token, the main head's logits detached (it teaches, it is not taught). 0 = DeepSeek-V3's
+    plain cross-entropy. Speculation accepts what the main model would say, not what the data says, which a
+    distilled draft learns and a plain MTP module does not (bench/mtp.py)."""
 
     def check(self) -> None:
         """Every mistake a launch would only find later, found now (ValueError naming the field)."""
@@ -132,6 +137,8 @@ class TrainConfig:
             )
         if self.mtp_weight_schedule not in ("constant", "stepped"):
             raise ValueError(f"mtp_weight_schedule must be constant or stepped, not {self.mtp_weight_schedule!r}")
+        if not 0 <= self.mtp_distill_weight <= 1:
+            raise ValueError(f"mtp_distill_weight={self.mtp_distill_weight} must be in [0, 1]")
         if self.mtp_weight_final < 0 or not 0 < self.mtp_weight_step_fraction < 1:
             raise ValueError(
                 f"mtp_weight_final={self.mtp_weight_final} must be >= 0 and mtp_weight_step_fraction="

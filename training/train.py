@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,14 +102,39 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, router_lr_scale: 
     return groups
 
 
-def mtp_losses(mtp_logits: list[torch.Tensor], y_BT: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per MTP depth k (1-based), its cross-entropy and top-1 accuracy: depth k's row i predicts y[i + k]
-    (= x[i + k + 1]), the token k positions after the main head's target."""
+@dataclass(frozen=True, slots=True)
+class MTPLoss:
+    """One MTP depth on one batch."""
+
+    ce: torch.Tensor
+    """Cross-entropy against the data's token (DeepSeek-V3's MTP loss)."""
+    accuracy: torch.Tensor
+    """Top-1 accuracy against the data's token."""
+    agreement: torch.Tensor
+    """How often its argmax is the main head's argmax for the same token: the share of greedy proposals of this
+    depth the target would accept, when every earlier proposal was right."""
+    kl: torch.Tensor | None
+    """KL(main head || this depth) for the same token, when self-distillation is on."""
+
+
+def mtp_losses(
+    mtp_logits: list[torch.Tensor], y_BT: torch.Tensor, main_BTV: torch.Tensor | None = None, distill: bool = False
+) -> list[MTPLoss]:
+    """Per MTP depth k (1-based): depth k's row i predicts y[i + k] (= x[i + k + 1]), the token the main head
+    predicts at row i + k. main_BTV: the main head's logits (detached here), for the agreement and the KL."""
     out = []
     for k, logits_BTV in enumerate(mtp_logits, start=1):
         target = y_BT[:, k:].reshape(-1)
         flat = logits_BTV.float().reshape(-1, logits_BTV.shape[-1])
-        out.append((F.cross_entropy(flat, target), (flat.argmax(-1) == target).float().mean()))
+        guess = flat.argmax(-1)
+        agreement, kl = torch.tensor(float("nan")), None
+        if main_BTV is not None:
+            teacher = main_BTV[:, k:].detach().float().reshape(-1, flat.shape[-1])
+            agreement = (guess == teacher.argmax(-1)).float().mean()
+            if distill:
+                log_p, log_q = F.log_softmax(teacher, -1), F.log_softmax(flat, -1)
+                kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        out.append(MTPLoss(F.cross_entropy(flat, target), (guess == target).float().mean(), agreement, kl))
     return out
 
 
@@ -247,10 +273,12 @@ class Trainer:
         if self.teacher is not None:
             kl = distillation_kl(logits, x, self.teacher, cfg.distill_temperature)
             objective = (1 - cfg.distill_weight) * loss + cfg.distill_weight * kl
-        mtp = mtp_losses(mtp_logits, y)
+        mtp = mtp_losses(mtp_logits, y, logits, distill=cfg.mtp_distill_weight > 0)
         mtp_weight = cfg.mtp_weight_at(self.step)
         if mtp:  # DeepSeek-V3: L = L_main + lambda * mean over depths of L_MTP^k
-            objective = objective + mtp_weight * sum(k_loss for k_loss, _ in mtp) / len(mtp)
+            w = cfg.mtp_distill_weight
+            per_depth = [m.ce if not w else (1 - w) * m.ce + w * m.kl for m in mtp]
+            objective = objective + mtp_weight * sum(per_depth) / len(per_depth)
         self.engine.backward(objective + aux.to(loss.dtype))
         self.engine.step()
         self.step += 1
@@ -263,7 +291,7 @@ class Trainer:
         parts = [loss.detach().float().view(1), torch.tensor([float(self.stop_requested)])]
         if kl is not None:
             parts.append(kl.detach().float().view(1))
-        parts += [torch.stack(pair).detach().float() for pair in mtp]
+        parts += [torch.stack([m.ce, m.accuracy, m.agreement]).detach().float() for m in mtp]
         for layer in layers:  # DeepSpeedMoE layers: their gate counts routes
             parts += [
                 layer.last_routing.load_E(E),
@@ -280,7 +308,8 @@ class Trainer:
         for k in range(1, len(mtp) + 1):
             record[f"mtp_loss/depth{k}"] = flat[at].item() / self.world
             record[f"mtp_accuracy/depth{k}"] = flat[at + 1].item() / self.world
-            at += 2
+            record[f"mtp_agreement/depth{k}"] = flat[at + 2].item() / self.world
+            at += 3
         if mtp:
             record["mtp_weight"] = mtp_weight
         n_tokens = batch_BT.shape[0] * cfg.data.seq_len
@@ -319,7 +348,7 @@ class Trainer:
         layers = self._moe_layers()
         loads = [torch.zeros(self.cfg.model.n_routed_experts) for _ in layers]
         depth = self.cfg.model.mtp_depth
-        mtp_sums = torch.zeros(depth, 2)  # per depth: summed loss and accuracy, weighted by rows
+        mtp_sums = torch.zeros(depth, 3)  # per depth: summed loss, accuracy and agreement, weighted by rows
         for bucket, rows in self.val_rows.items():
             losses = []
             for batch in rows.split(self.micro):
@@ -330,8 +359,8 @@ class Trainer:
                 losses.append(
                     F.cross_entropy(logits.float().reshape(-1, self.cfg.model.vocab_size), y.reshape(-1)) * y.numel()
                 )
-                for k, (k_loss, k_acc) in enumerate(mtp_losses(mtp_logits, y)):
-                    mtp_sums[k] += torch.stack([k_loss, k_acc]).float() * len(batch)
+                for k, m in enumerate(mtp_losses(mtp_logits, y, logits)):
+                    mtp_sums[k] += torch.stack([m.ce, m.accuracy, m.agreement]).float() * len(batch)
             n = rows[:, 1:].numel()
             out[f"val_loss/bucket{bucket}"] = (sum(losses) / n).item()
             total, count = total + sum(losses).item(), count + n
@@ -340,6 +369,7 @@ class Trainer:
         for k in range(depth):
             out[f"val_mtp_loss/depth{k + 1}"] = (mtp_sums[k, 0] / n_rows).item()
             out[f"val_mtp_accuracy/depth{k + 1}"] = (mtp_sums[k, 1] / n_rows).item()
+            out[f"val_mtp_agreement/depth{k + 1}"] = (mtp_sums[k, 2] / n_rows).item()
         if layers:  # balance over every held-out token: many documents, unlike one training batch
             ratios = [(load.max() / load.mean().clamp_min(1e-9)).item() for load in loads]
             out.update({f"val_expert_load_max_over_mean/layer{i}": r for i, r in enumerate(ratios)})
