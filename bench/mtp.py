@@ -1,21 +1,26 @@
 """MTP benchmark: DeepSeek-V3's multi-token prediction trained with the MoE against training without it, and MTP
 self-speculation against the separate distilled draft model, in one run on the same tokens and seeds.
 
-Usage: python bench/mtp.py [--steps 300] [--seeds 0 1] [--depth 2] [--data-dir data]   (or `make bench-mtp`)
+Usage: python bench/mtp.py [--steps 300] [--seeds 0 1] [--depth 2] [--mtp-distill 0.5] [--data-dir data]
+(or `make bench-mtp`)
 
 Needs the curriculum shards and tokenizer that `make demo` builds (FRUGAL_DATA_DIR). Trains, each a real
-`python -m training.train` process with moe_model's settings (small_cpu, seq_len 128, batch 8):
-- the MoE without MTP and with `--depth` MTP modules (MoE blocks, lambda 0.3), one run per seed;
-- the separate draft (small_cpu_draft, dense, 2 layers) distilled from the first seed's MTP model, as
-  draft_model is.
-Finished runs are reused when their config is unchanged (bench/results/mtp/). Then decodes the same held-out
-prompts (greedy, one request at a time, through the serving engine, eager and compiled) with the MTP model alone,
-with its MTP modules, and with the draft, and checks that all three give the same tokens.
+`python -m training.train` process with moe_model's settings (small_cpu, seq_len 128, batch 8), per seed:
+- the MoE without MTP;
+- with `--depth` MTP modules (MoE blocks, lambda 0.3), DeepSeek-V3's plain cross-entropy;
+- the same, self-distilled (mtp_distill_weight `--mtp-distill`: part of each depth's loss is the KL to the main
+  head's distribution);
+and once the separate draft (small_cpu_draft, dense, 2 layers) distilled from the first seed's self-distilled
+model, as draft_model is. Finished runs are reused when their config is unchanged (bench/results/mtp/).
 
-Reports: the main head's held-out loss with and without MTP (and the seed spread); the acceptance at each depth;
-tokens per target forward and tokens/s against plain decoding; the cost of one proposal (one MTP depth, or one
-draft forward) relative to one target forward. About 15 minutes on 2 cores (training ~2 min a run).
-GPU preset: --steps 3000 with FRUGAL_DATA_DIR on a larger corpus and the moe_1b preset (--preset moe_1b).
+Then decodes the same held-out prompts (greedy, one request at a time, through the serving engine, eager and
+compiled) plainly, with the MTP modules at each gamma up to the depth, and with the draft, and checks that every
+one gives the plain tokens. Reports: the main head's held-out loss of the three arms and the seed spread; the
+acceptance at each depth; tokens per target forward and tokens/s against plain decoding; the cost of one proposal
+(one MTP depth, or one draft forward) relative to one target forward.
+
+About 40 minutes on 2 cores (seven training runs of 2-5 minutes, then three compiled engines).
+GPU preset: --preset moe_1b --steps 3000 with FRUGAL_DATA_DIR on a larger corpus (the depths and sizes stay).
 Results: bench/results/mtp.json and bench/results/mtp.md.
 """
 
@@ -35,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inference.runtime.engine.engine import Engine, EngineConfig  # noqa: E402
+from inference.runtime.engine.engine import Engine, EngineConfig, EngineStats  # noqa: E402
 from inference.runtime.engine.sampler import SamplingParams  # noqa: E402
 from inference.runtime.generate import Generator  # noqa: E402
 from model.io import md_table  # noqa: E402
@@ -91,13 +96,21 @@ def held_out_prompts(doc: dict, n: int, length: int) -> list[list[int]]:
     return [flat[i, :length].tolist() for i in range(min(n, len(flat)))]
 
 
-def decode(target, draft, proposer: str, gamma: int, prompts, new_tokens: int, compiled: bool) -> dict:
-    """Greedy, one request at a time: tokens, tokens/s and the engine's speculation counters."""
+def engine_for(target, draft, proposer: str, gamma: int, compiled: bool) -> Engine:
+    """A batch-1 engine (fixed gamma, no prefix cache), compiled for up to gamma + 1 <= 8 tokens when asked."""
     config = EngineConfig(max_batch=1, proposer=proposer, gamma=gamma, adaptive_gamma=False, prefix_caching=False,
                           compile_sizes=(1, 4, 8))  # fmt: skip
     engine = Engine(target, draft, config)
     if compiled:
+        torch._dynamo.reset()
         engine.compile()
+    return engine
+
+
+def decode(engine: Engine, gamma: int, prompts, new_tokens: int) -> dict:
+    """Greedy, one request at a time, `gamma` proposals per round (0: plain steps, the proposer unused):
+    tokens, tokens/s and the engine's speculation counters."""
+    engine.gamma, engine.stats = gamma, EngineStats()
     outputs, seconds = [], 0.0
     for i, prompt in enumerate(prompts):
         got: list[int] = []
@@ -134,6 +147,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--draft-gamma", type=int, default=4, help="gamma of the draft model (the package's)")
+    parser.add_argument("--mtp-distill", type=float, default=0.5, help="mtp_distill_weight of the distilled arm")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the runs and stop")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FRUGAL_DATA_DIR", ROOT / "data")))
     args = parser.parse_args()
@@ -145,63 +159,82 @@ def main() -> None:
     for seed in args.seeds:
         docs[f"plain-s{seed}"] = run_doc(args, f"plain-s{seed}", seed, {"preset": args.preset})
         docs[f"mtp-s{seed}"] = run_doc(args, f"mtp-s{seed}", seed, {"preset": args.preset, "mtp_depth": args.depth})
-    first = f"mtp-s{args.seeds[0]}"
+        docs[f"mtpd-s{seed}"] = run_doc(args, f"mtpd-s{seed}", seed, {"preset": args.preset, "mtp_depth": args.depth},
+                                        mtp_distill_weight=args.mtp_distill)  # fmt: skip
+    first = f"mtpd-s{args.seeds[0]}"  # the served target: self-distilled MTP modules
     docs["draft"] = run_doc(args, "draft", args.seeds[0], {"preset": args.draft_preset, "dense_baseline": True},
                             distill_from=str(WORK / first), distill_weight=0.5)  # fmt: skip
-    summaries = {}
-    for name, doc in docs.items():
-        if name == "draft":
-            continue
-        summaries[name] = train(doc)
-    summaries["draft"] = train(docs["draft"])  # after its teacher
+    summaries = {name: train(doc) for name, doc in docs.items()}  # the draft last: after its teacher
     if args.train_only:
         return
 
-    plain_loss = [summaries[f"plain-s{s}"]["val_loss"] for s in args.seeds]
-    mtp_loss = [summaries[f"mtp-s{s}"]["val_loss"] for s in args.seeds]
-    paired = [m - p for m, p in zip(mtp_loss, plain_loss)]
-    seed_spread = statistics.stdev(plain_loss) if len(plain_loss) > 1 else float("nan")
+    arms = {"plain": "without MTP", "mtp": f"{args.depth} MTP modules", "mtpd": f"{args.depth} MTP, self-distilled"}
+    val = {arm: [summaries[f"{arm}-s{s}"]["val_loss"] for s in args.seeds] for arm in arms}
+    paired = {arm: [m - p for m, p in zip(val[arm], val["plain"])] for arm in ("mtp", "mtpd")}
+    seed_spread = statistics.stdev(val["plain"]) if len(args.seeds) > 1 else float("nan")
 
     prompts = held_out_prompts(docs[first], args.prompts, 24)
-    target = Generator.from_run(WORK / first)
+    served, undistilled = Generator.from_run(WORK / first), Generator.from_run(WORK / f"mtp-s{args.seeds[0]}")
     draft = Generator.from_run(WORK / "draft")
     rows, results = [], {}
     for compiled in (False, True):
         mode = "compiled" if compiled else "eager"
         print(f"decoding {len(prompts)} held-out prompts, {mode} ...", flush=True)
-        plain = decode(target, None, "none", 1, prompts, args.new_tokens, compiled)
-        mtp = decode(target, None, "mtp", args.depth, prompts, args.new_tokens, compiled)
-        drafted = decode(target, draft, "draft", args.draft_gamma, prompts, args.new_tokens, compiled)
-        for name, r in (("MTP", mtp), ("draft", drafted)):
-            r["identical_greedy"] = r["outputs"] == plain["outputs"]
+        runs = {}
+        engine = engine_for(served, None, "mtp", args.depth, compiled)
+        runs["plain"] = decode(engine, 0, prompts, args.new_tokens)
+        for g in range(1, args.depth + 1):
+            runs[f"mtpd-g{g}"] = decode(engine, g, prompts, args.new_tokens)
+        engine = engine_for(served, draft, "draft", args.draft_gamma, compiled)
+        runs["draft"] = decode(engine, args.draft_gamma, prompts, args.new_tokens)
+        engine = engine_for(undistilled, None, "mtp", args.depth, compiled)
+        undistilled_plain = decode(engine, 0, prompts, args.new_tokens)
+        for g in range(1, args.depth + 1):
+            runs[f"mtp-g{g}"] = decode(engine, g, prompts, args.new_tokens)
+            runs[f"mtp-g{g}"]["identical_greedy"] = runs[f"mtp-g{g}"]["outputs"] == undistilled_plain["outputs"]
+            runs[f"mtp-g{g}"]["plain_tokens_per_s"] = undistilled_plain["tokens_per_s"]
+        for name, r in runs.items():
+            r.setdefault("identical_greedy", r["outputs"] == runs["plain"]["outputs"])
+            r.setdefault("plain_tokens_per_s", runs["plain"]["tokens_per_s"])
             assert r["identical_greedy"], f"{mode} {name}: greedy output differs from plain decoding"
-        results[mode] = {"plain": plain, "mtp": mtp, "draft": drafted}
-        for label, r, gamma in (("plain", plain, 0), (f"MTP, {args.depth} modules", mtp, args.depth),
-                                (f"draft ({args.draft_preset})", drafted, args.draft_gamma)):  # fmt: skip
+        results[mode] = runs
+        labels = {"plain": ("plain", 0), "draft": (f"draft ({args.draft_preset}, distilled)", args.draft_gamma)}
+        for g in range(1, args.depth + 1):
+            labels[f"mtpd-g{g}"] = ("MTP, self-distilled", g)
+        for g in range(1, args.depth + 1):
+            labels[f"mtp-g{g}"] = ("MTP, plain cross-entropy (its own target)", g)
+        for name, (label, gamma) in labels.items():
+            r = runs[name]
             accept = " / ".join(f"{a:.2f}" for a in r["acceptance_by_depth"]) or "-"
             cost = f"{r['proposal_cost']:.2f}" if r["proposal_cost"] is not None else "-"
             rows.append([mode, label, gamma, accept, f"{r['tokens_per_target_forward']:.2f}",
-                         f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x", cost,
-                         "yes" if r is plain or r["identical_greedy"] else "no"])  # fmt: skip
+                         f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / r['plain_tokens_per_s']:.2f}x", cost,
+                         "yes" if r["identical_greedy"] else "no"])  # fmt: skip
     speed_table = md_table(
         ["step", "proposer", "gamma", "acceptance by depth", "tokens / target forward", "tokens/s", "vs plain",
          "proposal / target forward", "greedy = plain"], rows,
     )  # fmt: skip
-    loss_rows = [[f"seed {s}", f"{p:.4f}", f"{m:.4f}", f"{d:+.4f}"]
-                 for s, p, m, d in zip(args.seeds, plain_loss, mtp_loss, paired)]  # fmt: skip
-    loss_rows.append(["mean", f"{statistics.mean(plain_loss):.4f}", f"{statistics.mean(mtp_loss):.4f}",
-                      f"{statistics.mean(paired):+.4f}"])  # fmt: skip
-    loss_table = md_table(["held-out loss, main head", "without MTP", f"with {args.depth} MTP modules",
-                           "with - without"], loss_rows)  # fmt: skip
-    val_depth = [summaries[first].get(f"val_mtp_accuracy/depth{k}") for k in range(1, args.depth + 1)]
+    loss_rows = [[f"seed {s}", *(f"{val[arm][i]:.4f}" for arm in arms), f"{paired['mtp'][i]:+.4f}",
+                  f"{paired['mtpd'][i]:+.4f}"] for i, s in enumerate(args.seeds)]  # fmt: skip
+    loss_rows.append(["mean", *(f"{statistics.mean(val[arm]):.4f}" for arm in arms),
+                      f"{statistics.mean(paired['mtp']):+.4f}", f"{statistics.mean(paired['mtpd']):+.4f}"])  # fmt: skip
+    loss_table = md_table(["held-out loss, main head", *arms.values(), "MTP - without", "self-distilled - without"],
+                          loss_rows)  # fmt: skip
+    held_out = []
+    for arm in ("mtp", "mtpd"):
+        s0 = summaries[f"{arm}-s{args.seeds[0]}"]
+        for key in ("val_mtp_accuracy", "val_mtp_agreement"):
+            values = " / ".join(f"{s0[f'{key}/depth{k}']:.3f}" for k in range(1, args.depth + 1))
+            held_out.append(f"{arms[arm]}, {key.removeprefix('val_mtp_')} with the "
+                            f"{'data' if key.endswith('accuracy') else 'main head'} by depth: {values}")  # fmt: skip
     compiled = results["compiled"]
-    mtp_fast = compiled["mtp"]["tokens_per_s"] >= compiled["draft"]["tokens_per_s"]
+    best = max((compiled[f"mtpd-g{g}"] for g in range(1, args.depth + 1)), key=lambda r: r["tokens_per_s"])
     verdicts = {
-        "main-head loss no worse than without MTP, within seed noise": statistics.mean(paired) <= seed_spread,
-        "depth-1 acceptance >= 0.7": compiled["mtp"]["acceptance_by_depth"][0] >= 0.7,
-        "a proposal costs <= 30% of a target forward": compiled["mtp"]["proposal_cost"] <= 0.30,
+        "main-head loss no worse than without MTP, within seed noise": statistics.mean(paired["mtpd"]) <= seed_spread,
+        "depth-1 acceptance >= 0.7": compiled["mtpd-g1"]["acceptance_by_depth"][0] >= 0.7,
+        "a proposal costs <= 30% of a target forward": compiled["mtpd-g1"]["proposal_cost"] <= 0.30,
         "MTP speculation at least as fast as the separate draft, identical greedy output":
-            mtp_fast and compiled["mtp"]["identical_greedy"],
+            best["tokens_per_s"] >= compiled["draft"]["tokens_per_s"] and best["identical_greedy"],
     }  # fmt: skip
     lines = [
         f"`python bench/mtp.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} --depth {args.depth}` "
@@ -210,8 +243,9 @@ def main() -> None:
         "",
         loss_table,
         "",
-        f"Seed spread (standard deviation of the runs without MTP): {seed_spread:.4f}. Held-out MTP accuracy of "
-        f"{first} per depth: {' / '.join(f'{a:.3f}' for a in val_depth)}.",
+        f"Seed spread (standard deviation of the runs without MTP): {seed_spread:.4f}. Seed {args.seeds[0]}, held out:",
+        "",
+        *[f"- {line}" for line in held_out],
         "",
         speed_table,
         "",
@@ -224,9 +258,9 @@ def main() -> None:
             r.pop("outputs")
     doc = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "val_loss": {"plain": plain_loss, "mtp": mtp_loss},
+        "val_loss": val,
         "seed_spread": seed_spread,
-        "val_mtp_accuracy": val_depth,
+        "held_out": held_out,
         "decode": results,
         "verdicts": verdicts,
     }
