@@ -557,3 +557,19 @@ def test_the_server_imports_only_the_runtime():
         lines = path.read_text().splitlines()
         imports = {line.split()[1].split(".")[0] for line in lines if line.startswith(("import ", "from "))}
         assert imports - set(sys.stdlib_module_names) <= allowed, (path, imports - set(sys.stdlib_module_names))
+
+
+def test_an_mtp_package_is_served_with_its_own_modules_as_the_proposer(mtp_package, tmp_path):
+    """No draft in the package: the target's MTP modules propose, the served greedy text is the target's own, and
+    /health and /metrics say so; --proposer none turns speculation off."""
+    mtp = load_package(mtp_package)
+    text, _ = greedy_text(mtp, PROMPT, 12)
+    with running_server(mtp_package, "--max-batch", "4", log=tmp_path / "server.log") as (port, _, _):
+        assert call(port, "GET", "/health")[1]["proposer"] == "mtp"
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        outs = [client.completions.create(model="frugal-mtp", prompt=PROMPT, max_tokens=12, temperature=0)
+                for _ in range(3)]  # fmt: skip
+        assert {o.choices[0].text for o in outs} == {text}
+        assert metrics(port)["frugal_spec_decode_num_draft_tokens_total"] > 0
+    with running_server(mtp_package, "--proposer", "none", log=tmp_path / "plain.log") as (port, _, _):
+        assert call(port, "GET", "/health")[1]["proposer"] == "none"
