@@ -338,6 +338,7 @@ class Transformer(nn.Module):
         key_mask_BS: torch.Tensor | None = None,
         with_mtp: bool = False,
         return_hidden: bool = False,
+        mtp_detached: bool = False,
     ):
         """Logits (B, T, V) for tokens at positions start_pos .. start_pos + T - 1. For a batch of prompts
         of different lengths, left-pad them and pass key_mask_BS (False on padding, S >= start_pos + T):
@@ -345,7 +346,9 @@ class Transformer(nn.Module):
 
         with_mtp (training, from position 0, no cache): (logits, [MTP logits of depth k, (B, T - k, V)]), where
         depth k's row i predicts token i + k + 1. return_hidden: (logits, h) with h (B, T, D) the final hidden state
-        through the final norm, which MTP module 1 starts from."""
+        through the final norm, which MTP module 1 starts from. mtp_detached: the MTP modules read the main model's
+        hidden states, embeddings and head without passing gradients back to them, so only the modules learn from
+        their loss and the main model trains exactly as it would without them."""
         T = tokens_BT.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
@@ -362,11 +365,14 @@ class Transformer(nn.Module):
             return logits
         assert start_pos == 0 and cache is None and key_mask_BS is None, "MTP training runs whole sequences"
         mtp_logits = []
+        head = self.lm_head.weight
+        if mtp_detached:
+            h, emb, head = h.detach(), emb.detach(), head.detach()
         for k, module in enumerate(self.mtp, start=1):
             if k >= T:
                 break
             h = module(h[:, : T - k], emb[:, k:], cos[: T - k], sin[: T - k])
-            mtp_logits.append(self.lm_head(module.norm(h)))
+            mtp_logits.append(F.linear(module.norm(h), head))
         return logits, mtp_logits
 
     def mtp_step(self, k: int, h_prev_BTD, tokens_BT, start_pos: int, cache: list[LayerCache] | None = None):

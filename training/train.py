@@ -266,7 +266,8 @@ class Trainer:
         x, y = local[:, :-1], local[:, 1:]
         start = time.perf_counter()
         depth = cfg.model.mtp_depth
-        logits, mtp_logits = self.engine(x, with_mtp=True) if depth else (self.engine(x), [])
+        detached = cfg.mtp_distill_weight > 0  # self-distilled modules learn beside the main model, not into it
+        logits, mtp_logits = self.engine(x, with_mtp=True, mtp_detached=detached) if depth else (self.engine(x), [])
         loss = F.cross_entropy(logits.float().reshape(-1, cfg.model.vocab_size), y.reshape(-1))
         aux = self.engine.module.aux_loss() if self.moe else torch.zeros(())
         objective, kl = loss, None

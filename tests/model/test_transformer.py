@@ -165,3 +165,16 @@ def test_bad_configs_are_refused():
         dataclasses.replace(debug_tiny(), mtp_depth=63)
     with pytest.raises(ValueError, match="mtp_loss_weight"):
         dataclasses.replace(debug_tiny(), mtp_loss_weight=-0.1)
+
+
+def test_detached_mtp_modules_learn_without_touching_the_main_model():
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(debug_tiny(), mtp_depth=2))
+    tokens = torch.randint(0, 512, (2, 16))
+    for detached in (False, True):
+        model.zero_grad(set_to_none=True)
+        _, mtp_logits = model(tokens, with_mtp=True, mtp_detached=detached)
+        sum(x.float().pow(2).mean() for x in mtp_logits).backward()
+        main = [p.grad for n, p in model.named_parameters() if not n.startswith("mtp.")]
+        assert all(p.grad is not None for p in model.mtp.parameters())
+        assert all(g is None for g in main) == detached
