@@ -143,6 +143,9 @@ TrainAssetConfig = stage_config(
     mtp_depth=(int | None, Field(default=None, description="Multi-token-prediction modules trained with the MoE "
                "(DeepSeek-V3; they are its speculative proposer when served); unset = the preset's (none); 0 = none. "
                "The dense models ignore it.")),
+    mtp_distill_weight=(float, Field(default=0.5, description="With MTP modules: the share of their loss that is the "
+                        "KL to the main head's distribution (training.config.TrainConfig.mtp_distill_weight; 0 = "
+                        "DeepSeek-V3's plain cross-entropy).")),
     continue_from_last=(bool, Field(default=False, description="Start from the weights of this asset's last "
                         "finished run instead of random ones, e.g. to continue training on shards that gained drops "
                         "(training.config.TrainConfig.init_from); max_steps more steps, a fresh schedule.")),
@@ -168,6 +171,8 @@ def train_config(
         "ep_size": 1 if dense else config.ep_size,
         "init_from": init_from,
     }
+    if not dense and model.get("mtp_depth"):
+        cfg["mtp_distill_weight"] = config.mtp_distill_weight
     if getattr(config, "distill_weight", 0):
         cfg |= {"distill_from": str(paths.stage_dir("moe_model")), "distill_weight": config.distill_weight}
     return TrainConfig.from_dict(cfg)

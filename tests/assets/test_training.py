@@ -119,3 +119,14 @@ def test_bad_configs_fail_before_launching(data_dir):
     (data_dir / "tokenizer" / "tokenizer.json").write_text(json.dumps({"broken": True}))
     result = materialize(data_dir, [dense_baseline_model], TINY, raise_on_error=False)
     assert not result.success
+
+
+def test_the_moe_run_gets_the_mtp_settings_and_the_dense_ones_do_not(tmp_path):
+    paths = CurationPaths(data_dir=str(tmp_path))
+    config = TrainAssetConfig(**TINY, mtp_depth=2, mtp_distill_weight=0.25)
+    moe = train_config(config, paths, "moe_model", dense=False)
+    assert moe.model.mtp_depth == 2 and moe.mtp_distill_weight == 0.25
+    dense = train_config(config, paths, "dense_baseline_model", dense=True)
+    assert dense.model.mtp_depth == 0 and dense.mtp_distill_weight == 0.0
+    plain = train_config(TrainAssetConfig(**TINY, mtp_depth=0), paths, "moe_model", dense=False)
+    assert plain.model.mtp_depth == 0 and plain.mtp_distill_weight == 0.0
