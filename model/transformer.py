@@ -305,7 +305,7 @@ class Transformer(nn.Module):
         """GPT-2 style: weights ~ N(0, 0.02), and the projections that write into the residual stream
         (attention wo, SwiGLU w2, expert w2) scaled by 1/sqrt(2 n_layers) so the stream's variance stays
         ~1 with depth; the untrained model then predicts near-uniformly (loss ~ ln V)."""
-        std, out_std = 0.02, 0.02 / math.sqrt(2 * (self.config.n_layers + self.config.mtp_depth))
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)  # the MTP blocks as the main ones
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norms stay at 1

@@ -105,8 +105,9 @@ class TrainConfig:
     """Self-distillation of the MTP modules: each depth's loss is (1 - w) cross-entropy on the data + w KL(main head
     || depth) for the same token, the main head's logits detached (it teaches, it is not taught). The modules then
     read the main model's hidden states, embedding and head detached too: only they learn from their loss, and the
-    main model trains as it would without them (a KL into the trunk pulled one seed's main model back to its early
-    plateau, bench/mtp.py). 0 = DeepSeek-V3's plain cross-entropy, whose gradient reaches the main model.
+    main model trains as it would without them (a KL into the trunk kept one seed's main model on its early
+    plateau, bench/mtp.py); lambda then does not apply (training.train.DETACHED_MTP_SCALE). 0 = DeepSeek-V3's plain
+    cross-entropy, whose gradient reaches the main model.
     Speculation accepts what the main model would say, not what the data says: a distilled draft learns that, a
     plain MTP module does not."""
 

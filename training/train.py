@@ -59,6 +59,11 @@ from training.launch import (
 from training.metrics import MetricsSink, SpendMeter, flops_per_token, measure_peak_flops, plot_curves, read_metrics
 
 log = logging.getLogger("frugal.train")
+DETACHED_MTP_SCALE = 1e-3
+"""Self-distilled (detached) MTP modules train on their loss times this. AdamW's steps do not depend on a
+parameter's gradient scale, so the modules learn as they would at scale 1; but their gradients then barely count in
+the global gradient norm that clipping divides every gradient by, so the main model steps as it would without them
+(at scale 1 they shrank its steps, and one run stayed on its early plateau)."""
 BALANCE_WINDOW = 50
 """Steps whose expert loads are summed for the windowed balance metric: one small batch holds a few
 documents, and experts specialise by document, so a single step's max/mean overstates the imbalance."""
@@ -279,7 +284,8 @@ class Trainer:
         if mtp:  # DeepSeek-V3: L = L_main + lambda * mean over depths of L_MTP^k
             w = cfg.mtp_distill_weight
             per_depth = [m.ce if not w else (1 - w) * m.ce + w * m.kl for m in mtp]
-            objective = objective + mtp_weight * sum(per_depth) / len(per_depth)
+            scale = DETACHED_MTP_SCALE if detached else mtp_weight
+            objective = objective + scale * sum(per_depth) / len(per_depth)
         self.engine.backward(objective + aux.to(loss.dtype))
         self.engine.step()
         self.step += 1
