@@ -62,7 +62,12 @@ def test_batched_greedy_equals_each_request_decoded_alone(kv_cache, speculative,
     ref = Generator(target)
     config = EngineConfig(max_batch=6, block_size=block_size, gamma=gamma, max_step_tokens=24)
     engine = Engine(ref, Generator(draft) if speculative else None, config)
-    ps = prompts(14)
+    assert_batched_greedy(engine, ref, prompts(14), speculative)
+
+
+def assert_batched_greedy(engine: Engine, ref: Generator, ps: list[list[int]], speculative: bool) -> None:
+    """Requests of several lengths, added while others decode: each gets `ref`'s own greedy tokens, the engine
+    batched them up to max_batch, a proposer (if any) was right sometimes, and every KV block is free after."""
     lengths = [5 + (i * 7) % 30 for i in range(len(ps))]
     requests = [
         (str(i), p, SamplingParams(max_new_tokens=n, temperature=0)) for i, (p, n) in enumerate(zip(ps, lengths))
@@ -71,7 +76,7 @@ def test_batched_greedy_equals_each_request_decoded_alone(kv_cache, speculative,
     for i, (p, n) in enumerate(zip(ps, lengths)):
         assert out.tokens[str(i)] == ref.generate_ids(p, SamplingConfig(max_new_tokens=n)), i
         assert out.finish[str(i)] == "length"
-    assert max(engine.stats.batch_sizes) == 6  # it did batch, up to max_batch
+    assert max(engine.stats.batch_sizes) == engine.config.max_batch  # it did batch, up to max_batch
     if speculative:
         assert engine.stats.proposed > 0 and 0 < engine.stats.accepted <= engine.stats.proposed
     assert engine.pool.used() == 0 and engine.pool.reserved == 0

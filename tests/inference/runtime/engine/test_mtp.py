@@ -17,7 +17,7 @@ from inference.runtime.generate import Generator, SamplingConfig, probabilities
 from inference.runtime.kv_cache import use_int8_kv_cache
 from model.config import debug_tiny
 from model.transformer import Transformer
-from tests.inference.runtime.engine.test_engine import Collect, prompts, staggered
+from tests.inference.runtime.engine.test_engine import Collect, assert_batched_greedy, prompts, staggered
 from tests.inference.runtime.test_speculative import models
 
 
@@ -62,17 +62,7 @@ def test_batched_mtp_greedy_equals_each_request_decoded_alone(trained, kv_cache,
     engine = Engine(ref, None, EngineConfig(max_batch=6, block_size=block_size, gamma=gamma, max_step_tokens=24))
     assert engine.proposer == "mtp" and engine.gamma == gamma
     # prompts the modules know (from their training texts) and prompts they do not
-    ps = [t[:4] for t in texts[:7]] + prompts(7)
-    lengths = [5 + (i * 7) % 30 for i in range(len(ps))]
-    requests = [
-        (str(i), p, SamplingParams(max_new_tokens=n, temperature=0)) for i, (p, n) in enumerate(zip(ps, lengths))
-    ]
-    out = staggered(engine, requests)
-    for i, (p, n) in enumerate(zip(ps, lengths)):
-        assert out.tokens[str(i)] == ref.generate_ids(p, SamplingConfig(max_new_tokens=n)), i
-    assert max(engine.stats.batch_sizes) == 6
-    assert engine.stats.proposed > 0 and 0 < engine.stats.accepted <= engine.stats.proposed
-    assert engine.pool.used() == 0 and engine.pool.reserved == 0
+    assert_batched_greedy(engine, ref, [t[:4] for t in texts[:7]] + prompts(7), speculative=True)
 
 
 def test_every_proposal_is_what_the_training_forward_predicts(trained, monkeypatch):
