@@ -72,15 +72,15 @@ class Row:
     quality_of: str
     """Which model's quality this is: dense (the equal-quality dense model) or moe."""
     draft: str | None = None
-    proposer: str | None = None
-    """Who proposes speculative tokens (inference.runtime.engine.engine.EngineConfig.proposer); None = the draft
-    when the row has one, else none (a target's MTP modules propose only where a row asks for "mtp")."""
     compiled: bool = False
     concurrency: int = 1
     prefix_caching: bool = False
     peer: bool = False
     after: str | None = None
     """The label of the row this one adds its lever to; None = the waterfall row just before it."""
+    proposer: str | None = None
+    """Who proposes speculative tokens (inference.runtime.engine.engine.EngineConfig.proposer); None = the draft
+    when the row has one, else none (a target's MTP modules propose only where a row asks for "mtp")."""
 
 
 @dataclass
