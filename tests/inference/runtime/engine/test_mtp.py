@@ -3,7 +3,6 @@ greedy output identical to plain decoding, every proposal equal to what the one-
 the target's distribution under sampling (chi-square), reproducible seeded requests, prefix reuse, and the
 proposer's configuration."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -56,8 +55,9 @@ def trained():
 def test_batched_mtp_greedy_equals_each_request_decoded_alone(trained, kv_cache, block_size, gamma):
     target, texts = trained
     if kv_cache == "int8":  # a copy: the cache format is set on the model
-        target = copy.deepcopy(target)
-        use_int8_kv_cache(target)
+        trained_weights, target = target.state_dict(), Transformer(target.config)
+        target.load_state_dict(trained_weights)
+        use_int8_kv_cache(target.eval())
     ref = Generator(target)
     engine = Engine(ref, None, EngineConfig(max_batch=6, block_size=block_size, gamma=gamma, max_step_tokens=24))
     assert engine.proposer == "mtp" and engine.gamma == gamma
