@@ -218,7 +218,11 @@ def test_the_ui_lists_the_graph_launches_a_drop_and_shows_its_plots(tmp_path, mo
             browser.close()
     finally:
         os.killpg(dev.pid, signal.SIGTERM)
-        dev.wait(timeout=60)
+        try:
+            dev.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # its daemon was still running the automation's runs: stop the group
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait(timeout=30)
         log.close()
     assert inline and all(w >= 90 for w in inline), "the asset page shows its thumbnail plot, not only behind a dialog"
     assert full and full[0] >= 400
