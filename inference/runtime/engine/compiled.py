@@ -252,7 +252,8 @@ class CompiledMTPStep(CompiledStep):
 
     def __init__(self, model: Transformer, cache: PagedKVCache, experts: dict[int, GroupedExperts],
                  block_size: int, buckets: tuple[int, ...] = BUCKETS, autotune: bool = True):  # fmt: skip
-        super().__init__(model, cache, {}, block_size, buckets, autotune)
+        super().__init__(model, cache, experts, block_size, buckets, autotune)
+        # the main layers' stacks the base class looked up are not this step's: it runs the MTP blocks only
         self.experts = {id(m): experts.get(id(m)) or GroupedExperts(m) for m in model.mtp_moe_layers()}
         self._fns: dict[int, Callable] = {}
 

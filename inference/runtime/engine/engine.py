@@ -170,8 +170,9 @@ def _cache_for(gen: Generator, config: EngineConfig, num_blocks: int) -> PagedKV
     return PagedKVCache(mc.n_layers, num_blocks, config.block_size, G, mc.head_dim, kind, dtype, scales)
 
 
-def _grouped_experts(gen: Generator) -> dict[int, GroupedExperts]:
-    stacked = {id(moe): GroupedExperts(moe) for moe in gen.model.moe_layers()}
+def _grouped_experts(layers) -> dict[int, GroupedExperts]:
+    """The usable GroupedExperts of these MoE layers, by id of their layer."""
+    stacked = {id(moe): GroupedExperts(moe) for moe in layers}
     return {key: experts for key, experts in stacked.items() if experts.usable}
 
 
@@ -190,7 +191,7 @@ class Engine:
         self.caches = [_cache_for(target, config, num_blocks)]
         if draft is not None:
             self.caches.append(_cache_for(draft, config, num_blocks))
-        self.experts = [_grouped_experts(g) for g in (target, draft) if g is not None]
+        self.experts = [_grouped_experts(g.model.moe_layers()) for g in (target, draft) if g is not None]
         """Per model, its MoE layers' experts stacked for grouped computation (inference.runtime.engine.experts)."""
         self.gamma = config.gamma
         self.mtp_cache = self.mtp_experts = None
@@ -199,8 +200,7 @@ class Engine:
             self.gamma = min(config.gamma, mc.mtp_depth)
             self.mtp_cache = PagedKVCache(mc.mtp_depth, num_blocks, config.block_size, mc.n_kv_heads or mc.n_heads,
                                           mc.head_dim, "fp32", target.model.embed.weight.dtype)  # fmt: skip
-            self.mtp_experts = {id(m): GroupedExperts(m) for m in target.model.mtp_moe_layers()}
-            self.mtp_experts = {key: e for key, e in self.mtp_experts.items() if e.usable}
+            self.mtp_experts = _grouped_experts(target.model.mtp_moe_layers())
         sizes = tuple(sorted(set(config.compile_sizes)))
         self.steps = [CompiledStep(g.model, cache, experts, config.block_size, sizes, config.compile_autotune)
                       for g, cache, experts in zip((target, draft), self.caches, self.experts)]  # fmt: skip
