@@ -1,8 +1,15 @@
 """Training run configuration: one dataclass, validated before anything is launched, and the DeepSpeed
 config it implies.
 
-The learning rate warms up linearly for `warmup_steps`, then follows a cosine from `lr` down to
-`min_lr` at `max_steps`: lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * (s - w) / (max_steps - w))) / 2.
+The learning rate warms up linearly for `warmup_steps` (w), then follows `lr_schedule`:
+- "cosine": from `lr` down to `min_lr` at `max_steps`: lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2,
+  p = (s - w) / (max_steps - w);
+- "wsd" (warmup-stable-decay, as MiniCPM, OLMo 2 and Llama 3 train): `lr` until the last `decay_fraction` of the
+  steps, then down to `min_lr` at `max_steps`, linearly (lr - (lr - min_lr) * p) or as 1 - sqrt
+  (lr - (lr - min_lr) * sqrt(p), Hägele et al. 2024), p = the share of the decay done.
+
+The data mixture can change by phase too (`DataConfig.mix_schedule`, read by training.data.PackedLoader), e.g. every
+curated bucket at random during the stable phase and only the top quality tier during the decay ("quality anneal").
 """
 
 from __future__ import annotations
@@ -17,11 +24,48 @@ from pathlib import Path
 from model import config as model_presets
 from model.config import ModelConfig, dense_baseline, small_cpu
 
+LR_SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 PRESETS = ("debug_tiny", "debug_tiny_draft", "small_cpu", "small_cpu_draft", "moe_1b")
 
 
 CONFIG_FILE = "train_config.json"
 """The config a run folder carries, as launched (training.launch writes it)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class MixPhase:
+    """One phase of a data mixture schedule: which buckets the documents are drawn from, until when."""
+
+    until: float
+    """The phase ends at this fraction of the run's steps, in (0, 1]; phases are in order and the last ends at 1."""
+    weights: dict[int, float] | None = None
+    """Bucket -> weight (normalized over the phase): each document comes from a bucket drawn by these weights; a bucket
+    drawn more often than it has documents starts another pass over them. None = see quality_tiers."""
+    quality_tiers: list[int] | None = None
+    """The buckets of these quality tiers (the manifest's `quality_tier`; negative counts from the top: -1 = the best
+    tier), each document drawn in proportion to the documents they have left in this pass, so the phase reads a
+    uniformly random order of their documents. None with weights None = every bucket of the manifest that way."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, dict):  # JSON and TOML keys are strings
+            try:
+                self.weights = {int(b): w for b, w in self.weights.items()}
+            except ValueError as e:
+                raise ValueError(f"mix_schedule weights: bucket keys must be integers, not {list(self.weights)}") from e
+
+    def check(self, where: str) -> None:
+        if self.weights is not None and self.quality_tiers is not None:
+            raise ValueError(f"{where}: give weights or quality_tiers, not both")
+        if self.weights is not None:
+            bad = [w for w in self.weights.values() if isinstance(w, bool) or not isinstance(w, int | float)
+                   or not math.isfinite(w) or w < 0]  # fmt: skip
+            if bad or sum(self.weights.values()) <= 0:
+                raise ValueError(
+                    f"{where}.weights={self.weights}: weights must be finite, non-negative and sum to a positive number"
+                )
+        if self.quality_tiers is not None and not self.quality_tiers:
+            raise ValueError(f"{where}.quality_tiers is empty: name at least one tier (or leave it unset for all)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,10 +77,47 @@ class DataConfig:
     batch_size: int = 8
     bucket_schedule: list[int] | None = None
     """Buckets in reading order, e.g. [0, 1, 2] or [2, 2, 0]; None = every bucket in manifest order."""
+    mix_schedule: list[MixPhase] | None = None
+    """A mixture of buckets per phase of the run instead of a reading order, e.g. a quality anneal:
+    [{"until": 0.8}, {"until": 1.0, "quality_tiers": [-1]}] (MixPhase says what a phase may hold). None = the
+    bucket_schedule's order."""
+    mix_seed: int = 0
+    """Seeds the mixture's draws (the same seed and shards give the same stream)."""
     validation_fraction: float = 0.02
     """Share of each bucket held out for validation (by a hash of the id)."""
     encode_batch_docs: int = 256
     """Documents tokenized together."""
+
+    def __post_init__(self) -> None:
+        if self.mix_schedule is not None:
+            self.mix_schedule = [
+                _build(MixPhase, p, f"data.mix_schedule[{n}]") if isinstance(p, dict) else p
+                for n, p in enumerate(self.mix_schedule)
+            ]
+
+    def check(self) -> None:
+        """The mixture's shape (its buckets are checked against the shards by training.data.check_mixture)."""
+        if self.mix_schedule is None:
+            return
+        if self.bucket_schedule is not None:
+            raise ValueError("data.mix_schedule and data.bucket_schedule exclude each other: give one")
+        if not self.mix_schedule:
+            raise ValueError("data.mix_schedule is empty: give at least one phase, or leave it unset")
+        previous = 0.0
+        for n, phase in enumerate(self.mix_schedule):
+            where = f"data.mix_schedule[{n}]"
+            if not previous < phase.until <= 1:
+                raise ValueError(f"{where}.until={phase.until} must be in ({previous}, 1]: phases end in order")
+            phase.check(where)
+            previous = phase.until
+        if previous != 1:
+            raise ValueError(f"data.mix_schedule[{len(self.mix_schedule) - 1}].until={previous}: the last phase must "
+                             "end at 1 (the end of the run)")  # fmt: skip
+
+    def phase_at(self, fraction: float) -> int:
+        """The mix_schedule phase that holds this fraction of the run."""
+        assert self.mix_schedule is not None
+        return next((n for n, p in enumerate(self.mix_schedule) if fraction < p.until), len(self.mix_schedule) - 1)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,6 +136,12 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
+    lr_schedule: str = "cosine"
+    """After the warmup: "cosine" down to min_lr, or "wsd" (constant, then a decay over the last decay_fraction)."""
+    decay_fraction: float = 0.2
+    """wsd: the share of max_steps the decay takes (MiniCPM: 0.1; OLMo 2 and Hägele et al. 2024: about 0.2)."""
+    decay_shape: str = "1-sqrt"
+    """wsd: linear or 1-sqrt (1-sqrt ends lower at the same length, Hägele et al. 2024)."""
     weight_decay: float = 0.1
     router_lr_scale: float = 0.1
     """The routers learn at lr x this: a fast-moving router outruns the balancing bias (measured on small_cpu)."""
@@ -132,6 +219,18 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_steps < self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {self.lr_schedule!r}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"decay_shape must be one of {DECAY_SHAPES}, not {self.decay_shape!r}")
+        if isinstance(self.decay_fraction, bool) or not 0 < self.decay_fraction < 1:
+            raise ValueError(f"decay_fraction={self.decay_fraction} must be in (0, 1)")
+        if self.lr_schedule == "wsd" and self.decay_start < self.warmup_steps:
+            raise ValueError(
+                f"decay_fraction={self.decay_fraction} starts the decay at step {self.decay_start}, inside the warmup "
+                f"(warmup_steps={self.warmup_steps}): lower one of them"
+            )
+        self.data.check()
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.model.mtp_depth >= self.data.seq_len:
@@ -154,9 +253,21 @@ class TrainConfig:
                 f"{self.distill_temperature} above 0"
             )
 
+    @property
+    def decay_start(self) -> int:
+        """wsd: the first step of the decay (the stable phase is [warmup_steps, decay_start))."""
+        return self.max_steps - max(1, round(self.decay_fraction * self.max_steps))
+
     def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based) under lr_schedule."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "wsd":
+            if step < self.decay_start:
+                return self.lr
+            done = min(1.0, (step - self.decay_start + 1) / (self.max_steps - self.decay_start))
+            shape = done if self.decay_shape == "linear" else math.sqrt(done)
+            return self.lr - (self.lr - self.min_lr) * shape
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -179,7 +290,8 @@ class TrainConfig:
         }
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """As JSON holds it (bucket keys of mixture weights are strings), so a saved config compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, doc: dict) -> TrainConfig:
