@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import json
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_schedule_and_validation_split(shards):
     assert loader.schedule == [5, 0]
     validation = loader.validation_texts()
     assert set(validation) == set(range(6)) and sum(len(v) for v in validation.values()) > 0
-    train_texts = set(loader._training_texts())
+    train_texts = {t for _, t in loader._training_texts()}
     assert not train_texts & {t for v in validation.values() for t in v}
     with pytest.raises(ValueError, match="bucket_schedule"):
         PackedLoader(shard_dir, tok, config(bucket_schedule=[9]))
@@ -72,3 +73,97 @@ def test_bad_inputs_fail_before_training(shards, tmp_path):
     with pytest.raises(ValueError, match="vocab_size=8192"):
         check_compatible(tok, dataclasses.replace(debug_tiny(), vocab_size=8192))
     check_compatible(tok, debug_tiny())  # 512 = 512
+
+
+def mixed(shard_dir, tok, total_steps=40, **changes) -> PackedLoader:
+    return PackedLoader(shard_dir, tok, config(**changes), total_steps=total_steps)
+
+
+def read_docs(loader: PackedLoader, n_batches: int) -> list[int]:
+    """The bucket of every document the first n_batches batches began, in order (from take_mixture per batch)."""
+    per_batch = []
+    for _ in zip(range(n_batches), loader):
+        per_batch.append({b: share for b, share in loader.take_mixture().items() if share})
+    return per_batch
+
+
+def test_a_mixture_without_weights_reads_every_document_once_in_a_random_order(shards):
+    shard_dir, tok = shards
+    loader = mixed(shard_dir, tok, mix_schedule=[{"until": 1.0}])
+    texts = {}
+    for bucket in loader.reader.buckets():
+        for doc_id, text in loader.reader.documents(bucket):
+            if not is_validation(doc_id, 0.1):
+                texts[tok.encode(text).ids.__repr__()] = bucket
+    n_docs = sum(loader.counts.values())
+    assert n_docs == len(texts) > 90
+    batches = iter(loader)
+    while sum(loader.consumed.values()) < n_docs:
+        next(batches)
+    # one round: every training document exactly once before any second reading
+    assert loader.consumed == loader.counts
+    # the buckets come interleaved, not one after another: not the curriculum's order
+    stream = torch.cat(list(itertools.islice(mixed(shard_dir, tok, mix_schedule=[{"until": 1.0}]), 20))).tolist()
+    ordered = torch.cat(list(itertools.islice(PackedLoader(shard_dir, tok, config()), 20))).tolist()
+    assert stream != ordered
+    # another seed, another order; the same seed, the same stream
+    again = torch.cat(list(itertools.islice(mixed(shard_dir, tok, mix_schedule=[{"until": 1.0}]), 20))).tolist()
+    other = torch.cat(list(itertools.islice(mixed(shard_dir, tok, mix_schedule=[{"until": 1.0}], mix_seed=1), 20)))
+    assert again == stream and other.tolist() != stream
+
+
+def test_a_quality_anneal_reads_only_the_top_tier_after_its_boundary(shards):
+    shard_dir, tok = shards
+    loader = mixed(shard_dir, tok, total_steps=40, mix_schedule=[{"until": 0.5}, {"until": 1.0, "quality_tiers": [-1]}])
+    tiers = loader.reader.quality_tiers()
+    top = {b for b, t in tiers.items() if t == max(tiers.values())}
+    assert len(top) == 2 and [m.buckets for m in loader.mixtures][1] == tuple(sorted(top))
+    per_batch = read_docs(loader, 40)
+    assert [loader.phase(s) for s in (0, 19, 20, 39)] == [0, 0, 1, 1]
+    assert len(set().union(*per_batch[:20])) > 2  # the stable phase mixes every tier
+    assert set().union(*per_batch[21:]) <= top  # batch 20 may finish a document begun before the boundary
+
+
+def test_fixed_weights_draw_buckets_in_proportion(shards):
+    shard_dir, tok = shards
+    loader = mixed(shard_dir, tok, total_steps=200, mix_schedule=[{"until": 1.0, "weights": {"0": 3, "5": 1}}])
+    for _ in zip(range(200), loader):
+        pass
+    drawn = {b: n for b, n in loader.consumed.items() if n}
+    assert set(drawn) == {0, 5} and 2.3 < drawn[0] / drawn[5] < 3.9  # 3:1, binomial noise over ~500 draws
+
+
+def test_a_resumed_mixture_gives_the_same_batches_across_the_phase_boundary(shards):
+    shard_dir, tok = shards
+    schedule = [{"until": 0.4}, {"until": 1.0, "quality_tiers": [-1, 0]}]
+    whole = list(itertools.islice(mixed(shard_dir, tok, 30, mix_schedule=schedule), 30))
+    first = mixed(shard_dir, tok, 30, mix_schedule=schedule)
+    head = list(itertools.islice(iter(first), 9))
+    second = mixed(shard_dir, tok, 30, mix_schedule=schedule)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as a checkpoint stores it
+    tail = list(itertools.islice(iter(second), 21))
+    assert all(torch.equal(a, b) for a, b in zip(whole, head + tail)) and len(head + tail) == 30
+    other = mixed(shard_dir, tok, 30, mix_schedule=[{"until": 1.0}])
+    with pytest.raises(ValueError, match="saved mixture"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_mixtures_the_shards_cannot_serve_are_refused_naming_the_field(shards, tmp_path):
+    shard_dir, tok = shards
+    with pytest.raises(ValueError, match=r"data.mix_schedule\[1\].weights names bucket\(s\) \[9\]"):
+        mixed(shard_dir, tok, mix_schedule=[{"until": 0.5}, {"until": 1.0, "weights": {"9": 1, "0": 1}}])
+    with pytest.raises(ValueError, match=r"data.mix_schedule\[0\].quality_tiers names tier 3"):
+        mixed(shard_dir, tok, mix_schedule=[{"until": 1.0, "quality_tiers": [3]}])
+    with pytest.raises(ValueError, match="a mix_schedule needs the run's steps"):
+        next(iter(PackedLoader(shard_dir, tok, config(mix_schedule=[{"until": 1.0}]))))
+    # shards without quality tiers (e.g. raw documents) cannot anneal by tier
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for b in manifest["buckets"]:
+        del b["quality_tier"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="gives no bucket a quality_tier"):
+        mixed(copy, tok, mix_schedule=[{"until": 1.0, "quality_tiers": [-1]}])
