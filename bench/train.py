@@ -79,7 +79,7 @@ def plain_torch_tokens_per_s(cfg: TrainConfig, steps: int, deepspeed_layer: bool
         reference, model = model, deepspeed_transformer(cfg.model)
         load_reference_state(model, reference.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    loader = PackedLoader(cfg.shard_dir, load_tokenizer(cfg.tokenizer_path), cfg.data)
+    loader = PackedLoader(cfg.shard_dir, load_tokenizer(cfg.tokenizer_path), cfg.data, total_steps=cfg.max_steps)
     batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
     rates = []
     for step in range(steps):

@@ -23,7 +23,7 @@ from pathlib import Path
 from model.io import write_text_atomic
 from model.tokenizer import load_tokenizer
 from training.config import CONFIG_FILE, TrainConfig
-from training.data import ShardReader, check_compatible
+from training.data import ShardReader, check_compatible, check_mixture
 
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -40,7 +40,9 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def check_inputs(cfg: TrainConfig) -> None:
     """Config, shards and tokenizer: a ValueError naming what is wrong, before any rank starts."""
     cfg.check()
-    ShardReader(cfg.shard_dir)  # missing manifest, missing or empty shards
+    reader = ShardReader(cfg.shard_dir)  # missing manifest, missing or empty shards
+    if cfg.data.mix_schedule is not None:
+        check_mixture(cfg.data, reader)  # buckets and tiers the manifest lacks, phases with nothing to read
     if not Path(cfg.tokenizer_path).exists():
         raise ValueError(f"{cfg.tokenizer_path}: tokenizer not found: materialize the tokenizer asset first")
     check_compatible(load_tokenizer(cfg.tokenizer_path), cfg.model)

@@ -8,7 +8,7 @@ in this process for one rank, under torchrun for several. Each rank runs `train_
 - every rank builds the same initial weights from the seed; MoE layers run on DeepSpeed's MoE layer
   (model.moe_deepspeed) and each rank keeps its share of the experts when ep_size > 1;
 - the DeepSpeed engine does ZeRO-1/2, fp32 or bf16 and gradient clipping; the learning rate (warmup then
-  cosine) is set on the optimizer each step, so a resumed run follows the same schedule;
+  cosine or warmup-stable-decay) is set on the optimizer each step, so a resumed run follows the same schedule;
 - each rank trains its slice of the global batch (the same global batch whatever the number of ranks);
 - after each step the router biases move toward balance by the expert loads summed over all ranks;
 - checkpoints (engine, optimizer, data position, spend) every `checkpoint_every` steps, on SIGTERM and at
@@ -197,7 +197,7 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer_path)
         check_compatible(self.tokenizer, cfg.model)
-        self.loader = PackedLoader(cfg.shard_dir, self.tokenizer, cfg.data)
+        self.loader = PackedLoader(cfg.shard_dir, self.tokenizer, cfg.data, total_steps=cfg.max_steps)
         self.val_rows = validation_rows(self.loader, cfg)
         self.micro = cfg.data.batch_size // world
         self.step, self.tokens = 0, 0
@@ -308,6 +308,10 @@ class Trainer:
         dist.all_reduce(flat)
         self.stop_requested = flat[1].item() > 0
         record = {"step": self.step, "loss": flat[0].item() / self.world, "lr": lr, "tokens": self.tokens}
+        # the mixture this step read: each bucket's share of the documents begun since the last step
+        record |= {f"mix/bucket{b}": share for b, share in self.loader.take_mixture().items()}
+        if cfg.data.mix_schedule is not None:
+            record["mix_phase"] = self.loader.phase(self.step - 1)
         at = 2
         if kl is not None:
             record["distill_kl"] = flat[at].item() / self.world
@@ -394,6 +398,8 @@ class Trainer:
         if "val_loss" in record:
             parts.append(f"val {record['val_loss']:.3f}")
         parts += [f"lr {record['lr']:.2e}", f"{record['tokens_per_s']:,.0f} tok/s", f"mfu {record['mfu']:.1%}"]
+        if "mix_phase" in record:
+            parts.append(f"mix phase {record['mix_phase']}")
         if "expert_load_max_over_mean" in record:
             parts.append(f"load max/mean {record['expert_load_max_over_mean']:.2f}")
             parts.append(f"experts/token {record['active_experts_per_token']:.2f}")

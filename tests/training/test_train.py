@@ -128,7 +128,9 @@ def test_training_lowers_the_loss_and_exports_a_model_that_reloads(inputs, tmp_p
 def test_resume_after_sigterm_gives_the_losses_of_an_uninterrupted_run(inputs, tmp_path):
     steps = 240  # long enough for SIGTERM to land mid-run: on an idle machine 60 steps ended (in ~1 s) before it did
     # with an MTP module (a MoE block) and the stepped MTP weight, which a resumed run must follow too
-    mtp = {"model": {"preset": "debug_tiny", "mtp_depth": 1}, "mtp_weight_schedule": "stepped"}
+    # and WSD with a quality anneal: the resumed run must follow the learning rate and the mixture's phases
+    mtp = {"model": {"preset": "debug_tiny", "mtp_depth": 1}, "mtp_weight_schedule": "stepped", "lr_schedule": "wsd",
+           "data": {"mix_schedule": [{"until": 0.5}, {"until": 1.0, "quality_tiers": [-1]}]}}  # fmt: skip
     train(write_config(inputs, tmp_path / "whole", max_steps=steps, checkpoint_every=1000, **mtp))
     config = write_config(inputs, tmp_path / "cut", max_steps=steps, checkpoint_every=1000, **mtp)
     proc = start(config)
@@ -147,6 +149,15 @@ def test_resume_after_sigterm_gives_the_losses_of_an_uninterrupted_run(inputs, t
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bit-exact, every step
     mtp_losses = [[r["mtp_loss/depth1"] for r in read_metrics(tmp_path / run)] for run in ("cut", "whole")]
     assert mtp_losses[0] == mtp_losses[1]
+    cut, whole = read_metrics(tmp_path / "cut"), read_metrics(tmp_path / "whole")
+    mixes = [[{k: v for k, v in r.items() if k.startswith(("mix", "lr"))} for r in run] for run in (cut, whole)]
+    assert mixes[0] == mixes[1]
+    assert [r["mix_phase"] for r in whole] == [0] * 120 + [1] * 120
+    top = json.loads((inputs / "shards" / "manifest.json").read_text())["buckets"]
+    top = {b["bucket"] for b in top if b["quality_tier"] == max(x["quality_tier"] for x in top)}
+    late = [r for r in whole if r["step"] > 122]  # past the boundary (a document begun before it may span a batch)
+    assert all(sum(v for k, v in r.items() if k.startswith("mix/bucket") and int(k[10:]) not in top) == 0 for r in late)
+    assert whole[150]["lr"] == pytest.approx(3e-3) and whole[-1]["lr"] == pytest.approx(3e-4)  # stable, then decayed
 
 
 def test_expert_parallel_ranks_match_data_parallel_ranks_and_one_rank(inputs, tmp_path):
@@ -196,6 +207,13 @@ def test_a_killed_rank_fails_the_run_and_shows_the_rank_logs(inputs, tmp_path):
         ({"model": {"mtp_depth": 32}}, "model.mtp_depth=32 leaves no position to train"),
         ({"mtp_weight_schedule": "cosine"}, "mtp_weight_schedule must be constant or stepped"),
         ({"mtp_distill_weight": 2.0}, "mtp_distill_weight=2.0 must be in [0, 1]"),
+        ({"lr_schedule": "wsd", "decay_fraction": 1.0}, "decay_fraction=1.0 must be in (0, 1)"),
+        (
+            {"data": {"mix_schedule": [{"until": 1.0, "weights": {"9": 1.0}}]}},
+            "data.mix_schedule[0].weights names bucket(s) [9]",
+        ),
+        ({"data": {"mix_schedule": [{"until": 1.0, "weights": {"0": 0}}]}}, "sum to a positive number"),
+        ({"data": {"mix_schedule": [{"until": 1.0, "quality_tiers": [7]}]}}, "data.mix_schedule[0].quality_tiers"),
     ],
 )
 def test_bad_inputs_are_refused_before_anything_starts(inputs, tmp_path, capsys, changes, message):
