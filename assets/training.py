@@ -123,6 +123,25 @@ TRAIN_FIELDS = ("max_steps", "lr", "warmup_steps", "world_size", "ep_size", "zer
                 "checkpoint_every", "eval_every", "price_per_device_hour", "seed")  # fmt: skip
 """The fields of training.config.TrainConfig that a training asset's run config sets (the rest keep their defaults)."""
 
+DATA_SCHEDULES = ("random", "quality_anneal", "curriculum")
+DEFAULT_DATA_SCHEDULE = "random"
+DEFAULT_LR_SCHEDULE = "wsd"
+"""What the data-schedule ablation (issue 20, `make bench-ablation`, BENCHMARKS.md "Data schedules") measured best."""
+
+
+def data_stream(schedule: str, decay_fraction: float, bucket_schedule: list[int] | None) -> dict:
+    """The training.config.DataConfig fields of a training asset's data_schedule."""
+    if schedule not in DATA_SCHEDULES:
+        raise ValueError(f"data_schedule must be one of {DATA_SCHEDULES}, not {schedule!r}")
+    if bucket_schedule is not None and schedule != "curriculum":
+        raise ValueError(f"bucket_schedule={bucket_schedule} orders the curriculum: set data_schedule to curriculum")
+    if schedule == "curriculum":
+        return {"bucket_schedule": bucket_schedule}
+    if schedule == "random":
+        return {"mix_schedule": [{"until": 1.0}]}
+    return {"mix_schedule": [{"until": 1.0 - decay_fraction}, {"until": 1.0, "quality_tiers": [-1]}]}
+
+
 TrainAssetConfig = stage_config(
     TrainConfig,
     "TrainAssetConfig",
@@ -133,8 +152,17 @@ TrainAssetConfig = stage_config(
     batch_size=(int, Field(default=8, description="Global batch (sequences per step over all ranks).")),
     seq_len=(int, Field(default=128, description="Tokens per training sequence (the demo's 128; training.config's "
                         "DataConfig defaults to 256 for longer runs).")),
-    bucket_schedule=(list[int] | None, Field(default=None, description="Curriculum buckets in reading order, e.g. "
-                     "[0, 1, 2]; unset = every bucket in manifest order.")),
+    data_schedule=(str, Field(default=DEFAULT_DATA_SCHEDULE, description="How the curated buckets are read: random "
+                   "(every document once, in a uniformly random order), quality_anneal (random, then only the top "
+                   "quality tier over the last decay_fraction of the steps) or curriculum (bucket by bucket, in "
+                   "bucket_schedule's order). The default is what bench/ablation.py measured best.")),
+    bucket_schedule=(list[int] | None, Field(default=None, description="data_schedule curriculum: the buckets in "
+                     "reading order, e.g. [0, 1, 2]; unset = every bucket in manifest order.")),
+    lr_schedule=(str, Field(default=DEFAULT_LR_SCHEDULE, description="After the warmup: cosine, or wsd (constant, then "
+                 "a decay over the last decay_fraction of the steps).")),
+    decay_fraction=(float, Field(default=0.2, description="wsd and quality_anneal: the share of the steps the decay "
+                    "takes, in (0, 1).")),
+    decay_shape=(str, Field(default="1-sqrt", description="wsd: linear or 1-sqrt.")),
     top_p=(float | None, Field(default=None, description="Dynamic routing (MoE only); unset = fixed top-k.")),
     bias_update_rate=(float | None, Field(default=None, description="Balancing step gamma (MoE only); unset = the "
                       "preset's.")),
@@ -163,7 +191,14 @@ def train_config(
     cfg = {
         "name": name,
         "model": model,
-        "data": {"seq_len": config.seq_len, "batch_size": config.batch_size, "bucket_schedule": config.bucket_schedule},
+        "data": {
+            "seq_len": config.seq_len,
+            "batch_size": config.batch_size,
+            **data_stream(config.data_schedule, config.decay_fraction, config.bucket_schedule),
+        },
+        "lr_schedule": config.lr_schedule,
+        "decay_fraction": config.decay_fraction,
+        "decay_shape": config.decay_shape,
         "shard_dir": str(paths.stage_dir("curriculum_shards")),
         "tokenizer_path": str(paths.stage_dir("tokenizer") / TOKENIZER_FILE),
         "run_dir": str(paths.stage_dir(name)),

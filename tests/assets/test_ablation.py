@@ -18,6 +18,7 @@ from training.ablation import tokens_to_target
 TINY = {
     "tokens": 2048, "seq_len": 32, "batch_size": 8, "eval_every_tokens": 1024, "warmup_tokens": 256,
     "heldout_fraction": 0.2, "heldout_tokens": 1024, "threads": 1,
+    "arms": ["raw", "curated_cosine", "curated_wsd_anneal"],
 }  # fmt: skip
 
 
@@ -54,11 +55,13 @@ def test_the_ablation_asset_reports_curves_and_tokens_to_target(data_dir):
     [event] = result.get_asset_materialization_events()
     meta = event.materialization.metadata
     table = meta["table"].value
-    assert table.count("\n") == 4 and "(a) raw" in table and "(c) curated, curriculum order" in table
+    assert table.count("\n") == 4 and "(a) raw" in table and "(d) curated, WSD + quality anneal" in table
+    assert "(d) - (b)" in meta["paired"].value and meta["best"].value in ("curated_cosine", "curated_wsd_anneal")
+    assert meta["target/beats_random_cosine"].value is False  # one seed: no spread to beat
     assert meta["heldout_loss"].value.startswith("![held-out loss against tokens](data:image/png;base64,")
     assert meta["raw/tokens_to_target"].value <= 2048  # (a) reaches its own final loss
     results = json.loads((data_dir / "data_ablation" / "results.json").read_text())
-    for run in ("raw", "curated_shuffled", "curated_curriculum"):  # what the curves say, never extrapolated
+    for run in TINY["arms"]:  # what the curves say, never extrapolated
         expected = tokens_to_target(results["runs"][run]["curve"], results["target_heldout_loss"])
         value = meta[f"{run}/tokens_to_target"].value
         assert value == "not reached" if expected is None else value == pytest.approx(expected)
@@ -68,9 +71,17 @@ def test_the_ablation_asset_reports_curves_and_tokens_to_target(data_dir):
     assert meta["wandb_group"].value.startswith("data-ablation-")
 
 
-def test_bad_config_fails_before_any_training(data_dir):
-    result = materialize(data_dir, {**TINY, "tokens": 1000})
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tokens": 1000}, "multiple of batch_size x seq_len"),
+        ({"decay_fraction": 1.0}, "decay_fraction=1.0 must be in (0, 1)"),
+        ({"arms": ["curated_wsd", "sorted"]}, "must be distinct arms of"),
+    ],
+)
+def test_bad_config_fails_before_any_training(data_dir, changes, message):
+    result = materialize(data_dir, {**TINY, **changes})
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert "multiple of batch_size x seq_len" in str(failure.event_specific_data.error)
+    assert message in str(failure.event_specific_data.error)
     assert not (data_dir / "data_ablation" / "runs").exists()

@@ -130,3 +130,24 @@ def test_the_moe_run_gets_the_mtp_settings_and_the_dense_ones_do_not(tmp_path):
     assert dense.model.mtp_depth == 0 and dense.mtp_distill_weight == 0.0
     plain = train_config(TrainAssetConfig(**TINY, mtp_depth=0), paths, "moe_model", dense=False)
     assert plain.model.mtp_depth == 0 and plain.mtp_distill_weight == 0.0
+
+
+def test_the_data_schedule_and_learning_rate_reach_the_run_config(tmp_path):
+    paths = CurationPaths(data_dir=str(tmp_path))
+    default = train_config(TrainAssetConfig(**TINY), paths, "moe_model", dense=False)
+    assert default.data.mix_schedule is not None and default.data.bucket_schedule is None  # random order
+    anneal = train_config(
+        TrainAssetConfig(**TINY, data_schedule="quality_anneal", lr_schedule="wsd", decay_fraction=0.25),
+        paths, "moe_model", dense=False,
+    )  # fmt: skip
+    stable, decay = anneal.data.mix_schedule
+    assert stable.until == 0.75 and decay.quality_tiers == [-1] and anneal.lr_schedule == "wsd"
+    assert anneal.decay_start == anneal.max_steps * 3 // 4
+    ordered = train_config(
+        TrainAssetConfig(**TINY, data_schedule="curriculum", bucket_schedule=[2, 0]), paths, "moe_model", dense=False
+    )
+    assert ordered.data.bucket_schedule == [2, 0] and ordered.data.mix_schedule is None
+    with pytest.raises(ValueError, match="set data_schedule to curriculum"):
+        train_config(TrainAssetConfig(**TINY, bucket_schedule=[0]), paths, "moe_model", dense=False)
+    with pytest.raises(ValueError, match="data_schedule must be one of"):
+        train_config(TrainAssetConfig(**TINY, data_schedule="sorted"), paths, "moe_model", dense=False)

@@ -12,9 +12,10 @@ from model.tokenizer import TokenizerConfig, train_tokenizer
 from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
 from training.ablation import (
+    ARMS,
     HELDOUT_BUCKET,
+    ISSUE_ARMS,
     RESULTS_FILE,
-    RUNS,
     AblationConfig,
     analyse,
     read_curated,
@@ -23,7 +24,9 @@ from training.ablation import (
     tokens_to_target,
     write_shards,
 )
+from training.config import TrainConfig
 from training.data import ShardReader, is_validation, run_validation_rows
+from training.metrics import read_metrics
 
 
 def test_tokens_to_target_interpolates_between_evaluation_points():
@@ -46,30 +49,87 @@ def _records(losses: list[float], tokens_per_eval: int = 100, hours_per_token: f
     for n, loss in enumerate(losses, 1):
         t = n * tokens_per_eval
         out.append(
-            {"step": n, "tokens": t, "device_hours": t * hours_per_token, f"val_loss/bucket{HELDOUT_BUCKET}": loss}
-        )
+            {"step": n, "tokens": t, "device_hours": t * hours_per_token, f"val_loss/bucket{HELDOUT_BUCKET}": loss,
+             "lr": 1.0}
+        )  # fmt: skip
     return out
+
+
+COUNTS = {"raw_corpus": 1000, "curated_corpus": 400, "train_tokens": {"raw": 1000, "curated": 100}}
 
 
 def test_analyse_reports_tokens_hours_and_dollars_to_raws_final_loss():
     runs = {
         "raw": [_records([5.0, 4.0, 3.0, 2.0])],
-        "curated_shuffled": [_records([4.5, 3.5, 2.5, 2.1])],  # never reaches 2.0
-        "curated_curriculum": [_records([4.0, 3.0, 2.0, 1.5]), _records([4.0, 2.0, 2.0, 1.5])],  # two seeds
+        "curated_cosine": [_records([4.5, 3.5, 2.5, 2.1])],  # never reaches 2.0
+        "curated_easy_to_hard": [_records([4.0, 3.0, 2.0, 1.5])],
     }
-    counts = {"raw_corpus": 1000, "curated_corpus": 400, "train_tokens": dict.fromkeys(RUNS, 100)}
-    res = analyse(runs, counts, price=2.0)
+    res = analyse(runs, COUNTS, price=2.0)
     assert res["target_heldout_loss"] == 2.0
-    assert res["to_target"]["curated_shuffled"] == {"reached": False, "tokens": None}
-    cur = res["to_target"]["curated_curriculum"]  # mean curve 4.0, 2.5, 2.0, 1.5: reaches 2.0 at 300
+    never = res["to_target"]["curated_cosine"]
+    assert never["reached"] is False and never["tokens"] is None and never["share_mean"] is None
+    cur = res["to_target"]["curated_easy_to_hard"]  # reaches 2.0 at 300
     assert cur["tokens"] == pytest.approx(300) and cur["share_of_raw_tokens"] == pytest.approx(0.75)
     assert cur["device_hours"] == pytest.approx(3e-4) and cur["spend_usd"] == pytest.approx(6e-4)
     assert res["to_target"]["raw"]["tokens"] == pytest.approx(400)
-    assert res["target_met"] is False
+    assert res["runs"]["curated_cosine"]["epochs"] == pytest.approx(4.0)  # 400 tokens over 100 curated ones
+    assert res["best"] == "curated_easy_to_hard" and res["target_met"] is False  # 75% > 50%, and one seed only
     assert res["curation"]["removed_share"] == pytest.approx(0.6)
     # 600 tokens x 3.6e-3 device-seconds per token (the raw run's speed)
     assert res["curation"]["epoch_device_hours_saved"] == pytest.approx(600 * 1e-6)
     assert res["curation"]["epoch_usd_saved"] == pytest.approx(600 * 1e-6 * 2.0)
+
+
+def test_comparisons_are_paired_by_seed_and_the_best_arm_must_beat_the_seed_spread():
+    # raw ends at 2.0 (seed 0) and 3.0 (seed 1): each seed's curated curves are measured against its own raw
+    raw = [_records([5.0, 4.0, 3.0, 2.0]), _records([5.0, 4.5, 4.0, 3.0])]
+    runs = {
+        "raw": raw,
+        "curated_cosine": [_records([4.0, 3.0, 2.0, 1.5]), _records([4.0, 3.0, 2.5, 2.0])],  # 300, 200 tokens
+        "curated_wsd": [_records([3.0, 2.0, 1.5, 1.0]), _records([3.5, 3.0, 2.0, 1.5])],  # 200, 200
+        "curated_wsd_anneal": [_records([2.0, 1.5, 1.0, 1.0]), _records([3.0, 2.0, 1.5, 1.0])],  # 100, 100
+    }
+    res = analyse(runs, COUNTS, price=1.0)
+    assert res["target_heldout_loss_per_seed"] == [2.0, 3.0]
+    assert res["to_target"]["curated_cosine"]["tokens_per_seed"] == pytest.approx([300, 200])
+    assert res["to_target"]["curated_wsd_anneal"]["share_per_seed"] == pytest.approx([0.25, 0.25])
+    wsd = res["paired"]["curated_wsd"]["vs_curated_cosine"]
+    assert wsd["per_seed"] == pytest.approx([-0.25, 0.0]) and wsd["mean"] == pytest.approx(-0.125)
+    assert wsd["spread"] == pytest.approx(0.25 / 2**0.5)  # sample sd of -0.25 and 0
+    anneal = res["paired"]["curated_wsd_anneal"]["vs_curated_cosine"]
+    assert anneal["per_seed"] == pytest.approx([-0.5, -0.25]) and anneal["spread"] == pytest.approx(0.25 / 2**0.5)
+    assert res["paired"]["curated_cosine"] == {"vs_raw": res["paired"]["curated_cosine"]["vs_raw"]}
+    assert res["best"] == "curated_wsd_anneal"
+    assert res["targets"] == {"half_the_raw_tokens": True, "beats_random_cosine": True} and res["target_met"]
+    # the same mean gain with a spread larger than it is not a win
+    runs["curated_wsd_anneal"][1] = _records([4.5, 4.2, 3.8, 3.5])  # never reaches seed 1's 3.0
+    res = analyse(runs, COUNTS, price=1.0)
+    assert res["to_target"]["curated_wsd_anneal"]["share_mean"] is None and res["best"] == "curated_wsd"
+    assert res["targets"] == {"half_the_raw_tokens": True, "beats_random_cosine": False}  # -12.5% < 17.7% spread
+
+
+def test_runs_planned_shorter_count_when_they_reach_the_target_with_fewer_tokens():
+    raw = [_records([5.0, 4.0, 3.0, 2.0])]  # target 2.0 at 400 tokens
+    wsd = [_records([4.0, 3.5, 3.0, 1.5])]  # the long run's curve reaches 2.0 only in its decay: at 367 tokens
+    runs = {"raw": raw, "curated_wsd": wsd}
+    # planned for 100 and 200 tokens (budgets 0.25 and 0.5), its own decays end at 2.6 and 1.8
+    budget_runs = {
+        "raw": {0.25: [_records([4.5])], 0.5: [_records([4.0, 3.0])]},
+        "curated_wsd": {0.25: [_records([2.6])], 0.5: [_records([3.0, 1.8])]},
+    }
+    res = analyse(runs, COUNTS, price=1.0, budget_runs=budget_runs)
+    b = res["budgets"]["curated_wsd"]
+    assert b["fractions"] == [0.25, 0.5, 1.0] and b["final_per_seed"] == [[2.6, 1.8, 1.5]]
+    t = res["to_target"]["curated_wsd"]
+    assert t["curve_share_per_seed"] == pytest.approx([(300 + 100 * 1 / 1.5) / 400])
+    assert b["share_per_seed"] == pytest.approx([(100 + 100 * 0.6 / 0.8) / 400])  # between the 100 and 200 budgets
+    assert t["share_per_seed"] == b["share_per_seed"] and b["upper_bound_per_seed"] == [False]  # the fewer
+    assert res["to_target"]["raw"]["share_per_seed"] == [1.0]  # raw's own shorter runs do not reach its final loss
+    # a smallest budget that already reaches the target is only an upper bound: never extrapolated below it
+    budget_runs["curated_wsd"][0.25] = [_records([1.9])]
+    res = analyse(runs, COUNTS, price=1.0, budget_runs=budget_runs)
+    assert res["budgets"]["curated_wsd"]["share_per_seed"] == [0.25]
+    assert res["budgets"]["curated_wsd"]["upper_bound_per_seed"] == [True]
 
 
 @pytest.fixture(scope="module")
@@ -104,30 +164,70 @@ def test_the_heldout_set_is_shared_and_disjoint_from_the_three_inputs(corpus, tm
     held = {r["id"] for r in inputs.heldout}
     curated_ids = {r["id"] for r in curated}
     assert held and held == {i for i in curated_ids if is_validation(i, fraction)}
-    for run in RUNS:
-        ids = [r["id"] for r in inputs.runs[run]]
+    for name in ("raw", "curated"):
+        ids = [r["id"] for r in inputs.runs[name]]
         assert not held & set(ids) and not any(is_validation(i, fraction) for i in ids)
         assert len(ids) == len(set(ids))
     assert mate not in {r["id"] for r in inputs.runs["raw"]}  # the near-copy of a held-out document is out
-    # (a) is raw minus what is excluded; (b) and (c) the same curated documents in different orders
+    # raw is raw minus what is excluded, in a seeded order; curated keeps the curriculum's order and buckets
     expected_raw = {r["id"] for r in raw} - held - {mate} - {r["id"] for r in raw if is_validation(r["id"], fraction)}
     assert {r["id"] for r in inputs.runs["raw"]} == expected_raw
-    b, c = [r["id"] for r in inputs.runs["curated_shuffled"]], [r["id"] for r in inputs.runs["curated_curriculum"]]
-    assert set(b) == set(c) == curated_ids - held
-    assert c == [r["id"] for r in curated if r["id"] not in held]  # curriculum order kept
-    assert b != c and [r["id"] for r in inputs.runs["raw"]] != sorted(expected_raw)
-    buckets = [r["bucket"] for r in inputs.runs["curated_curriculum"]]
+    assert [r["id"] for r in inputs.runs["raw"]] != sorted(expected_raw)
+    c = [r["id"] for r in inputs.runs["curated"]]
+    assert c == [r["id"] for r in curated if r["id"] not in held]
+    buckets = [r["bucket"] for r in inputs.runs["curated"]]
     assert buckets == sorted(buckets) and len(set(buckets)) > 1
-    assert inputs.schedules == {"raw": [0], "curated_shuffled": [0], "curated_curriculum": sorted(set(buckets))}
+    assert inputs.schedules == {"raw": [0], "curated": sorted(set(buckets))}
     assert split_inputs(raw, curated, fraction, 0, clusters).runs == inputs.runs  # deterministic
-    assert split_inputs(raw, curated, fraction, 1, clusters).runs["curated_shuffled"] != inputs.runs["curated_shuffled"]
+    assert split_inputs(raw, curated, fraction, 1, clusters).runs["raw"] != inputs.runs["raw"]
 
-    # the written shards read back in the same order, the held-out set as its own bucket
-    write_shards(inputs.runs["curated_curriculum"], inputs.heldout, tmp_path / "c", target_shard_bytes=3000)
+    # the written shards read back in the same order, the held-out set as its own bucket, the tiers carried over
+    source = {b["bucket"]: b for b in ShardReader(corpus / "curriculum_shards").manifest["buckets"]}
+    write_shards(inputs.runs["curated"], inputs.heldout, tmp_path / "c", target_shard_bytes=3000, bucket_info=source)
     reader = ShardReader(tmp_path / "c")
     assert reader.buckets() == [*sorted(set(buckets)), HELDOUT_BUCKET] and len(reader.manifest["shards"]) > 1
     assert [i for b in sorted(set(buckets)) for i, _ in reader.documents(b)] == c
     assert [i for i, _ in reader.documents(HELDOUT_BUCKET)] == [r["id"] for r in inputs.heldout]
+    assert reader.quality_tiers() == {b: source[b]["quality_tier"] for b in set(buckets)}  # not the held-out bucket
+    assert reader.training_counts(fraction)[HELDOUT_BUCKET] == 0  # no arm can read it for training
+
+
+def test_every_arm_trains_the_same_model_and_budget_with_its_own_order_and_schedule(corpus, tmp_path):
+    config = tiny_config(corpus, tmp_path)
+    configs = {arm: config.train_config(arm, 0, 512, [0, 1, 2]) for arm in ARMS}
+    differs = {"name", "run_dir", "shard_dir", "lr_schedule", "data"}
+    base = configs["raw"].to_dict()
+    for arm, cfg in configs.items():
+        doc = cfg.to_dict()
+        assert {k: v for k, v in doc.items() if k not in differs} == {k: v for k, v in base.items() if k not in differs}
+        assert doc["data"]["seq_len"] == 32 and doc["max_steps"] == 16 and doc["seed"] == 0
+        assert doc["lr_schedule"] == ARMS[arm].lr_schedule and doc["shard_dir"].endswith(ARMS[arm].input)
+    assert configs["raw"].data.bucket_schedule == [0, 1, 2] and configs["raw"].data.mix_schedule is None
+    assert configs["curated_easy_to_hard"].data.bucket_schedule == [0, 1, 2]
+    assert [p.until for p in configs["curated_cosine"].data.mix_schedule] == [1.0]
+    assert configs["curated_wsd"].data == configs["curated_cosine"].data  # the same order; only the learning rate
+    anneal = configs["curated_wsd_anneal"]
+    stable, decay = anneal.data.mix_schedule
+    assert stable.until * anneal.max_steps == anneal.decay_start and decay.quality_tiers == [-1]
+    assert stable.weights is None and stable.quality_tiers is None  # the stable phase: (c)'s mixture
+    short = config.train_config("curated_wsd_anneal", 0, 512, [0, 1, 2], budget=0.5)
+    assert short.max_steps == 8 and short.name == "ablation-curated_wsd_anneal-0.5x-seed0"
+    assert short.data.mix_schedule[0].until * 8 == short.decay_start  # the decay and the anneal fitted to the budget
+    with pytest.raises(ValueError, match=r"budgets: 0\.3 must be in"):
+        AblationConfig.from_dict({**_paths(corpus), "budgets": [0.3]}).check()  # not a whole number of evaluations
+    with pytest.raises(ValueError, match="arms="):
+        AblationConfig.from_dict({**_paths(corpus), "arms": ["curated_wsd"]}).check()  # no raw: no target
+    with pytest.raises(ValueError, match=r"decay_fraction=1.5 must be in \(0, 1\)"):
+        AblationConfig.from_dict({**_paths(corpus), "decay_fraction": 1.5}).check()
+
+
+def _paths(corpus: Path) -> dict:
+    return {
+        "clean_documents": str(corpus / "clean_documents" / "documents.parquet"),
+        "curriculum_shards": str(corpus / "curriculum_shards"),
+        "tokenizer_path": str(corpus / "tokenizer" / "tokenizer.json"),
+        "near_duplicate_clusters": None,
+    }
 
 
 def test_config_refuses_unknown_keys_and_bad_budgets(corpus, tmp_path):
@@ -165,19 +265,20 @@ def tiny_config(corpus: Path, out_dir: Path) -> AblationConfig:
 def test_a_tiny_ablation_runs_end_to_end_and_repeats(corpus, tmp_path):
     lines: list[str] = []
     res = run_ablation(tiny_config(corpus, tmp_path / "one"), progress=lines.append)
-    assert sum(line.startswith("run ") for line in lines) == 3
+    assert sum(line.startswith("run ") for line in lines) == len(ISSUE_ARMS)
     saved = json.loads((tmp_path / "one" / RESULTS_FILE).read_text())
     assert (tmp_path / "one" / "heldout_loss.png").stat().st_size > 0
     table = (tmp_path / "one" / "results.md").read_text()
-    for run in RUNS:
+    for run in ISSUE_ARMS:
         curve = saved["runs"][run]["curve"]
         assert [t for t, _ in curve] == [1024, 2048, 3072, 4096]
         assert curve[-1][1] < curve[0][1] < 7.0  # learning, below ln(512) = 6.24 + noise
+        assert saved["most_reads"][run] == 1  # 4,096 tokens: no document read twice
     raw = saved["runs"]["raw"]
     assert saved["target_heldout_loss"] == raw["final_heldout_loss"] == raw["curve"][-1][1]
     assert saved["to_target"]["raw"]["reached"] and saved["to_target"]["raw"]["tokens"] <= 4096
     raw_tokens = saved["to_target"]["raw"]["tokens"]
-    for run in RUNS:  # tokens to (a)'s final loss: what the curve says, interpolated, never extrapolated
+    for run in ISSUE_ARMS:  # tokens to (a)'s final loss: what the curve says, interpolated, never extrapolated
         t, expected = (
             saved["to_target"][run],
             tokens_to_target(saved["runs"][run]["curve"], saved["target_heldout_loss"]),
@@ -185,7 +286,7 @@ def test_a_tiny_ablation_runs_end_to_end_and_repeats(corpus, tmp_path):
         assert t["reached"] == (expected is not None)
         if expected is None:
             assert t["tokens"] is None and f"| {saved['runs'][run]['label']} |" in table
-            assert table.split(f"| {saved['runs'][run]['label']} |")[1].split("\n")[0].count("not reached") == 2
+            assert table.split(f"| {saved['runs'][run]['label']} |")[1].split("\n")[0].count("not reached") == 4
         else:
             assert t["tokens"] == pytest.approx(expected) and t["share_of_raw_tokens"] == pytest.approx(
                 expected / raw_tokens
@@ -193,13 +294,28 @@ def test_a_tiny_ablation_runs_end_to_end_and_repeats(corpus, tmp_path):
             assert f"| {expected:,.0f} |" in table
     assert 0.4 < saved["curation"]["removed_share"] < 0.6  # half the documents were curated away
     assert saved["heldout"]["tokens_evaluated"] == 1024 // 33 * 32
-    # the three runs evaluate on identical rows
+    # every run evaluates on identical rows
     rows = [run_validation_rows(Path(d)) for d in saved["run_dirs"].values()]
     assert all(list(r) == [HELDOUT_BUCKET] and torch.equal(r[HELDOUT_BUCKET], rows[0][HELDOUT_BUCKET]) for r in rows)
     assert all(Path(w).exists() for w in saved["wandb_runs"].values())
+    # the runs followed their schedules: WSD holds the peak, cosine does not; the anneal ends on the top tier only
+    metrics = {run: read_metrics(Path(saved["run_dirs"][f"ablation-{run}-seed0"])) for run in ISSUE_ARMS}
+    cfg = TrainConfig.from_file(Path(saved["run_dirs"]["ablation-curated_wsd-seed0"]) / "train_config.json")
+    assert [r["lr"] for r in metrics["curated_wsd"]] == [cfg.lr_at(s) for s in range(cfg.max_steps)]
+    assert metrics["curated_wsd"][10]["lr"] == cfg.lr > metrics["curated_cosine"][10]["lr"]
+    tiers = ShardReader(tmp_path / "one" / "inputs" / "curated").quality_tiers()
+    low = {b for b, t in tiers.items() if t < max(tiers.values())}
+    last = metrics["curated_wsd_anneal"][-2:]  # the decay's last steps (a document begun before it may span)
+    assert last[-1]["mix_phase"] == 1 and all(r[f"mix/bucket{b}"] == 0 for r in last for b in low)
 
-    again = run_ablation(tiny_config(corpus, tmp_path / "two"), progress=lambda _: None)
-    for run in RUNS:
+    # the same config in another folder gives the same curves; in the same folder, the finished runs are reused
+    subset = tiny_config(corpus, tmp_path / "two")
+    subset.arms = ["raw", "curated_wsd_anneal"]
+    again = run_ablation(subset, progress=lambda _: None)
+    for run in subset.arms:
         first, second = res["runs"][run]["curve"], again["runs"][run]["curve"]
         assert [t for t, _ in first] == [t for t, _ in second]
         assert [v for _, v in second] == pytest.approx([v for _, v in first], abs=1e-4)
+    lines.clear()
+    reused = run_ablation(tiny_config(corpus, tmp_path / "one"), progress=lines.append)
+    assert sum("reused" in line for line in lines) == len(ISSUE_ARMS) and reused["runs"] == res["runs"]
