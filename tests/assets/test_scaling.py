@@ -4,6 +4,8 @@ inside them the equal-quality dense model is trained, and the study shows in the
 import json
 import math
 
+import pytest
+
 from tests.assets.conftest import metadata_of
 
 
@@ -20,7 +22,7 @@ def test_inside_the_range_the_equal_quality_dense_model_is_trained_and_fitted(sc
     r = scaled.results
     assert r["bracketed"] and r["moe"]["val_loss"] == scaled.target
     assert [p["d_ff"] for p in r["points"]] == [16, 512] and [p["seed"] for p in r["seeds"]] == [0, 1]
-    assert r["seed_noise"] == abs(r["seeds"][0]["val_loss"] - r["seeds"][1]["val_loss"]) / math.sqrt(2)
+    assert r["seed_noise"] == pytest.approx(abs(r["seeds"][0]["val_loss"] - r["seeds"][1]["val_loss"]) / math.sqrt(2))
     eq = r["equal_quality"]
     # the fit's size for the target, rounded to a width of 64s, trained like the MoE (same tokens, seed)
     assert eq["d_ff"] % 64 == 0 and eq["tokens"] == r["points"][0]["tokens"] and eq["seed"] == 0
