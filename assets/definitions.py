@@ -20,7 +20,7 @@ from assets.inference import (
 from assets.ledger import CURATION_ASSETS, document_ledger
 from assets.quality import quality_classifier
 from assets.resources import CurationPaths, WandbResource
-from assets.scaling import dense_scaling
+from assets.scaling import SCALING_CHECKS, dense_scaling
 from assets.sensors import SENSORS
 from assets.training import TRAINING_CHECKS, TRAINING_TAGS, dense_baseline_model, draft_model, moe_model, tokenizer
 
@@ -71,7 +71,7 @@ defs = dg.Definitions(
             dense_scaling,
         ],
     ),
-    asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS, *EXPORT_CHECKS],
+    asset_checks=[*CHECKS, *TRAINING_CHECKS, *INFERENCE_CHECKS, *EXPORT_CHECKS, *SCALING_CHECKS],
     jobs=[curation_job, training_job, release_job],
     sensors=SENSORS,
     # Steps run in parallel processes, but only one training run at a time: each one uses every core. The processes

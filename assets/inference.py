@@ -225,18 +225,37 @@ class BenchmarkReportConfig(dg.Config):
 LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 
 
-def equal_quality_dense(paths: CurationPaths) -> tuple[str, dict]:
-    """The dense_scaling study's equal-quality dense run folder, and the study."""
+def baseline(paths: CurationPaths) -> dict:
+    """Row 1's dense model. dense_scaling's equal-quality dense model when its study (made on the current moe_model)
+    established one; otherwise the MoE's equal-active dense twin, dense_baseline_model, with the reason in words.
+    Evidence never blocks the report: the fallback is named in its headline, table note and metadata.
+
+    Returns kind ("equal_quality" or "equal_active"), run (the folder), study (dense_scaling's results or None),
+    reason (why the fallback, or None), tolerance (the seed noise a Frugal row's quality may exceed row 1's by; 0
+    for the twin, whose noise was not measured), multiplier (row 1's non-embedding parameters over the MoE's active
+    ones), val_loss and moe_val_loss."""
     from training.scaling import RESULTS_FILE, equal_quality_run
 
+    moe_loss = json.loads((paths.stage_dir("moe_model") / "summary.json").read_text())["val_loss"]
     results_file = paths.stage_dir("dense_scaling") / RESULTS_FILE
-    if not results_file.exists():
-        raise dg.Failure(description=f"{results_file}: missing: materialize dense_scaling first")
-    results = json.loads(results_file.read_text())
-    try:
-        return equal_quality_run(results), results
-    except ValueError as e:
-        raise dg.Failure(description=f"benchmark_report: dense_scaling found no equal-quality dense model: {e}") from e
+    study = json.loads(results_file.read_text()) if results_file.exists() else None
+    if study is None:
+        reason = "dense_scaling has not been materialized (make bench-cost runs the study)"
+    elif not math.isclose(study["moe"]["own_val_loss"], moe_loss, rel_tol=0, abs_tol=1e-9):
+        reason = (f"dense_scaling's study was made on an earlier moe_model (held-out loss "
+                  f"{study['moe']['own_val_loss']:.4f}, now {moe_loss:.4f}): materialize dense_scaling again")
+        study = None
+    elif not study["bracketed"]:
+        reason = f"dense_scaling: {study['reason']}"
+    else:
+        eq = study["equal_quality"]
+        return {"kind": "equal_quality", "run": equal_quality_run(study), "study": study, "reason": None,
+                "tolerance": study["tolerance"], "multiplier": eq["multiplier"], "val_loss": eq["val_loss"],
+                "moe_val_loss": study["moe"]["val_loss"]}  # fmt: skip
+    twin = paths.stage_dir("dense_baseline_model")
+    return {"kind": "equal_active", "run": str(twin), "study": study, "reason": reason, "tolerance": 0.0,
+            "multiplier": 1.0, "val_loss": json.loads((twin / "summary.json").read_text())["val_loss"],
+            "moe_val_loss": moe_loss}  # fmt: skip
 
 
 def peer_files(dense: str, moe: str, formats: list[str], out: Path, log) -> tuple[dict, str | None]:
@@ -316,9 +335,9 @@ def peer_rows(files: dict, c: int) -> list:
     return rows
 
 
-def projection(study: dict, waterfall: list[dict], workload, config: BenchmarkReportConfig, log) -> dict:
+def projection(multiplier: float, waterfall: list[dict], workload, config: BenchmarkReportConfig, log) -> dict:
     """The roofline (inference.roofline) checked against this machine's compiled plain-decoding rows, then
-    applied to moe_1b and its dense equivalent on a GPU."""
+    applied to moe_1b and its dense equivalent on a GPU (`multiplier` x its active non-embedding parameters)."""
     from inference import roofline
     from model.config import moe_1b
     from model.io import load_config
@@ -349,7 +368,6 @@ def projection(study: dict, waterfall: list[dict], workload, config: BenchmarkRe
                         "measured_over_predicted": r["output_tokens_per_s"] / p["tokens_per_s"]})  # fmt: skip
     tested = [c for c in checked if not c["calibration"]]
     big = moe_1b()
-    multiplier = study["equal_quality"]["multiplier"]
     dense = dense_config(big, d_ff_for(big, multiplier * non_embedding_params(big), 128))
     gpu = roofline.Device(config.projection_gpu, **roofline.GPUS[config.projection_gpu],
                           price_per_hour=config.gpu_price_per_hour)  # fmt: skip
@@ -370,9 +388,10 @@ def projection(study: dict, waterfall: list[dict], workload, config: BenchmarkRe
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch"},
-    deps=[dense_scaling, quantized_model],
+    deps=[dense_scaling, dense_baseline_model, quantized_model],
     op_tags=TRAINING_TAGS,  # timings need the cores to themselves: no training or export beside it
-    description="The cost waterfall (inference.cost): from the equal-quality dense model in fp32 on transformers' "
+    description="The cost waterfall (inference.cost): from the equal-quality dense model (dense_scaling's; where the "
+    "study has not established one, the MoE's equal-active twin, and the report says so) in fp32 on transformers' "
     "generate, one lever at a time (Frugal's engine, compilation, continuous batching, the MoE, INT8/INT4, "
     "speculative decoding, prefix caching), each row's tokens/s, latency and $ per 1M output and input tokens on "
     "one held-out workload; llama.cpp serving the same models beside it; the two headline ratios with their noise; "
@@ -387,7 +406,13 @@ def benchmark_report(
     from training.data import run_validation_rows
 
     checks = blocking_checks_passed(context)
-    dense, study = equal_quality_dense(paths)
+    for run in (paths.stage_dir("moe_model"), paths.stage_dir("dense_baseline_model")):
+        if not (run / "summary.json").exists():
+            raise dg.Failure(description=f"{run / 'summary.json'}: missing: materialize {run.name} first")
+    base = baseline(paths)
+    dense, study = base["run"], base["study"]
+    if base["reason"]:
+        context.log.warning(f"row 1 is the MoE's equal-active dense twin: {base['reason']}")
     for folder in (dense, paths.stage_dir("moe_model"), *(paths.stage_dir("quantized_model") / s / r
                    for s in ("int8", "int4") for r in ("target", "draft"))):  # fmt: skip
         if not (Path(folder) / WEIGHTS_FILE).exists():
@@ -412,23 +437,27 @@ def benchmark_report(
     if files:
         results += cost.run_rows(peer_rows(files, c), workload, out, log=context.log.info)
     table = cost.table(results, price)
-    head = cost.headline(table, study["tolerance"])
-    head["row1_interpolated"] = interpolated_row1(study, table, workload, out, price, context.log.info)
-    proj = projection(study, table, workload, config, context.log.info)
+    head = cost.headline(table, base["tolerance"])
+    head["row1_interpolated"] = (interpolated_row1(study, table, workload, out, price, context.log.info)
+                                 if base["kind"] == "equal_quality" else None)  # fmt: skip
+    proj = projection(base["multiplier"], table, workload, config, context.log.info)
     markdown = cost.markdown(table)
-    text = headline_text(head, peer_reason, study, proj)
+    text = headline_text(head, peer_reason, base, proj)
     note = (
         f"{config.requests} requests per pass, each a {len(workload.system)}-token system prompt shared by all plus "
         f"{config.prompt_tokens} held-out tokens of its own, {config.new_tokens} greedy tokens each; batched rows "
         f"and llama.cpp's slots serve {c} at a time; median of {config.repeats} repeats (± half the spread of $ per "
         f"1M output tokens); {device.upper()} at ${price}/hour, {config.threads} threads. Quality: held-out "
-        f"perplexity on {rows_NT[:, 1:].numel():,} tokens; 'equal' = within dense_scaling's seed noise "
-        f"({study['tolerance']:.4f} nats)."
-    )
+        f"perplexity on {rows_NT[:, 1:].numel():,} tokens; "
+        + (f"'equal' = within dense_scaling's seed noise ({base['tolerance']:.4f} nats)."
+           if base["kind"] == "equal_quality" else
+           "row 1 is the MoE's equal-active dense twin (equal quality not established); 'equal' = at most row 1's "
+           "perplexity.")
+    )  # fmt: skip
     chart = cost.waterfall_chart(table, out / "waterfall.png", "Frugal: what each lever does to $ per 1M output tokens")
     report = {"device": device, "price_per_hour": price, "headline": head, "peer": peer_reason or "measured",
               "rows": table, "projection": proj, "note": note, "scheme": scheme,
-              "equal_quality_dense": dense}  # fmt: skip
+              "baseline": {k: v for k, v in base.items() if k != "study"}}  # fmt: skip
     write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     report_md = f"{text}\n\n{markdown}\n\n{note}\n\n{projection_markdown(proj)}\n"
     write_text_atomic(out / "report.md", report_md)
@@ -452,7 +481,11 @@ def benchmark_report(
         "note": note,
         "report": dg.MetadataValue.path(str(out / "report.md")),
         "blocking_checks": dg.MetadataValue.json(checks),
+        "baseline": base["kind"],
+        "baseline_run": dg.MetadataValue.path(dense),
     }
+    if base["reason"]:
+        metadata["baseline_reason"] = base["reason"]
     if head.get("best"):
         metadata["vs_row1"] = head["vs_row1"]["median"]
         if "vs_peer" in head:
@@ -497,12 +530,20 @@ def interpolated_row1(study: dict, table: list[dict], workload, out: Path, price
     }
 
 
-def headline_text(head: dict, peer_reason: str | None, study: dict, proj: dict) -> str:
-    eq = study["equal_quality"]
-    gap = "" if eq["matched"] else ", outside the seed noise"
-    lines = [f"Baseline: the dense model of the MoE's quality (dense_scaling: {eq['multiplier']:.2f}x the MoE's active "
-             f"non-embedding parameters, held-out loss {eq['val_loss']:.4f} against the MoE's "
-             f"{study['moe']['val_loss']:.4f}{gap})."]  # fmt: skip
+def headline_text(head: dict, peer_reason: str | None, base: dict, proj: dict) -> str:
+    gap = base["moe_val_loss"] - base["val_loss"]
+    if base["kind"] == "equal_quality":
+        eq = base["study"]["equal_quality"]
+        lines = [f"Baseline: the dense model of the MoE's quality (dense_scaling: {base['multiplier']:.2f}x the MoE's "
+                 f"active non-embedding parameters, held-out loss {base['val_loss']:.4f} against the MoE's "
+                 f"{base['moe_val_loss']:.4f}{'' if eq['matched'] else ', outside the seed noise'})."]  # fmt: skip
+    else:
+        lines = [f"Baseline: **the MoE's equal-active dense twin** (dense_baseline_model: the same active "
+                 f"parameters per token), not a dense model of the MoE's quality, because equal quality is not "
+                 f"established ({base['reason']}). Held-out loss: the MoE {base['moe_val_loss']:.4f} against its "
+                 f"twin's {base['val_loss']:.4f} ({gap:+.4f} nats: the MoE is "
+                 f"{'better' if gap < 0 else 'not better'} at equal active parameters). Every factor below is "
+                 "against that twin: where the MoE is better, a dense model as good as it costs more."]  # fmt: skip
     interp = head.get("row1_interpolated")
     if interp:
         lines.append(f"Row 1's cost interpolated between {interp['worse']} (${interp['worse_usd']:.4f}) and "

@@ -248,9 +248,11 @@ def run_scaling(
             f"the dense sizes reached held-out losses {covered[0]:.4f} to {covered[1]:.4f}, which do not bracket the "
             f"MoE's {moe_loss:.4f}"
             + ("" if fit["b"] < 0 else " (and loss does not fall with size)")
-            + ": add sizes (d_ff or multipliers) on the missing side; nothing is extrapolated"
+            + "; nothing is extrapolated"
         )
-        progress(results["reason"])
+        results["to_establish"] = to_establish(results, widths, moe_cfg.max_steps if config.max_steps is None
+                                               else config.max_steps)  # fmt: skip
+        progress(f"equal quality not established: {results['reason']}. To establish it: {results['to_establish']}")
     else:
         target = params_at_loss(fit, moe_loss)
         width = d_ff_for(moe, target, config.round_to)
@@ -279,6 +281,26 @@ def run_scaling(
     write_text_atomic(out / TABLE_FILE, markdown(results))
     write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     return results
+
+
+def to_establish(results: dict, widths: list[int], steps: int) -> str:
+    """What a study that did not bracket the MoE's loss would need (sizes, steps, seeds), in words, from what
+    it saw: loss that does not fall with size means the larger sizes are undertrained at this token budget;
+    a MoE beyond one end needs sizes on that side; seed noise as large as the spread needs more seeds."""
+    fit, (low, high), moe = results["fit"], results["covered_loss"], results["moe"]["val_loss"]
+    advice = []
+    if fit["b"] >= 0:
+        advice.append(f"more steps than {steps} (about 4x: held-out loss does not fall with size at this budget, so "
+                      "the larger sizes are undertrained), or smaller sizes (multipliers below 1)")  # fmt: skip
+    if moe < low:
+        advice.append(f"larger sizes than d_ff {max(widths)} (e.g. multipliers up to {2 * max(widths) / widths[0]:g} "
+                      "of the twin)")  # fmt: skip
+    elif moe > high:
+        advice.append(f"smaller sizes than d_ff {min(widths)} (e.g. multiplier {min(widths) / widths[0] / 2:g})")
+    if results["seed_noise"] >= (high - low) / 2:
+        advice.append(f"more seeds (noise_seeds): the seed noise {results['seed_noise']:.4f} is at least half the "
+                      f"spread between sizes ({high - low:.4f})")  # fmt: skip
+    return "; ".join(advice) or "sizes on the missing side of the MoE's loss"
 
 
 def equal_quality_run(results: dict) -> str:
@@ -317,7 +339,8 @@ def markdown(results: dict) -> str:
         f"{results['seeds'][0]['d_ff']}): {results['seed_noise']:.4f}.",
     ]
     if not results["bracketed"]:
-        lines.append(f"**Not bracketed:** {results['reason']}.")
+        lines.append(f"**Equal quality not established:** {results['reason']}. To establish it: "
+                     f"{results.get('to_establish', 'sizes on the missing side')}.")
         return "\n".join(lines) + "\n"
     eq = results["equal_quality"]
     lines.append(

@@ -79,7 +79,8 @@ def test_benchmark_report_is_a_waterfall_from_the_equal_quality_dense_model_with
     ]  # fmt: skip
     # row 1 is the dense_scaling study's equal-quality model, on transformers
     eq = scaled.results["equal_quality"]["run_dir"]
-    assert report["equal_quality_dense"] == eq and frugal[0]["model"] == eq and frugal[0]["engine"] == "transformers"
+    assert report["baseline"]["kind"] == "equal_quality" and report["baseline"]["run"] == eq
+    assert frugal[0]["model"] == eq and frugal[0]["engine"] == "transformers"
     assert frugal[0]["perplexity"] == pytest.approx(frugal[1]["perplexity"], rel=1e-4)  # one model, two engines
     by_label = {r["label"]: r for r in frugal}
     for k, row in enumerate(frugal[1:], 1):  # speculation builds on the cheaper of INT8 and INT4, not on row 6b
@@ -235,11 +236,47 @@ def test_without_llama_cpp_the_peer_column_is_not_measured_and_says_why(monkeypa
     monkeypatch.setattr(inference.llama_cpp_peer, "available", lambda: "llama-cpp-python is not installed")
     files, reason = peer_files("dense", "moe", ["Q8_0"], tmp_path, print)
     assert files == {} and reason == "llama-cpp-python is not installed"
-    study = {"equal_quality": {"multiplier": 2.0, "val_loss": 6.0, "matched": True}, "moe": {"val_loss": 6.0}}
+    base = {"kind": "equal_quality", "study": {"equal_quality": {"matched": True}}, "multiplier": 2.0, "val_loss": 6.0,
+            "moe_val_loss": 6.0}  # fmt: skip
     head = {"best": "b", "best_usd": 1.0, "row1": "r", "row1_usd": 10.0,
             "vs_row1": {"median": 10.0, "min": 9.0, "max": 11.0, "repeats": 3}}  # fmt: skip
-    text = headline_text(head, reason, study, {"cpu": {"rows": [], "within_2x": True}})
+    text = headline_text(head, reason, base, {"cpu": {"rows": [], "within_2x": True}})
     assert "llama.cpp: not measured (llama-cpp-python is not installed)." in text
+
+
+def write_json(path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def test_row_1_falls_back_to_the_equal_active_twin_and_says_why(tmp_path):
+    """Evidence never blocks the report: without an established equal-quality model (no study, a study of an
+    earlier MoE, a study that did not bracket), row 1 is dense_baseline_model and the headline says so in words."""
+    from assets.inference import baseline, headline_text
+
+    paths = CurationPaths(data_dir=str(tmp_path))
+    write_json(tmp_path / "moe_model" / "summary.json", {"val_loss": 6.1554})
+    write_json(tmp_path / "dense_baseline_model" / "summary.json", {"val_loss": 6.1976})
+    base = baseline(paths)
+    assert base["kind"] == "equal_active" and base["run"] == str(tmp_path / "dense_baseline_model")
+    assert "dense_scaling has not been materialized" in base["reason"] and base["multiplier"] == 1.0
+    study = {"moe": {"own_val_loss": 6.1554, "val_loss": 6.1554}, "bracketed": False,
+             "reason": "the dense sizes reached held-out losses 6.0847 to 6.1976, which do not bracket the MoE's"}
+    write_json(tmp_path / "dense_scaling" / "results.json", study)
+    base = baseline(paths)
+    assert base["kind"] == "equal_active" and base["reason"] == f"dense_scaling: {study['reason']}"
+    head = {"best": None, "row1": "r", "row1_usd": 1.0}
+    text = headline_text(head, None, base, {"cpu": {"rows": [], "within_2x": True}})
+    assert text.startswith("Baseline: **the MoE's equal-active dense twin**") and "do not bracket" in text
+    assert "the MoE 6.1554 against its twin's 6.1976 (-0.0422 nats: the MoE is better" in text
+    study |= {"bracketed": True, "tolerance": 0.05, "equal_quality": {"run_dir": "eq", "multiplier": 3.0,
+                                                                       "val_loss": 6.15}}  # fmt: skip
+    write_json(tmp_path / "dense_scaling" / "results.json", study)
+    base = baseline(paths)
+    assert (base["kind"], base["run"], base["multiplier"], base["reason"]) == ("equal_quality", "eq", 3.0, None)
+    write_json(tmp_path / "moe_model" / "summary.json", {"val_loss": 6.2})  # the MoE was trained again since
+    base = baseline(paths)
+    assert base["kind"] == "equal_active" and "made on an earlier moe_model" in base["reason"]
 
 
 def test_row_1_is_interpolated_between_the_sizes_around_the_moe_when_the_match_missed(monkeypatch, tmp_path):
