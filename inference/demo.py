@@ -2,7 +2,7 @@
 model): seeded samples (temperature, top-p and a frequency penalty, which keeps a small model from repeating
 itself), decoded together by the serving engine; then the check that speculative decoding is lossless (greedy
 text with and without speculation, identical: by the MTP modules of a target that has them, else by the
-draft), with speed and acceptance rate.
+draft), with speed and acceptance rate. A difference fails the command (exit 1).
 
 python -m inference.demo [--package releases/<name>-<version>/package] [--kv-cache fp32|int8|int8-channel]
 (the newest release under releases/ by default)
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     spec_engine = Engine(target, draft, EngineConfig(gamma=package.gamma))  # the package's MTP modules, else its draft
     who = {"mtp": "its MTP modules", "draft": "the draft"}.get(spec_engine.proposer, "nothing")
     print(f"\nspeculative decoding is lossless: greedy text with and without speculation (proposed by {who})")
+    mismatches = []
     for prompt in PROMPTS:
         ids = target.tokenizer.encode(prompt).ids
         plain, t_plain = greedy(plain_engine, ids, args.max_new_tokens)
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  plain       ({len(plain) / t_plain:6.1f} tok/s): {target.tokenizer.decode(plain)!r}")
         print(f"  speculative ({len(fast) / t_spec:6.1f} tok/s): {target.tokenizer.decode(fast)!r}")
         print(f"  identical: {plain == fast}")
+        if plain != fast:
+            mismatches.append(prompt)
     s = spec_engine.stats
     rounds = s.spec_rounds + s.plain_rounds
     print(
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{s.accepted / max(1, s.proposed):.2f}, {(s.accepted + rounds) / max(1, rounds):.2f} tokens per target "
         f"forward pass, {s.proposed} proposals in {rounds} rounds"
     )
+    if mismatches:  # a lossy speculation is a broken release: the command fails, as CI's demo run checks
+        print(f"\nLOSSLESS CHECK FAILED: speculation changed the greedy text of {mismatches}", file=sys.stderr)
+        raise SystemExit(1)
+    print("\nlossless check passed: speculation changed no greedy token")
 
 
 def greedy(engine, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:

@@ -34,3 +34,17 @@ def test_the_samples_are_seeded_and_not_one_token_repeated(tiny_package):
 def test_the_demo_names_the_missing_release(tmp_path):
     with pytest.raises(SystemExit, match="no release: materialize inference_package first"):
         demo.main(["--releases", str(tmp_path), "--report", str(tmp_path / "none.md")])
+
+
+def test_a_lossy_speculation_fails_the_demo(tiny_package, tmp_path, monkeypatch, capsys):
+    """The demo's check is what CI reads: a speculative text that differs from plain decoding exits 1."""
+    real = demo.greedy
+
+    def lossy(engine, ids, max_new_tokens):
+        out, seconds = real(engine, ids, max_new_tokens)
+        return ([*out[:-1], (out[-1] + 1) % 512] if engine.proposer != "none" else out), seconds
+
+    monkeypatch.setattr(demo, "greedy", lossy)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--package", str(tiny_package), "--report", str(tmp_path / "none.md"), "--max-new-tokens", "8"])
+    assert e.value.code == 1 and "LOSSLESS CHECK FAILED" in capsys.readouterr().err
