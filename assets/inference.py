@@ -216,9 +216,10 @@ class BenchmarkReportConfig(dg.Config):
     """Timed repeats per row: the noise of every ratio."""
     gamma: int = 4
     threads: int = 2
-    compile_autotune: bool = True
-    """inductor's kernel autotuning in the compiled rows: False compiles a few times faster and decodes slower."""
-    peer_formats: list[str] = Field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
+    compile_autotune: bool = False
+    """inductor's kernel autotuning in the compiled rows (frugal-serve's default): True decodes faster and compiles
+    a few times slower (minutes per row on 2 cores: bench/cost.yaml, make bench-cost)."""
+    peer_formats: list[str] = Field(default_factory=lambda: ["Q4_K_M"])
     """llama.cpp's formats for the peer rows (LLAMA_FTYPE names); empty: no peer column."""
     projection_gpu: str = "H100 SXM"
     """The GPU of the projection at scale (inference.roofline.GPUS)."""

@@ -34,8 +34,9 @@ class DenseScalingConfig(dg.Config):
     d_ff: list[int] | None = None
     """Feed-forward widths of the dense sizes; unset = the equal-active twin's width times `multipliers`."""
     multipliers: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
-    noise_size: int = 1
-    """Index into the sizes of the one trained again with `noise_seeds` (the seed noise)."""
+    noise_size: int | None = 1
+    """Index into the sizes of the one trained again with `noise_seeds` (the seed noise); unset = every size is,
+    and the fit reads each size's mean over its seeds."""
     noise_seeds: list[int] = Field(default_factory=lambda: [1])
     noise_sigmas: float = 2.0
     round_to: int = 64

@@ -61,8 +61,9 @@ class ScalingConfig:
     d_ff: list[int] | None = None
     """Feed-forward widths of the dense sizes; None = the equal-active twin's width times `multipliers`."""
     multipliers: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
-    noise_size: int = 1
-    """Index into the sizes of the one trained again with `noise_seeds`."""
+    noise_size: int | None = 1
+    """Index into the sizes of the one trained again with `noise_seeds`; None = every size is, and the fit reads
+    each size's mean over its seeds (the seed noise then shrinks by the square root of the seeds)."""
     noise_seeds: list[int] = field(default_factory=lambda: [1])
     noise_sigmas: float = 2.0
     """equal_quality_dense matches when |its loss - the MoE's| <= noise_sigmas x the seed noise."""
@@ -77,7 +78,7 @@ class ScalingConfig:
         sizes = self.d_ff if self.d_ff is not None else self.multipliers
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"d_ff/multipliers: at least 2 positive sizes are needed, got {sizes}")
-        if not 0 <= self.noise_size < len(sizes):
+        if self.noise_size is not None and not 0 <= self.noise_size < len(sizes):
             raise ValueError(f"noise_size={self.noise_size} is not an index into the {len(sizes)} sizes")
         if not self.noise_seeds:
             raise ValueError("noise_seeds: at least one more seed is needed to measure the seed noise")
@@ -220,11 +221,15 @@ def run_scaling(
     progress(f"MoE {moe_run}: held-out loss {moe_loss:.4f}, {non_embedding_params(moe):,} active non-embedding "
              f"parameters; dense sizes d_ff {widths} (twin {twin}), seed {seed}")  # fmt: skip
     points = [train_point(cfg(f"dense_dff{w}", w, seed), env, progress) for w in widths]
-    noise_w = widths[config.noise_size]
-    seeds = [points[config.noise_size]] + [
-        train_point(cfg(f"dense_dff{noise_w}_seed{s}", noise_w, s), env, progress) for s in config.noise_seeds
-    ]
-    noise = statistics.stdev(p["val_loss"] for p in seeds)
+    repeated = range(len(widths)) if config.noise_size is None else [config.noise_size]
+    replicas = {i: [points[i]] + [train_point(cfg(f"dense_dff{widths[i]}_seed{s}", widths[i], s), env, progress)
+                                  for s in config.noise_seeds] for i in repeated}  # fmt: skip
+    seeds = [run for runs in replicas.values() for run in runs]
+    # the seed noise: the pooled sample standard deviation over the sizes trained at several seeds
+    noise = math.sqrt(statistics.fmean(statistics.variance(p["val_loss"] for p in runs) for runs in replicas.values()))
+    if config.noise_size is None:  # every size at every seed: the fit reads each size's mean over its seeds
+        points = [{**runs[0], "val_loss": statistics.fmean(p["val_loss"] for p in runs), "seeds_averaged": len(runs)}
+                  for runs in replicas.values()]  # fmt: skip
     tolerance = config.noise_sigmas * noise
     fit = fit_log_linear([p["params"] for p in points], [p["val_loss"] for p in points])
     losses = [p["val_loss"] for p in points]
@@ -250,8 +255,8 @@ def run_scaling(
             + ("" if fit["b"] < 0 else " (and loss does not fall with size)")
             + "; nothing is extrapolated"
         )
-        results["to_establish"] = to_establish(results, widths, moe_cfg.max_steps if config.max_steps is None
-                                               else config.max_steps)  # fmt: skip
+        steps = moe_cfg.max_steps if config.max_steps is None else config.max_steps
+        results["to_establish"] = to_establish(results, widths, twin, steps)
         progress(f"equal quality not established: {results['reason']}. To establish it: {results['to_establish']}")
     else:
         target = params_at_loss(fit, moe_loss)
@@ -283,7 +288,7 @@ def run_scaling(
     return results
 
 
-def to_establish(results: dict, widths: list[int], steps: int) -> str:
+def to_establish(results: dict, widths: list[int], twin: int, steps: int) -> str:
     """What a study that did not bracket the MoE's loss would need (sizes, steps, seeds), in words, from what
     it saw: loss that does not fall with size means the larger sizes are undertrained at this token budget;
     a MoE beyond one end needs sizes on that side; seed noise as large as the spread needs more seeds."""
@@ -293,10 +298,11 @@ def to_establish(results: dict, widths: list[int], steps: int) -> str:
         advice.append(f"more steps than {steps} (about 4x: held-out loss does not fall with size at this budget, so "
                       "the larger sizes are undertrained), or smaller sizes (multipliers below 1)")  # fmt: skip
     if moe < low:
-        advice.append(f"larger sizes than d_ff {max(widths)} (e.g. multipliers up to {2 * max(widths) / widths[0]:g} "
-                      "of the twin)")  # fmt: skip
+        advice.append(f"larger sizes than d_ff {max(widths)} (e.g. multipliers up to {2 * max(widths) / twin:.3g} of "
+                      f"the equal-active twin's d_ff {twin})")  # fmt: skip
     elif moe > high:
-        advice.append(f"smaller sizes than d_ff {min(widths)} (e.g. multiplier {min(widths) / widths[0] / 2:g})")
+        advice.append(f"smaller sizes than d_ff {min(widths)} (e.g. multiplier {min(widths) / twin / 2:.3g} of the "
+                      f"equal-active twin's d_ff {twin})")  # fmt: skip
     if results["seed_noise"] >= (high - low) / 2:
         advice.append(f"more seeds (noise_seeds): the seed noise {results['seed_noise']:.4f} is at least half the "
                       f"spread between sizes ({high - low:.4f})")  # fmt: skip
@@ -316,17 +322,23 @@ TABLE_COLUMNS = ("run", "d_ff", "seed", "non-embedding params", "held-out loss",
 
 def table_rows(results: dict) -> list[tuple]:
     fit, rows = results["fit"], []
+    base_seed = results["points"][0]["seed"]
     for p in [
         *results["points"],
-        *results["seeds"][1:],
+        *(s for s in results["seeds"] if s["seed"] != base_seed),
         *([results["equal_quality"]] if "equal_quality" in results else []),
     ]:
         predicted = fit["a"] + fit["b"] * math.log(p["params"])
-        rows.append((p["name"], str(p["d_ff"]), str(p["seed"]), f"{p['params']:,}", f"{p['val_loss']:.4f}",
+        seed = f"mean of {p['seeds_averaged']}" if p.get("seeds_averaged") else str(p["seed"])
+        rows.append((p["name"], str(p["d_ff"]), seed, f"{p['params']:,}", f"{p['val_loss']:.4f}",
                      f"{p['val_loss'] - predicted:+.4f}"))  # fmt: skip
     moe = results["moe"]
     rows.append(("moe_model (active)", "-", "-", f"{moe['params']:,}", f"{moe['val_loss']:.4f}", "-"))
     return rows
+
+
+def seed_list(results: dict) -> str:
+    return ", ".join(str(s) for s in sorted({p["seed"] for p in results["seeds"]}))
 
 
 def markdown(results: dict) -> str:
@@ -335,8 +347,10 @@ def markdown(results: dict) -> str:
         md_table(TABLE_COLUMNS, table_rows(results)),
         "",
         f"Fit: held-out loss = {fit['a']:.4f} {fit['b']:+.4f} ln N (N: non-embedding parameters), rms residual "
-        f"{fit['rms_residual']:.4f}. Seed noise (standard deviation over {len(results['seeds'])} seeds at d_ff "
-        f"{results['seeds'][0]['d_ff']}): {results['seed_noise']:.4f}.",
+        f"{fit['rms_residual']:.4f}. Seed noise (pooled standard deviation over the seeds {seed_list(results)} at d_ff "
+        f"{', '.join(sorted({str(p['d_ff']) for p in results['seeds']}, key=int))}): {results['seed_noise']:.4f}"
+        + (" per run; the fit reads each size's mean over its seeds." if results["points"][0].get("seeds_averaged")
+           else "."),
     ]
     if not results["bracketed"]:
         lines.append(f"**Equal quality not established:** {results['reason']}. To establish it: "
@@ -371,7 +385,7 @@ def plot(results: dict, png: Path) -> Path:
     ax.scatter(
         [p["params"] for p in pts], [p["val_loss"] for p in pts], color="tab:blue", label="dense sizes", zorder=3
     )
-    extra = results["seeds"][1:]
+    extra = [s for s in results["seeds"] if s["seed"] != pts[0]["seed"]]
     ax.scatter([p["params"] for p in extra], [p["val_loss"] for p in extra], color="tab:blue", marker="x",
                label="other seeds", zorder=3)  # fmt: skip
     fit = results["fit"]
