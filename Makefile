@@ -54,9 +54,15 @@ demo-full: llama-cpp $(DAGSTER_HOME)/dagster.yaml
 	@$(BIN)/python -m assets.summary
 	@$(BIN)/python -m inference.demo
 
+# Everything CI runs, on two pytest-xdist workers (the tests of the session's trained models stay on one: loadgroup)
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
+
+# The inner loop: every test not marked slow (no trainings, compilation, servers or browsers), in about 3 minutes
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -m "not slow" -n 2 --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .

@@ -184,15 +184,16 @@ class FrugalServer:
     """Frugal's engine: eager or compiled, batch `concurrency`, with or without the draft and prefix caching."""
 
     def __init__(self, row: Row, workload: CostWorkload):
-        from inference.runtime.engine.compiled import BUCKETS
+        from inference.runtime.engine.compiled import bucket_for
         from inference.runtime.engine.engine import Engine, EngineConfig
         from inference.runtime.generate import Generator
 
         self.target = Generator.from_run(row.model)
         draft = Generator.from_run(row.draft) if row.draft else None
-        # every bucket up to the first that holds a whole batch of decoding requests
+        # the bucket of a whole batch of decoding requests, which every pass runs at (its requests start and end
+        # together); a step of fewer requests (a pass's last) runs eager rather than cost a compilation of its own
         c = row.concurrency
-        sizes = (*(b for b in BUCKETS if b < c), min(b for b in (*BUCKETS, c) if b >= c))
+        sizes = (bucket_for(c) or c,)
         config = EngineConfig(max_batch=row.concurrency, max_queue=max(64, workload.requests),
                               prefix_caching=row.prefix_caching, gamma=workload.gamma, compile_sizes=sizes,
                               compile_autotune=workload.compile_autotune,

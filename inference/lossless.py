@@ -61,13 +61,19 @@ def check_lossless(
     """Greedy tokens of `prompts` from the compiled engine with and without speculation (and eager, for the
     report). autotune: inductor's kernel autotuning, frugal-serve's default (its --fast-compile turns it off); it
     chooses among GEMM kernels for speed, and costs minutes of compilation."""
+    from inference.runtime.engine.compiled import bucket_for
     from inference.runtime.engine.engine import Engine, EngineConfig
     from inference.runtime.generate import Generator, SamplingConfig
 
     target = Generator.from_run(target_dir, kv_cache=kv_cache)
     draft = Generator.from_run(draft_dir) if draft_dir is not None else None
-    plain_engine = Engine(target, None, EngineConfig(proposer="none", compile_autotune=autotune))
-    spec_engine = Engine(target, draft, EngineConfig(gamma=gamma, compile_autotune=autotune))
+    # the buckets these prompts run in, decoding together and verifying gamma + 1 tokens each (the server compiles
+    # 1, 4, 8 and 16; a bucket this batch never uses would only cost compilation)
+    n = len(prompts)
+    sizes = tuple(sorted({b for b in (bucket_for(n), bucket_for(n * (gamma + 1))) if b is not None}))
+    config = {"compile_autotune": autotune, "compile_sizes": sizes, "max_batch": max(n, 1)}
+    plain_engine = Engine(target, None, EngineConfig(proposer="none", **config))
+    spec_engine = Engine(target, draft, EngineConfig(gamma=gamma, **config))
     compile_s = plain_engine.compile() + spec_engine.compile()
     plain = greedy_batch(plain_engine, prompts, max_new_tokens)
     fast = greedy_batch(spec_engine, prompts, max_new_tokens)

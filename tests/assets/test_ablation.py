@@ -15,6 +15,8 @@ from pipelines.curriculum import CurriculumConfig, build_curriculum
 from tests.conftest import prose, write_jsonl
 from training.ablation import tokens_to_target
 
+pytestmark = pytest.mark.slow  # DeepSpeed trainings
+
 TINY = {
     "tokens": 2048, "seq_len": 32, "batch_size": 8, "eval_every_tokens": 1024, "warmup_tokens": 256,
     "heldout_fraction": 0.2, "heldout_tokens": 1024, "threads": 1,

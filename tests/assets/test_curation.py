@@ -164,6 +164,7 @@ def test_missing_input_fails_the_run_naming_the_path(tmp_path):
         materialize(tmp_path, {"ops": {"raw_documents": {"config": {"inputs": [str(tmp_path / "nowhere.jsonl")]}}}})
 
 
+@pytest.mark.slow
 def test_whole_graph_on_the_sample_corpus(tmp_path):
     """Sample corpus -> shards: every asset and check, the ledger balancing from raw to shards."""
     result = materialize(
@@ -249,6 +250,7 @@ def test_document_markup_is_shown_as_text_never_rendered(tmp_path):
     assert_markdown_is_the_projects_own(result)
 
 
+@pytest.mark.slow
 def test_filters_that_drop_everything_stop_the_run(tmp_path):
     src = corpus(tmp_path)  # syllable soup: no language lid.176 is confident about
     result = materialize(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -36,6 +37,8 @@ from tests.assets.conftest import TINY, TINY_DRAFT
 from tests.conftest import ROOT
 from training.launch import complete_checkpoints
 from training.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # the demo's graph killed four times: minutes
 
 BIN = Path(sys.executable).parent
 CURATION = ["raw_documents", "clean_documents", "near_dedup_documents", "filtered_documents", "scored_documents"]

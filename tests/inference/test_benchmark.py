@@ -8,6 +8,7 @@ import torch
 from inference.benchmark import Config, Workload, run
 
 
+@pytest.mark.slow
 def test_a_configuration_is_measured_in_its_own_process(tiny_package, tmp_path):
     torch.manual_seed(0)
     held_out = torch.randint(3, 512, (4, 33))

@@ -42,6 +42,7 @@ def test_every_pass_shares_the_system_prompt_and_no_user_prompt():
         CostWorkload.build(torch.ones(2, 33, dtype=torch.long), 0, 40, 1, 1, 1, 1, 1)
 
 
+@pytest.mark.slow
 def test_each_engine_serves_the_workload_in_its_own_process(dense_run, tmp_path):
     w = workload()
     run = str(dense_run)

@@ -9,6 +9,7 @@ import tarfile
 import venv
 from pathlib import Path
 
+import pytest
 import torch
 from openai import OpenAI
 
@@ -44,6 +45,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_into_a_fresh_venv_and_generates(tiny_package, tmp_path):
     wheel = build_wheel(tiny_package, tmp_path / "dist", tmp_path / "work")
     assert wheel.name == "frugal_tiny-0.0.1-py3-none-any.whl"

@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import ROOT, prose, write_jsonl
 from tests.pipelines.test_filters import ENGLISH
 
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # a local Ray cluster, one at a time
+
 BIN = Path(sys.executable).parent
 
 

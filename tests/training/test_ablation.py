@@ -262,6 +262,7 @@ def tiny_config(corpus: Path, out_dir: Path) -> AblationConfig:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_tiny_ablation_runs_end_to_end_and_repeats(corpus, tmp_path):
     lines: list[str] = []
     res = run_ablation(tiny_config(corpus, tmp_path / "one"), progress=lines.append)

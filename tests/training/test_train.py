@@ -25,6 +25,8 @@ from training.launch import continuation_start
 from training.metrics import read_metrics
 from training.train import main
 
+pytestmark = pytest.mark.slow  # DeepSpeed trainings
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -123,6 +123,7 @@ def test_frugal_is_declared_as_an_lm_eval_model():
     assert entry.load() is FrugalLM
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_runs_the_local_tasks_offline(tiny_package, tmp_path):
     tasks = ["frugal_tiny_mc", "frugal_tiny_gen"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -149,6 +150,7 @@ def test_lm_eval_cli_runs_the_local_tasks_offline(tiny_package, tmp_path):
         assert in_process["results"][task][metric] == results["results"][task][metric]
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_against_frugal_serve_matches_the_adapter(tiny_package, tmp_path):
     """A client written elsewhere: lm_eval's own `local-completions` model (OpenAI completions with echo and
     logprobs for loglikelihood, vLLM's /tokenize for the remote tokenizer) against a frugal-serve process

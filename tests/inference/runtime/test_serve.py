@@ -463,6 +463,7 @@ def test_a_batch_or_queue_below_one_is_refused_at_start_up(tiny_package, capsys,
     assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_server_compiles_its_step_at_start_up_and_says_how_long_it_took(tiny_package, package, tmp_path):
     """--compile-sizes 4 (--fast-compile: no autotuning; --no-speculative: one model to compile, to keep the test
     short): compiled before the ready line, the time logged, and the greedy text is the target's own decoding."""
@@ -559,6 +560,7 @@ def test_the_server_imports_only_the_runtime():
         assert imports - set(sys.stdlib_module_names) <= allowed, (path, imports - set(sys.stdlib_module_names))
 
 
+@pytest.mark.slow
 def test_an_mtp_package_is_served_with_its_own_modules_as_the_proposer(mtp_package, tmp_path):
     """No draft in the package: the target's MTP modules propose, the served greedy text is the target's own, and
     /health and /metrics say so; --proposer none turns speculation off."""

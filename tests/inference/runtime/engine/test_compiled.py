@@ -27,6 +27,8 @@ from tests.conftest import cpu_capabilities, run_under_capability
 from tests.inference.runtime.engine.test_engine import prompts, staggered
 from tests.inference.runtime.test_speculative import models
 
+pytestmark = pytest.mark.slow  # torch.compile of every bucket
+
 SIZES = (4,)
 
 

@@ -182,6 +182,7 @@ def test_the_proposer_follows_the_models_and_the_configuration(trained):
         EngineConfig(proposer="eagle").check()
 
 
+@pytest.mark.slow
 def test_the_compiled_mtp_step_gives_the_eager_proposals_and_tokens(trained):
     """The MTP modules compiled per depth (inference.runtime.engine.compiled.CompiledMTPStep, one bucket of 4 tokens,
     no autotuning, as tests/inference/runtime/engine/test_compiled.py) against the eager packed forward."""
