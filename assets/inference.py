@@ -596,8 +596,8 @@ def projection_markdown(proj: dict) -> str:
         f"### Projection at scale (a projection, not a measurement)\n\n"
         f"{gpu['name']}: {gpu['bandwidth'] / 1e12:.2f} TB/s, {gpu['flops'] / 1e12:.0f} TFLOP/s bf16, "
         f"${gpu['price_per_hour']}/GPU-hour, context 1024, bf16 KV cache, no cost outside the roofline (the ideal). "
-        f"The dense equivalent of moe_1b applies dense_scaling's multiplier ({gpu['multiplier']:.2f}x, d_ff "
-        f"{gpu['dense_d_ff']}); bench/gpu_cost.py "
+        f"The dense equivalent of moe_1b applies row 1's multiplier ({gpu['multiplier']:.2f}x its active non-embedding "
+        f"parameters: dense_scaling's, or 1 for the equal-active twin; d_ff {gpu['dense_d_ff']}); bench/gpu_cost.py "
         f"measures it on a GPU.\n\n{scale}"
     )
 

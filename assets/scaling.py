@@ -97,14 +97,14 @@ def dense_scaling(
             f"{EQUAL_QUALITY}/matched": eq["matched"],
             f"{EQUAL_QUALITY}/run_dir": dg.MetadataValue.path(eq["run_dir"]),
         }
-    run_dir = wandb.log_run(context, "scaling", summary, tables={"scaling": (TABLE_COLUMNS, table_rows(results))},
-                            images={"scaling": out / PLOT_FILE}, config=results["config"])  # fmt: skip
-    if run_dir:
-        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
     else:  # evidence, never a failure: benchmark_report then starts from the equal-active twin and says why
         metadata |= {"equal_quality": "not established", "reason": results["reason"],
                      "to_establish": results["to_establish"]}  # fmt: skip
         context.log.warning(f"equal quality not established: {results['reason']}")
+    run_dir = wandb.log_run(context, "scaling", summary, tables={"scaling": (TABLE_COLUMNS, table_rows(results))},
+                            images={"scaling": out / PLOT_FILE}, config=results["config"])  # fmt: skip
+    if run_dir:
+        metadata["wandb_run"] = dg.MetadataValue.path(run_dir)
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -20,8 +20,7 @@ from assets.inference import (
 from assets.resources import CurationPaths, WandbResource
 from tests.assets.conftest import materialize, metadata_of
 
-# the session's trained models: one xdist worker builds them for every module that reads them
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
+pytestmark = pytest.mark.slow
 
 QUANTIZE = {"group_size": 32, "calibration_rows": 8, "val_rows": 8}
 BENCHMARK = {"concurrency": 4, "requests": 4, "system_tokens": 16, "prompt_tokens": 4, "new_tokens": 4, "repeats": 3,

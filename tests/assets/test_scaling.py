@@ -9,8 +9,7 @@ import pytest
 
 from tests.assets.conftest import metadata_of
 
-# the session's trained models: one xdist worker builds them for every module that reads them
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
+pytestmark = pytest.mark.slow
 
 
 def test_a_target_no_size_reaches_is_a_warning_naming_the_range_not_a_failure(scaled):

@@ -19,8 +19,8 @@ from tests.conftest import prose, write_jsonl
 from training.launch import prepare_run_dir
 from training.metrics import read_metrics
 
-# DeepSpeed trainings; the session's trained models, built by one xdist worker for every module that reads them
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]
+# DeepSpeed trainings
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 

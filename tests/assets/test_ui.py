@@ -33,7 +33,6 @@ BIN = Path(sys.executable).parent
 
 pytestmark = [
     pytest.mark.slow,  # dagster dev and Chromium
-    pytest.mark.xdist_group("ui"),  # one dagster dev at a time
     # CI installs it (.ci/run), so there a missing browser fails the test instead of skipping it
     pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
                        reason="Chromium is not installed (apt-get install chromium)"),

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import ROOT, prose, write_jsonl
 from tests.pipelines.test_filters import ENGLISH
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # a local Ray cluster, one at a time
+pytestmark = pytest.mark.slow  # a local Ray cluster
 
 BIN = Path(sys.executable).parent
 
