@@ -322,15 +322,15 @@ TABLE_COLUMNS = ("run", "d_ff", "seed", "non-embedding params", "held-out loss",
 
 def table_rows(results: dict) -> list[tuple]:
     fit, rows = results["fit"], []
-    base_seed = results["points"][0]["seed"]
+    base_seed, averaged = results["points"][0]["seed"], results["points"][0].get("seeds_averaged")
     for p in [
         *results["points"],
-        *(s for s in results["seeds"] if s["seed"] != base_seed),
+        *(s for s in results["seeds"] if s["seed"] != base_seed or averaged),  # every run, where sizes are means
         *([results["equal_quality"]] if "equal_quality" in results else []),
     ]:
         predicted = fit["a"] + fit["b"] * math.log(p["params"])
         seed = f"mean of {p['seeds_averaged']}" if p.get("seeds_averaged") else str(p["seed"])
-        rows.append((p["name"], str(p["d_ff"]), seed, f"{p['params']:,}", f"{p['val_loss']:.4f}",
+        rows.append((p["name"] + (" (mean)" if p.get("seeds_averaged") else ""), str(p["d_ff"]), seed, f"{p['params']:,}", f"{p['val_loss']:.4f}",
                      f"{p['val_loss'] - predicted:+.4f}"))  # fmt: skip
     moe = results["moe"]
     rows.append(("moe_model (active)", "-", "-", f"{moe['params']:,}", f"{moe['val_loss']:.4f}", "-"))
@@ -382,12 +382,12 @@ def plot(results: dict, png: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     pts = results["points"]
-    ax.scatter(
-        [p["params"] for p in pts], [p["val_loss"] for p in pts], color="tab:blue", label="dense sizes", zorder=3
-    )
-    extra = [s for s in results["seeds"] if s["seed"] != pts[0]["seed"]]
+    averaged = pts[0].get("seeds_averaged")
+    ax.scatter([p["params"] for p in pts], [p["val_loss"] for p in pts], color="tab:blue", zorder=3,
+               label=f"dense sizes (mean of {averaged} seeds)" if averaged else "dense sizes")  # fmt: skip
+    extra = [s for s in results["seeds"] if s["seed"] != pts[0]["seed"] or averaged]
     ax.scatter([p["params"] for p in extra], [p["val_loss"] for p in extra], color="tab:blue", marker="x",
-               label="other seeds", zorder=3)  # fmt: skip
+               label="each seed" if averaged else "other seeds", zorder=3)  # fmt: skip
     fit = results["fit"]
     lo, hi = min(p["params"] for p in pts), max(p["params"] for p in pts)
     xs = [lo * (hi / lo) ** (i / 50) for i in range(51)]
