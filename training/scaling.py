@@ -329,8 +329,9 @@ def table_rows(results: dict) -> list[tuple]:
         *([results["equal_quality"]] if "equal_quality" in results else []),
     ]:
         predicted = fit["a"] + fit["b"] * math.log(p["params"])
-        seed = f"mean of {p['seeds_averaged']}" if p.get("seeds_averaged") else str(p["seed"])
-        rows.append((p["name"] + (" (mean)" if p.get("seeds_averaged") else ""), str(p["d_ff"]), seed, f"{p['params']:,}", f"{p['val_loss']:.4f}",
+        mean = p.get("seeds_averaged")
+        name, seed = (f"{p['name']} (mean)", f"mean of {mean}") if mean else (p["name"], str(p["seed"]))
+        rows.append((name, str(p["d_ff"]), seed, f"{p['params']:,}", f"{p['val_loss']:.4f}",
                      f"{p['val_loss'] - predicted:+.4f}"))  # fmt: skip
     moe = results["moe"]
     rows.append(("moe_model (active)", "-", "-", f"{moe['params']:,}", f"{moe['val_loss']:.4f}", "-"))
