@@ -429,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tqdm import tqdm
 
-    n = len(config.d_ff or config.multipliers) + len(config.noise_seeds) + 1
+    sizes, seeds = len(config.d_ff or config.multipliers), len(config.noise_seeds)
+    n = (sizes * (1 + seeds) if config.noise_size is None else sizes + seeds) + 1
     with tqdm(total=n, unit="run", desc="dense scaling") as bar:
 
         def progress(line: str) -> None:
