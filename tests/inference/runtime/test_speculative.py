@@ -79,6 +79,7 @@ def test_verification_is_lossless():
     assert (accepted < K).float().mean() > 0
 
 
+@pytest.mark.slow  # thousands of sampled rounds for the chi-square test
 def test_speculative_sampling_matches_the_target_distribution():
     """End to end on a 6-token vocabulary: the first two sampled tokens follow the target's joint distribution."""
     V, N = 6, 2000

@@ -19,6 +19,8 @@ from model.transformer import Transformer
 from tests.inference.runtime.engine.test_engine import Collect, assert_batched_greedy, prompts, staggered
 from tests.inference.runtime.test_speculative import models
 
+pytestmark = pytest.mark.slow  # a trained MTP model and compiled steps
+
 
 def mtp_target(depth: int = 3, seed: int = 0, steps: int = 150) -> tuple[Transformer, list[list[int]]]:
     """A sharpened random MoE target whose MTP modules (MoE blocks) learnt its own greedy text on 48 prompts, so
@@ -182,7 +184,6 @@ def test_the_proposer_follows_the_models_and_the_configuration(trained):
         EngineConfig(proposer="eagle").check()
 
 
-@pytest.mark.slow
 def test_the_compiled_mtp_step_gives_the_eager_proposals_and_tokens(trained):
     """The MTP modules compiled per depth (inference.runtime.engine.compiled.CompiledMTPStep, one bucket of 4 tokens,
     no autotuning, as tests/inference/runtime/engine/test_compiled.py) against the eager packed forward."""
