@@ -87,3 +87,20 @@ def test_ui_serves_the_assets_on_loopback(dagster_env):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_the_bench_run_config_fits_the_graph():
+    """bench/cost.yaml (make bench-cost, make demo-full) names real assets and fields with valid values: a renamed
+    field fails here, not after an hour of training."""
+    import dagster as dg
+    import yaml
+
+    from tests.conftest import ROOT
+
+    config = yaml.safe_load((ROOT / "bench" / "cost.yaml").read_text())
+    validated = dg.validate_run_config(defs.resolve_implicit_global_asset_job_def(), config)
+    assert validated["ops"]["dense_scaling"]["config"]["noise_size"] is None
+    assert validated["ops"]["benchmark_report"]["config"]["compile_autotune"] is True
+    with pytest.raises(dg.DagsterInvalidConfigError, match="noise_sizes"):
+        dg.validate_run_config(defs.resolve_implicit_global_asset_job_def(),
+                               {"ops": {"dense_scaling": {"config": {"noise_sizes": 1}}}})  # fmt: skip
