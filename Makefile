@@ -60,7 +60,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2 --dist loadfile
 
-# The inner loop: every test not marked slow (no trainings, compilation, servers or browsers), in about 3 minutes
+# The inner loop: every test not marked slow (no trainings, compilation, servers or browsers): about 1.5 minutes
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not slow" -n 2 --dist loadfile
