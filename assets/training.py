@@ -126,7 +126,7 @@ TRAIN_FIELDS = ("max_steps", "lr", "warmup_steps", "world_size", "ep_size", "zer
 DATA_SCHEDULES = ("random", "quality_anneal", "curriculum")
 DEFAULT_DATA_SCHEDULE = "random"
 DEFAULT_LR_SCHEDULE = "wsd"
-"""What the data-schedule ablation (issue 20, `make bench-ablation`, BENCHMARKS.md "Data schedules") measured best."""
+"""What the data-schedule ablation (issue 20, `make bench-ablation`: bench/results/ablation/) measured best."""
 
 
 def data_stream(schedule: str, decay_fraction: float, bucket_schedule: list[int] | None) -> dict:

@@ -63,7 +63,7 @@ class ScalingConfig:
     multipliers: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     noise_size: int | None = 1
     """Index into the sizes of the one trained again with `noise_seeds`; None = every size is, and the fit reads
-    each size's mean over its seeds (the seed noise then shrinks by the square root of the seeds)."""
+    each size's mean over its seeds (whose noise is the per-run seed noise over the square root of the seeds)."""
     noise_seeds: list[int] = field(default_factory=lambda: [1])
     noise_sigmas: float = 2.0
     """equal_quality_dense matches when |its loss - the MoE's| <= noise_sigmas x the seed noise."""
