@@ -191,13 +191,17 @@ class FrugalServer:
         self.target = Generator.from_run(row.model)
         draft = Generator.from_run(row.draft) if row.draft else None
         # the bucket of a whole batch of decoding requests, which every pass runs at (its requests start and end
-        # together); a step of fewer requests (a pass's last) runs eager rather than cost a compilation of its own
+        # together); a step of fewer requests (a pass's last) runs eager rather than cost a compilation of its own.
+        # A speculative row also compiles the graph of dynamic size, for its verification rounds of c (gamma + 1)
+        # tokens; prompt chunks beyond run eager in every row
         c = row.concurrency
         sizes = (bucket_for(c) or c,)
+        proposer = row.proposer or ("draft" if draft else "none")
+        rounds = c * (workload.gamma + 1) if proposer != "none" else sizes[0]
         config = EngineConfig(max_batch=row.concurrency, max_queue=max(64, workload.requests),
                               prefix_caching=row.prefix_caching, gamma=workload.gamma, compile_sizes=sizes,
-                              compile_autotune=workload.compile_autotune,
-                              proposer=row.proposer or ("draft" if draft else "none"))  # fmt: skip
+                              compile_max_tokens=max(rounds, sizes[0]), compile_autotune=workload.compile_autotune,
+                              proposer=proposer)  # fmt: skip
         self.engine = Engine(self.target, draft, config)
         self.compile_s = self.engine.compile() if row.compiled else None
         self.cached = 0

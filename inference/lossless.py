@@ -67,11 +67,14 @@ def check_lossless(
 
     target = Generator.from_run(target_dir, kv_cache=kv_cache)
     draft = Generator.from_run(draft_dir) if draft_dir is not None else None
-    # the buckets these prompts run in, decoding together and verifying gamma + 1 tokens each (the server compiles
-    # 1, 4, 8 and 16; a bucket this batch never uses would only cost compilation)
     n = len(prompts)
-    sizes = tuple(sorted({b for b in (bucket_for(n), bucket_for(n * (gamma + 1))) if b is not None}))
-    config = {"compile_autotune": autotune, "compile_sizes": sizes, "max_batch": max(n, 1)}
+    # the buckets these prompts run in, decoding together and verifying gamma + 1 tokens each (the server compiles
+    # 1, 4, 8 and 16; a bucket this batch never uses would only cost compilation); rounds past 16 tokens run the
+    # graph of dynamic size, prompt chunks past both eager
+    rounds = n * (gamma + 1)
+    sizes = tuple(sorted({b for b in (bucket_for(n), bucket_for(rounds)) if b is not None})) or (n,)
+    config = {"compile_autotune": autotune, "compile_sizes": sizes, "compile_max_tokens": max(sizes[-1], rounds),
+              "max_batch": max(n, 1)}  # fmt: skip
     plain_engine = Engine(target, None, EngineConfig(proposer="none", **config))
     spec_engine = Engine(target, draft, EngineConfig(gamma=gamma, **config))
     compile_s = plain_engine.compile() + spec_engine.compile()

@@ -1,36 +1,48 @@
-"""The engine's forward for steps of few tokens (decoding, speculative rounds, the draft's proposals) as one
-static graph, compiled with `torch.compile` (inductor: C++ kernels on a CPU, Triton and CUDA graphs on a GPU).
+"""The engine's forward as static graphs, compiled with `torch.compile` (inductor: C++ kernels on a CPU, Triton and
+CUDA graphs on a GPU), for every step the engine runs: decoding batches, speculative rounds (verification of
+B x (gamma + 1) tokens, the draft's or the MTP modules' proposals) and prompt chunks.
 
 Why: at Frugal's sizes a decoding step's time goes to dispatching a few hundred small operators from Python,
 not to reading weights. A graph whose shapes never change from step to step can be compiled once and replayed.
-So everything a step varies is a tensor of fixed shape:
+So everything a step varies is a tensor, of shapes a few graphs cover:
 
 - the N packed tokens are padded to a bucket (BUCKETS by default: 1, 4, 8, 16), so a server compiles a handful of
-  graphs, not one per batch size. Padding tokens write their keys and values to a scratch block that no
-  sequence owns (the cache's last block), and their logits are dropped;
-- each token brings its own position and its own row of block table, padded to the context's full length
-  (M = max_seq_len / block_size blocks): attention is computed per token against every slot of its table,
-  masked past its position, so no (B, T) layout with data-dependent sizes is needed;
+  static graphs, not one per batch size. Padding tokens write their keys and values to a scratch block that no
+  sequence owns (the cache's last block), and their logits are dropped. Steps of more tokens than the largest
+  bucket (big batches, verification rounds, prompt chunks), up to `max_tokens`, run one more graph whose token
+  count is symbolic (a dynamic dimension: inductor's loops take it as an argument), with no padding; it computes
+  the head only at the rows whose logits are wanted;
+- each token brings its own position and its own row of block table, as wide as the step's longest table (M
+  blocks, at least 2), not the context's full length: M is a dynamic dimension of every graph, so attention
+  reads the blocks the batch uses, whatever the context is, without a graph per context length. Attention is
+  computed per token against every slot of its table, masked past its position, so no (B, T) layout with
+  data-dependent sizes is needed;
 - attention is written as two reductions over the gathered cache (scores = sum over Dh of q * k, then
   out = sum over positions of p * v), which inductor fuses with the block-table gather and the INT8
   dequantization: the cache is read where it lies, never copied into a (N, S, G, Dh) tensor;
-- a MoE layer computes every routed expert for every token (inference.runtime.engine.experts, `dense` mode): the
-  router's choice becomes gating weights, zero for experts a token did not choose, with no `.tolist()`,
-  `nonzero` or loop over chosen experts.
+- a MoE layer reads only the chosen experts' weights while a step's assignments are fewer than its experts, and
+  computes every expert for every token beyond (inference.runtime.engine.experts): the router's choice becomes
+  gathers and gating weights, with no `.tolist()`, `nonzero` or loop over chosen experts.
 
-Longer steps (prompt chunks) run the eager packed forward (inference.runtime.engine.runner), which is also the
-reference this graph is tested against: same tokens, close logits, for fp32, INT8 and INT4 weights and for
-the fp32, INT8 and INT8-per-channel caches.
+The eager packed forward (inference.runtime.engine.runner) is the reference this graph is tested against (same
+tokens, close logits, for fp32, INT8 and INT4 weights and for the fp32, INT8 and INT8-per-channel caches), and
+what runs before `compile()` or with `--no-compile`.
 
-Shape legend as in inference.runtime.engine.runner; P padded tokens (a bucket), R query heads per kv head.
+Compiling happens at start-up only, logged with its time. Inductor's caches (FX graphs and generated code, under
+`cache_dir()`) keep the results across restarts of the same model and settings.
+
+Shape legend as in inference.runtime.engine.runner; P padded tokens (a bucket), R query heads per kv head,
+L rows whose logits are wanted.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -82,7 +94,7 @@ def _static_layer(block, x_PD, cache: PagedKVCache, layer: int, slots_P, slot_PS
     x_PD = x_PD + attn.wo(_attend(q_PHDh, cache, layer, slot_PS, allowed_PS, G))
     h_PD = block.ffn_norm(x_PD)
     dense = isinstance(block.ffn, SwiGLU)
-    return x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].dense(h_PD))
+    return x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].for_step(h_PD))
 
 
 def _slots_and_mask(positions_P, tables_PM, block_size: int):
@@ -102,10 +114,11 @@ def static_forward(
     positions_P: torch.Tensor,
     slots_P: torch.Tensor,
     tables_PM: torch.Tensor,
+    rows_L: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (P, V) and final hidden states (P, D, through the final norm) of P tokens, each at its position,
-    attending through its own block-table row. Every shape is fixed by P and M, so `torch.compile` traces it into
-    one graph."""
+    """Logits (P, V), or (L, V) at rows_L, and final hidden states (P, D, through the final norm) of P tokens, each
+    at its position, attending through its own block-table row. Shapes are fixed by P, M and L, so
+    `torch.compile` traces it into one graph."""
     slot_PS, allowed_PS = _slots_and_mask(positions_P, tables_PM, block_size)
     x_PD = model.embed(tokens_P)
     cos = model.rope_cos[positions_P][:, None, :]
@@ -113,7 +126,7 @@ def static_forward(
     for i, block in enumerate(model.layers):
         x_PD = _static_layer(block, x_PD, cache, i, slots_P, slot_PS, allowed_PS, cos, sin, experts)
     h_PD = model.norm(x_PD)
-    return model.lm_head(h_PD).float(), h_PD
+    return model.lm_head(h_PD if rows_L is None else h_PD[rows_L]).float(), h_PD
 
 
 def static_mtp_forward(
@@ -127,16 +140,17 @@ def static_mtp_forward(
     positions_P: torch.Tensor,
     slots_P: torch.Tensor,
     tables_PM: torch.Tensor,
+    rows_L: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MTP module `depth` over P tokens, as inference.runtime.engine.runner.mtp_forward: (h^depth (P, D), logits
-    (P, V)); its cache layer is depth - 1."""
+    (P, V), or (L, V) at rows_L); its cache layer is depth - 1."""
     slot_PS, allowed_PS = _slots_and_mask(positions_P, tables_PM, block_size)
     module = model.mtp[depth - 1]
     x_PD = module.combine(h_prev_PD, model.embed(tokens_P))
     cos = model.rope_cos[positions_P][:, None, :]
     sin = model.rope_sin[positions_P][:, None, :]
     x_PD = _static_layer(module.block, x_PD, cache, depth - 1, slots_P, slot_PS, allowed_PS, cos, sin, experts)
-    return x_PD, model.lm_head(module.norm(x_PD)).float()
+    return x_PD, model.lm_head(module.norm(x_PD if rows_L is None else x_PD[rows_L])).float()
 
 
 def compile_options(device: torch.device, autotune: bool = True) -> dict:
@@ -162,20 +176,39 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
     return options
 
 
-class CompiledStep:
-    """One model's compiled step, for batches of up to its largest bucket's tokens.
+def cache_dir() -> str:
+    """Where inductor keeps compiled graphs across restarts: TORCHINDUCTOR_CACHE_DIR when set, else
+    ~/.cache/frugal/inductor (inductor's own default is under /tmp, which many machines clear at boot)."""
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(Path.home() / ".cache" / "frugal" / "inductor")
 
-    `compile()` traces and compiles every bucket (at server start-up, logged with its time); calling it
-    with a Batch runs the bucket's graph. Without `compile()` (the `--no-compile` switch), `__call__`
+
+MIN_BLOCKS = 2
+"""Block tables are at least this wide in a graph: dynamo specializes a dimension of size 0 or 1."""
+
+
+def _mark(tensor: torch.Tensor, dim: int, low: int, high: int) -> torch.Tensor:
+    """Mark a dimension dynamic in [low, high] for the trace (torch._dynamo.mark_dynamic; no bound when equal)."""
+    torch._dynamo.mark_dynamic(tensor, dim, min=low, max=max(high, low + 1))
+    return tensor
+
+
+class CompiledStep:
+    """One model's compiled step, for steps of up to `max_tokens` tokens (the largest bucket without it).
+
+    `compile()` traces and compiles every graph (at server start-up, logged with its time); calling it
+    with a Batch runs the graph that fits. Without `compile()` (the `--no-compile` switch), `__call__`
     returns None and the engine runs its eager forward."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, experts: dict[int, GroupedExperts],
-                 block_size: int, buckets: tuple[int, ...] = BUCKETS, autotune: bool = True):  # fmt: skip
+                 block_size: int, buckets: tuple[int, ...] = BUCKETS, autotune: bool = True,
+                 max_tokens: int | None = None):  # fmt: skip
         self.model, self.cache, self.block_size, self.buckets = model, cache, block_size, buckets
         self.autotune = autotune
+        self.max_tokens = max(max_tokens or 0, buckets[-1])
+        """Steps of buckets[-1] < N <= max_tokens tokens run the graph of dynamic size (none when equal)."""
         moe = model.moe_layers()
         self.experts = {id(m): experts.get(id(m)) or GroupedExperts(m) for m in moe}
-        self.blocks_per_table = -(-model.config.max_seq_len // block_size)
+        self.blocks_per_table = max(MIN_BLOCKS, -(-model.config.max_seq_len // block_size))
         self.scratch_block = cache.num_blocks - 1
         """The cache's scratch block (engine.paged_cache), which no sequence owns: padding writes here."""
         self.device = model.embed.weight.device
@@ -186,31 +219,57 @@ class CompiledStep:
     def compiled(self) -> bool:
         return self._fn is not None
 
-    def _forward(self, tokens_P, positions_P, slots_P, tables_PM):
+    @property
+    def sizes(self) -> str:
+        """The token counts the graphs cover, for the log."""
+        rest = f" and {self.buckets[-1] + 1}-{self.max_tokens}" if self.max_tokens > self.buckets[-1] else ""
+        return ", ".join(map(str, self.buckets)) + rest
+
+    def _forward(self, tokens_P, positions_P, slots_P, tables_PM, rows_L=None):
         return static_forward(self.model, self.cache, self.experts, self.block_size,
-                              tokens_P, positions_P, slots_P, tables_PM)  # fmt: skip
+                              tokens_P, positions_P, slots_P, tables_PM, rows_L)  # fmt: skip
+
+    def _trace(self, fn: Callable, extra: Callable[[int], tuple] = lambda n: ()) -> Callable:
+        """`fn` compiled for every bucket and for the dynamic size: each traced once here, on padding inputs
+        (writing the scratch block only), with the table width dynamic. `extra(n)`: further inputs of n tokens
+        that go before the positions (the MTP step's hidden states)."""
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir())
+        dynamo = torch._dynamo.config
+        # dynamo keeps one graph per size and per step under the one code object of `fn`: its default limit of
+        # 8 is a target and a draft at 4 buckets each
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=None)
+        M = self.blocks_per_table
+        with (
+            torch._inductor.config.patch(compile_options(self.device, self.autotune)),
+            torch._dynamo.config.patch(automatic_dynamic_shapes=False),  # only what is marked is dynamic
+            torch.no_grad(),
+        ):
+            for n in self.buckets:
+                tokens, positions, slots, tables = self._padding(n, M)
+                compiled(tokens, *extra(n), positions, slots, _mark(tables, 1, MIN_BLOCKS, M))
+            if self.max_tokens > self.buckets[-1]:
+                low, high = self.buckets[-1] + 1, self.max_tokens
+                tokens, positions, slots, tables = self._padding(low, M)
+                more = extra(low)
+                for t in (tokens, positions, slots, tables, *more):
+                    _mark(t, 0, low, high)
+                rows = _mark(torch.zeros(2, dtype=torch.long, device=self.device), 0, 2, high)
+                compiled(tokens, *more, positions, slots, _mark(tables, 1, MIN_BLOCKS, M), rows)
+        return compiled
 
     def compile(self) -> float:
-        """Compile and warm every bucket; returns the seconds it took."""
+        """Compile and warm every graph; returns the seconds it took."""
         start = time.perf_counter()
-        # dynamo keeps one graph per bucket and per CompiledStep under the one code object of `_forward`:
-        # its default limit of 8 is a target and a draft at 4 buckets each
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-        self._fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
-        # inductor reads some settings (freezing among them) from its global config, not from compile's
-        # options: they hold while the graphs are traced and compiled, here, on each bucket's first call
-        with torch._inductor.config.patch(compile_options(self.device, self.autotune)):
-            for n in self.buckets:
-                self._run(*self._padding(n))  # writes the scratch block only
+        self._fn = self._trace(self._forward)
         self.compile_seconds = time.perf_counter() - start
-        log.info("compiled the decode step for %d token buckets in %.1f s", len(self.buckets), self.compile_seconds)
+        log.info("compiled the step for %s tokens in %.1f s", self.sizes, self.compile_seconds)
         return self.compile_seconds
 
-    def _padding(self, n: int):
-        """Inputs of n padding tokens: position 0, the scratch block."""
+    def _padding(self, n: int, m: int):
+        """Inputs of n padding tokens with tables of m blocks: position 0, the scratch block."""
         long = dict(dtype=torch.long, device=self.device)
-        tables = torch.full((n, self.blocks_per_table), self.scratch_block, **long)
+        tables = torch.full((n, m), self.scratch_block, **long)
         slots = torch.full((n,), self.scratch_block * self.block_size, **long)
         return torch.zeros(n, **long), torch.zeros(n, **long), slots, tables
 
@@ -219,40 +278,52 @@ class CompiledStep:
         return self._fn(*inputs)
 
     def fits(self, batch: Batch) -> bool:
-        return self._fn is not None and batch.tokens_N.shape[0] <= self.buckets[-1]
+        return self._fn is not None and batch.tokens_N.shape[0] <= self.max_tokens
 
     def _inputs(self, batch: Batch):
-        """The batch padded to its bucket: (N, tokens, positions, slots, tables)."""
+        """The batch padded to its bucket (or as it is, past the largest), its tables to at least MIN_BLOCKS:
+        (N, tokens, positions, slots, tables)."""
         N = batch.tokens_N.shape[0]
-        P = bucket_for(N, self.buckets)
-        tokens, positions, slots, tables = self._padding(P)
+        P = bucket_for(N, self.buckets) or N
+        M = max(MIN_BLOCKS, batch.block_tables_BM.shape[1])
+        tokens, positions, slots, tables = self._padding(P, M)
         tokens[:N], positions[:N], slots[:N] = batch.tokens_N, batch.positions_N, batch.slots_N
-        M = batch.block_tables_BM.shape[1]
         # each token's sequence: the run it belongs to, from the runs' ends
         ends = torch.tensor(batch.ends, device=self.device)
         run_N = torch.searchsorted(ends, torch.arange(N, device=self.device), right=True)
-        tables[:N, :M] = batch.block_tables_BM.to(self.device)[run_N]
+        tables[:N, : batch.block_tables_BM.shape[1]] = batch.block_tables_BM.to(self.device)[run_N]
         return N, tokens, positions, slots, tables
+
+    def _rows(self, P: int, logits_at: list[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the graph's rows_L input, where the wanted logits are in its output): in a bucket, every row's
+        logits come out; past the largest, only the wanted ones (at least 2 rows: the graph's smallest L)."""
+        at = torch.tensor(logits_at, dtype=torch.long, device=self.device)
+        if P <= self.buckets[-1]:
+            return None, at
+        rows = at if len(logits_at) >= 2 else torch.cat([at, at.new_zeros(2 - len(logits_at))])
+        return rows, torch.arange(len(logits_at), device=self.device)
 
     def __call__(self, batch: Batch, logits_at: list[int], return_hidden: bool = False):
         """Logits (L, V) at `logits_at` (return_hidden: and the hidden states (N, D) of every token, as
-        runner.forward), or None when the step does not fit a compiled bucket."""
+        runner.forward), or None when the step does not fit a compiled graph."""
         if not self.fits(batch):
             return None
         N, tokens, positions, slots, tables = self._inputs(batch)
-        logits_PV, h_PD = self._run(tokens, positions, slots, tables)
-        logits = logits_PV[torch.tensor(logits_at, dtype=torch.long, device=self.device)]
+        rows, at = self._rows(tokens.shape[0], logits_at)
+        logits_LV, h_PD = self._run(tokens, positions, slots, tables, *([] if rows is None else [rows]))
+        logits = logits_LV[at]
         return (logits, h_PD[:N]) if return_hidden else logits
 
 
 class CompiledMTPStep(CompiledStep):
-    """The MTP modules' step, compiled per depth and bucket like the target's: `__call__(depth, batch, h_prev_ND,
-    logits_at)` gives (h_ND, logits (L, V)), or None when the batch does not fit a bucket (then the engine runs
+    """The MTP modules' step, compiled per depth like the target's: `__call__(depth, batch, h_prev_ND,
+    logits_at)` gives (h_ND, logits (L, V)), or None when the batch does not fit a graph (then the engine runs
     runner.mtp_forward)."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, experts: dict[int, GroupedExperts],
-                 block_size: int, buckets: tuple[int, ...] = BUCKETS, autotune: bool = True):  # fmt: skip
-        super().__init__(model, cache, experts, block_size, buckets, autotune)
+                 block_size: int, buckets: tuple[int, ...] = BUCKETS, autotune: bool = True,
+                 max_tokens: int | None = None):  # fmt: skip
+        super().__init__(model, cache, experts, block_size, buckets, autotune, max_tokens)
         # the main layers' stacks the base class looked up are not this step's: it runs the MTP blocks only
         self.experts = {id(m): experts.get(id(m)) or GroupedExperts(m) for m in model.mtp_moe_layers()}
         self._fns: dict[int, Callable] = {}
@@ -262,27 +333,21 @@ class CompiledMTPStep(CompiledStep):
         return bool(self._fns)
 
     def fits(self, batch: Batch) -> bool:
-        return bool(self._fns) and batch.tokens_N.shape[0] <= self.buckets[-1]
+        return bool(self._fns) and batch.tokens_N.shape[0] <= self.max_tokens
 
     def compile(self) -> float:
         start = time.perf_counter()
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         D = self.model.config.d_model
-        with torch._inductor.config.patch(compile_options(self.device, self.autotune)):
-            for depth in range(1, len(self.model.mtp) + 1):
+        for depth in range(1, len(self.model.mtp) + 1):
 
-                def step(tokens_P, h_prev_PD, positions_P, slots_P, tables_PM, depth=depth):
-                    return static_mtp_forward(self.model, depth, self.cache, self.experts, self.block_size,
-                                              tokens_P, h_prev_PD, positions_P, slots_P, tables_PM)  # fmt: skip
+            def step(tokens_P, h_prev_PD, positions_P, slots_P, tables_PM, rows_L=None, depth=depth):
+                return static_mtp_forward(self.model, depth, self.cache, self.experts, self.block_size,
+                                          tokens_P, h_prev_PD, positions_P, slots_P, tables_PM, rows_L)  # fmt: skip
 
-                self._fns[depth] = torch.compile(step, fullgraph=True, dynamic=False)
-                for n in self.buckets:
-                    tokens, positions, slots, tables = self._padding(n)
-                    with torch.no_grad():
-                        self._fns[depth](tokens, torch.zeros(n, D, device=self.device), positions, slots, tables)
+            self._fns[depth] = self._trace(step, lambda n: (torch.zeros(n, D, device=self.device),))
         self.compile_seconds = time.perf_counter() - start
-        log.info("compiled the MTP step for %d depths in %.1f s", len(self.model.mtp), self.compile_seconds)
+        log.info("compiled the MTP step for %d depths and %s tokens in %.1f s", len(self.model.mtp), self.sizes,
+                 self.compile_seconds)  # fmt: skip
         return self.compile_seconds
 
     @torch.no_grad()
@@ -292,5 +357,6 @@ class CompiledMTPStep(CompiledStep):
         N, tokens, positions, slots, tables = self._inputs(batch)
         h_prev = h_prev_ND.new_zeros(tokens.shape[0], h_prev_ND.shape[1])
         h_prev[:N] = h_prev_ND
-        h_PD, logits_PV = self._fns[depth](tokens, h_prev, positions, slots, tables)
-        return h_PD[:N], logits_PV[torch.tensor(logits_at, dtype=torch.long, device=self.device)]
+        rows, at = self._rows(tokens.shape[0], logits_at)
+        h_PD, logits_LV = self._fns[depth](tokens, h_prev, positions, slots, tables, *([] if rows is None else [rows]))
+        return h_PD[:N], logits_LV[at]

@@ -18,6 +18,7 @@ Shape legend as in inference.runtime.engine.runner.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections import Counter
@@ -36,6 +37,8 @@ from inference.runtime.engine.sampler import SamplingParams, choose, logprobs_of
 from inference.runtime.engine.scheduler import Scheduler, Sequence, SequenceOutput
 from inference.runtime.generate import Generator
 from inference.runtime.speculative import GammaPolicy
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -63,7 +66,12 @@ class EngineConfig:
     model), "none" (plain decoding), or "auto": MTP when the target has modules, else the draft when one is given."""
     adaptive_gamma: bool = True
     compile_sizes: tuple[int, ...] = BUCKETS
-    """Token counts the compiled step is built for (`Engine.compile`); a step of more tokens runs eager."""
+    """Token counts of the compiled step's static graphs (`Engine.compile`): a step runs in the smallest that holds
+    it, padded."""
+    compile_max_tokens: int | None = None
+    """Steps of more tokens than the largest of compile_sizes, up to this many, run one compiled graph of dynamic
+    size (big batches, verification rounds, prompt chunks); default max_step_tokens; the largest of compile_sizes:
+    none (they run eager). Speculative rounds are capped to fit it: max_batch x (gamma + 1) tokens at most."""
     compile_autotune: bool = True
     """Let inductor pick each matmul's kernel by timing them (inference.runtime.engine.compiled.compile_options):
     False compiles a few times faster and decodes slower."""
@@ -74,6 +82,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.compile_sizes or any(n < 1 for n in self.compile_sizes):
             raise ValueError(f"compile_sizes must be token counts >= 1, got {self.compile_sizes}")
+        if self.compile_max_tokens is not None and self.compile_max_tokens < 1:
+            raise ValueError(f"compile_max_tokens must be >= 1, got {self.compile_max_tokens}")
         if self.kv_blocks is not None and self.kv_blocks < 1:
             raise ValueError(f"kv_blocks must be >= 1, got {self.kv_blocks}")
         if self.proposer not in PROPOSERS:
@@ -202,12 +212,20 @@ class Engine:
                                           mc.head_dim, "fp32", target.model.embed.weight.dtype)  # fmt: skip
             self.mtp_experts = _grouped_experts(target.model.mtp_moe_layers())
         sizes = tuple(sorted(set(config.compile_sizes)))
-        self.steps = [CompiledStep(g.model, cache, experts, config.block_size, sizes, config.compile_autotune)
+        largest = max(sizes[-1], config.compile_max_tokens or config.max_step_tokens)
+        if self.proposer != "none":  # a whole round of the full batch fits a compiled graph
+            fitting = max(1, min(largest, config.max_step_tokens) // config.max_batch - 1)
+            if fitting < self.gamma:
+                log.info("gamma %d -> %d: a round of %d requests must fit %d tokens", self.gamma, fitting,
+                         config.max_batch, min(largest, config.max_step_tokens))  # fmt: skip
+                self.gamma = fitting
+        compiled = dict(buckets=sizes, autotune=config.compile_autotune, max_tokens=largest)
+        self.steps = [CompiledStep(g.model, cache, experts, config.block_size, **compiled)
                       for g, cache, experts in zip((target, draft), self.caches, self.experts)]  # fmt: skip
-        """Per model, its compiled step for few-token batches; idle (the eager forward) until `compile`."""
+        """Per model, its compiled step; idle (the eager forward) until `compile`."""
         if self.proposer == "mtp":
             self.steps.append(CompiledMTPStep(target.model, self.mtp_cache, {**self.experts[0], **self.mtp_experts},
-                                              config.block_size, sizes, config.compile_autotune))  # fmt: skip
+                                              config.block_size, **compiled))  # fmt: skip
         speculative = self.proposer != "none"
         self.policy = GammaPolicy(self.gamma) if speculative and config.adaptive_gamma else None
         self.stats = EngineStats()

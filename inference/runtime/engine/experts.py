@@ -1,20 +1,31 @@
-"""A MoE layer's routed experts computed grouped, for the engine's steps: a fixed set of large matrix
-products instead of a Python loop over whichever experts the step's tokens chose.
+"""A MoE layer's routed experts computed grouped, for the engine's steps: a fixed set of products instead of a
+Python loop over whichever experts the step's tokens chose. Two modes, both of static shape (so that a compiled
+graph, inference.runtime.engine.compiled, never changes), chosen per step size by `use_sparse`:
 
-With E experts of width F over model width D, a token's output is sum_e w_e W2_e (silu(W1_e x) * W3_e x),
-w_e its gating weight (0 for experts it did not choose). Stacking the experts' rows,
+- sparse: only the chosen experts' weights are read. Each of the N K (token, slot) assignments gathers its
+  expert's matrices from an (E, out, in) stack and takes one matrix-vector product (`gathered_matvec`), so a step
+  of one token reads K of the E experts, and a step of N tokens the union of theirs (an expert chosen twice is
+  read from memory once and from cache after). Written as a multiply-and-reduce over the gathered stack, which
+  inductor fuses into one loop that loads the chosen rows where they lie (and dequantizes INT8 or INT4 as it
+  loads), with no gathered copy. llama.cpp's `mul_mat_id` does the same for a decoding step.
+- dense: every expert for every token, as below. Cheaper once the assignments reach the experts' count
+  (N K >= E), where the union is (nearly) every expert anyway and large products beat many small ones.
+
+The dense mode. With E experts of width F over model width D, a token's output is
+sum_e w_e W2_e (silu(W1_e x) * W3_e x), w_e its gating weight (0 for experts it did not choose). Stacking the experts' rows,
 W13 = [W1_1; ..; W1_E; W3_1; ..; W3_E] (2 E F, D), gives every expert's hidden units in one product, and
 W2cat = [W2_1 .. W2_E] (D, E F) sums the experts' outputs in one more: out = W2cat (w * h). Every token
 pays for all E experts (E / top_k times the FLOPs of its own), which at a decoding step's few tokens is
-cheaper than dispatching up to 3 E small products and the gathers around them; long prompt chunks keep the
-per-expert loop (model.transformer.MoE), where FLOPs dominate.
+cheaper than dispatching up to 3 E small products and the gathers around them; long prompt chunks of the eager
+path keep the per-expert loop (model.transformer.MoE), where FLOPs dominate.
 
 INT8 experts stack the same way: each row keeps its own scale, so W13's products are exactly the
 per-expert ones. W2's rows would mix experts, and an INT8 row has one scale per output, so INT8 W2 stays one
 product per expert (E of them, over all tokens, still without gathers), and its gating weight multiplies
-the product's output, as in the per-expert loop. INT4 experts keep the loop: torch's packed CPU layout
-depends on the whole matrix, so packed experts cannot be stacked without their unpacked weights. So do
-AWQ-scaled experts whose input scales differ.
+the product's output, as in the per-expert loop. INT4 experts keep the loop in the dense mode: torch's packed
+CPU layout depends on the whole matrix, so packed experts cannot be stacked as they are. So do AWQ-scaled experts
+whose input scales differ. The sparse mode takes every format: its INT4 stacks are the values read back from
+the packed layout (`unpack_int4`), two per byte.
 
 Shape legend: N tokens, D model width, E experts, F expert width, K experts per token.
 """
@@ -24,8 +35,76 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.runtime.quantize import Int8Linear
+from inference.runtime.quantize import Int4Linear, Int8Linear
+from kernels import native
 from model.transformer import MoE
+
+
+def use_sparse(tokens: int, moe: MoE) -> bool:
+    """Whether a step of `tokens` tokens computes this layer's experts sparse: while its assignments (tokens x
+    top_k) are fewer than the routed experts."""
+    return tokens * moe.config.top_k < moe.config.n_routed_experts
+
+
+class ExpertStack(torch.nn.Module):
+    """One role (w1, w3 or w2) of every routed expert, stacked (E, out, in), in the experts' own format:
+    - fp32/bf16: `w` (E, O, I);
+    - INT8 (inference.runtime.quantize.Int8Linear): `q` int8 (E, O, I) and `scale` (E, O);
+    - INT4 (Int4Linear): `q` uint8 (E, O, I / 2), two values per byte, the even input in the low nibble, and
+      `scale`, `zero` (E, O, I / group), the layer's own bf16 values: w = (q - 8) scale + zero;
+    and `input_scale` (E, I) when the experts were AWQ-scaled (x is multiplied by it first)."""
+
+    def __init__(self, layers: list | torch.Tensor):
+        """`layers`: the experts' quantized layers, in order, or their float weights already stacked (E, O, I),
+        which are then used as they are, without a copy."""
+        super().__init__()
+        first = layers[0]
+        self.kind = "int8" if isinstance(first, Int8Linear) else "int4" if isinstance(first, Int4Linear) else "float"
+        for name in ("w", "q", "scale", "zero", "input_scale"):
+            self.register_buffer(name, None, persistent=False)
+        if self.kind == "float":
+            self.w = layers.detach()
+            return
+        if self.kind == "int8":
+            self.q = torch.stack([m.q[:, : m.in_features] for m in layers]).contiguous()
+            self.scale = torch.stack([m.scale.float() for m in layers])
+        else:
+            self.group_size = first.group_size
+            q = torch.stack([unpack_int4(m) for m in layers])  # (E, O, I) values 0..15
+            self.q = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+            self.scale = torch.stack([m.scales_and_zeros[..., 0].t().float() for m in layers]).contiguous()
+            self.zero = torch.stack([m.scales_and_zeros[..., 1].t().float() for m in layers]).contiguous()
+        scales = [m.input_scale for m in layers]
+        if any(s is not None for s in scales):
+            ones = torch.ones(first.in_features)
+            self.input_scale = torch.stack([ones if s is None else s.float() for s in scales])
+
+    def gathered_matvec(self, e_A: torch.Tensor, x_AI: torch.Tensor) -> torch.Tensor:
+        """(A, O): assignment a's input times the matrix of expert e_A[a]."""
+        x = x_AI.float()
+        if self.input_scale is not None:
+            x = x * self.input_scale[e_A]
+        if self.kind == "float":
+            return (x[:, None, :] * self.w[e_A].float()).sum(-1).to(x_AI.dtype)
+        if self.kind == "int8":
+            return ((x[:, None, :] * self.q[e_A].float()).sum(-1) * self.scale[e_A]).to(x_AI.dtype)
+        A, (E, O, half), g = x.shape[0], self.q.shape, self.group_size
+        G = 2 * half // g
+        x_AGH2 = x.view(A, 1, G, g // 2, 2)
+        q = self.q[e_A].view(A, O, G, g // 2)
+        s, z = self.scale[e_A][..., None], self.zero[e_A][..., None]
+        w_lo, w_hi = ((q & 15).float() - 8) * s + z, ((q >> 4).float() - 8) * s + z
+        return (w_lo * x_AGH2[..., 0] + w_hi * x_AGH2[..., 1]).sum((-1, -2)).to(x_AI.dtype)
+
+
+def unpack_int4(layer: Int4Linear) -> torch.Tensor:
+    """The INT4 values 0..15 (out, in) of a layer, read back exactly through its own kernel: an identity input
+    with scale 1 and zero 0 gives q - 8, which bf16 holds exactly (whatever torch's packed layout is)."""
+    K = layer.in_features
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    unit = torch.stack([torch.ones_like(layer.scales_and_zeros[..., 0]), torch.zeros_like(layer.scales_and_zeros[..., 1])], -1)
+    q_KN = native.int4_mm(eye, layer.packed, layer.group_size, native.owned(unit.contiguous()))
+    return (q_KN.float().round() + 8).t().to(torch.uint8)
 
 
 def _stack_rows(layers: list) -> torch.nn.Module | None:
@@ -58,6 +137,11 @@ class GroupedExperts(torch.nn.Module):
         self.E, self.F = E, F_
         self.w13_layer = self.w2_experts = None
         if moe.quantized is None:
+            self.stacks = torch.nn.ModuleList(ExpertStack(w) for w in (moe.w1_EFD, moe.w3_EFD, moe.w2_EDF))
+        else:
+            self.stacks = torch.nn.ModuleList(ExpertStack(list(layers)) for layers in zip(*moe.quantized))
+        """w1, w3, w2 of every expert, for the sparse mode."""
+        if moe.quantized is None:
             with torch.no_grad():
                 w13 = torch.cat([moe.w1_EFD.reshape(E * F_, D), moe.w3_EFD.reshape(E * F_, D)]).contiguous()
                 self.register_buffer("w13", w13, persistent=False)
@@ -78,6 +162,24 @@ class GroupedExperts(torch.nn.Module):
         routing = self.moe.router(x_ND)
         weight_NE = torch.zeros(x_ND.shape[0], self.E, dtype=x_ND.dtype, device=x_ND.device)
         return weight_NE.scatter_add_(1, routing.expert_NK, (routing.weight_NK * routing.used_NK).to(x_ND.dtype))
+
+    def sparse(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The layer's output reading only the chosen experts' weights (module docstring), in any format."""
+        N, D = x_ND.shape
+        routing = self.moe.router(x_ND)
+        K = routing.expert_NK.shape[1]
+        e_A = routing.expert_NK.reshape(N * K)
+        x_AD = x_ND[:, None, :].expand(N, K, D).reshape(N * K, D)
+        w1, w3, w2 = self.stacks
+        h_AF = F.silu(w1.gathered_matvec(e_A, x_AD)) * w3.gathered_matvec(e_A, x_AD)
+        y_AD = w2.gathered_matvec(e_A, h_AF)
+        gate_NK = (routing.weight_NK * routing.used_NK).to(y_AD.dtype)
+        out_ND = (y_AD.view(N, K, D) * gate_NK[..., None]).sum(1)
+        return out_ND + self.moe.shared(x_ND) if self.moe.shared is not None else out_ND
+
+    def for_step(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The compiled step's choice for a step of this many tokens (`use_sparse`): sparse or dense."""
+        return self.sparse(x_ND) if use_sparse(x_ND.shape[0], self.moe) else self.dense(x_ND)
 
     def dense(self, x_ND: torch.Tensor) -> torch.Tensor:
         """The layer's output with every expert computed for every token, whatever the experts' format: the

@@ -444,11 +444,18 @@ def main(argv: list[str] | None = None) -> None:
         "--compile-sizes",
         type=_sizes,
         default=",".join(map(str, BUCKETS)),
-        help="token counts the compiled step is built for, comma-separated (default: %(default)s)",
+        help="token counts of the compiled step's static graphs, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile-max-tokens",
+        type=int,
+        default=None,
+        help="steps past the largest compile size, up to this many tokens, run one compiled graph of dynamic size "
+        "(default: --max-step-tokens; the largest compile size: none, they run eager)",
     )
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
     args = parser.parse_args(argv)
-    for name in ("max_batch", "max_queue", "max_step_tokens", "block_size", "kv_blocks"):
+    for name in ("max_batch", "max_queue", "max_step_tokens", "block_size", "kv_blocks", "compile_max_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -467,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, max_step_tokens=args.max_step_tokens,
         block_size=args.block_size, kv_blocks=args.kv_blocks, prefix_caching=not args.no_prefix_caching,
-        compile_sizes=args.compile_sizes, compile_autotune=not args.fast_compile, proposer=args.proposer,
+        compile_sizes=args.compile_sizes, compile_max_tokens=args.compile_max_tokens,
+        compile_autotune=not args.fast_compile, proposer=args.proposer,
     )  # fmt: skip
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -480,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     host, port = sock.getsockname()[:2]
     try:  # the engine verifies and loads the package in a process of its own
         if not args.no_compile:
-            print(f"compiling the decode step for {len(args.compile_sizes)} batch sizes (--no-compile skips it)",
+            print(f"compiling the step for {len(args.compile_sizes)} batch sizes and the larger steps (--no-compile "
+                  "skips it; inductor's cache keeps what it can for the next start)",
                   file=sys.stderr, flush=True)  # fmt: skip
         engine = EngineProcess(package_dir, args.kv_cache, config, not args.no_speculative, args.threads,
                                compile=not args.no_compile)  # fmt: skip

@@ -4,8 +4,9 @@ on the same cache, for fp32, INT8 and INT4 weights and the fp32, INT8 and INT8-p
 decoding through two compiled models; and, for the INT8 weights (torch's native kernels), the same under every
 ATEN_CPU_CAPABILITY this machine runs, each in a subprocess, so that a crash fails the test.
 
-A compile takes tens of seconds on 2 cores, so every engine here compiles one bucket of 4 tokens (it serves
-batches of 1 to 4 tokens through padding; longer prompt chunks run eager beside it), without inductor's
+A compile takes tens of seconds on 2 cores, so every engine here compiles buckets of 1 and 4 tokens (it serves
+batches of 2 to 4 tokens through padding; at 1 token the MoE layer reads its chosen experts only) and the graph of
+dynamic size for steps of 5 to max_step_tokens (24) tokens (longer prompt chunks run eager), without inductor's
 autotuning, which changes which GEMM kernel runs, not the graph (bench/peers.py runs the autotuned graphs
 and checks their fp32 tokens against eager ones)."""
 
@@ -29,7 +30,7 @@ from tests.inference.runtime.test_speculative import models
 
 pytestmark = pytest.mark.slow  # torch.compile of every bucket
 
-SIZES = (4,)
+SIZES = (1, 4)
 
 
 def target_in(weights: str, kv_cache: str):
@@ -60,19 +61,49 @@ def test_compiled_steps_give_the_eager_tokens_and_logits(weights, kv_cache):
     want, got = staggered(eager, requests), staggered(compiled, requests)
     assert got.tokens == want.tokens and set(got.finish.values()) == {"length"}
 
-    # logits on one cache state: three sequences of one, two and one new tokens (a padded bucket of 4)
+    # logits on one cache state, from each graph: one token (bucket 1: the experts sparse), three sequences of one,
+    # two and one new tokens (a padded bucket of 4: dense), and seven (the graph of dynamic size)
     engine = compiled
     tables = [[1, 2], [3, 4], [5]]
     prefix = runner.Batch.pack([Run(list(range(5, 12)), 0, tables[0]), Run(list(range(20, 25)), 0, tables[1])], 4)
     runner.forward(target, prefix, engine.caches[0], [], engine.experts[0])
-    batch = Batch.pack([Run([7], 7, tables[0]), Run([9, 11], 5, tables[1]), Run([3], 0, tables[2])], 4)
-    logits_at = [0, 1, 2, 3]
-    fast = engine.steps[0](batch, logits_at)
-    ref = runner.forward(target, batch, engine.caches[0], logits_at, engine.experts[0])
     tolerance = 1e-4 if weights == "fp32" else 2e-2  # bf16 activations in the quantized kernels
-    torch.testing.assert_close(fast, ref, rtol=tolerance, atol=tolerance * ref.abs().max().item())
-    assert torch.equal(fast.argmax(-1), ref.argmax(-1))
-    assert engine.steps[0](Batch.pack([Run([1] * 5, 0, [6, 7])], 4), [4]) is None  # 5 tokens: eager
+    for runs in (
+        [Run([7], 7, tables[0])],
+        [Run([7], 7, tables[0]), Run([9, 11], 5, tables[1]), Run([3], 0, tables[2])],
+        [Run([7], 7, tables[0]), Run([9, 11, 2], 5, tables[1]), Run([3, 4, 5], 0, tables[2])],
+    ):
+        batch = Batch.pack(runs, 4)
+        logits_at = list(range(batch.ends[-1]))
+        fast = engine.steps[0](batch, logits_at)
+        ref = runner.forward(target, batch, engine.caches[0], logits_at, engine.experts[0])
+        torch.testing.assert_close(fast, ref, rtol=tolerance, atol=tolerance * ref.abs().max().item())
+        assert torch.equal(fast.argmax(-1), ref.argmax(-1))
+        assert torch.equal(engine.steps[0](batch, logits_at[-1:]), fast[-1:])  # only the wanted rows
+    assert engine.steps[0](Batch.pack([Run([1] * 25, 0, [6, 7, 8, 9, 10, 11, 12])], 4), [24]) is None  # > 24: eager
+    if weights == "fp32":
+        sampled_tokens_follow_the_eager_distribution(target, compiled)
+
+
+def sampled_tokens_follow_the_eager_distribution(target, engine: Engine, n: int = 900) -> None:
+    """Tokens sampled through the compiled graphs (top 6, temperature 1) against the eager model's distribution at
+    the same position: a chi-square test over the 6 tokens (5 degrees of freedom; 20.5 is its 0.1% point)."""
+    from collections import Counter
+
+    from inference.runtime.generate import probabilities
+
+    prompt, params = [11, 12, 13], SamplingParams(max_new_tokens=1, temperature=1.0, top_k=6)
+    with torch.no_grad():
+        p_V = probabilities(target(torch.tensor([prompt]))[0, -1:], params)[0]
+    counts = Counter()
+    for start in range(0, n, 60):
+        for i in range(start, start + 60):
+            engine.add(f"s{i}", prompt, params, lambda out: counts.update(out.token_ids))
+        engine.run_until_done()
+    assert sum(counts.values()) == n and set(counts) <= set(p_V.nonzero().flatten().tolist())
+    expected = {t: n * p_V[t].item() for t in p_V.nonzero().flatten().tolist()}
+    chi2 = sum((counts[t] - e) ** 2 / e for t, e in expected.items())
+    assert chi2 < 20.5, (counts, expected)
 
 
 def test_speculative_decoding_through_two_compiled_models_is_lossless():
