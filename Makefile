@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo demo-full test test-fast lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-mtp bench-ablation bench-inference bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
+.PHONY: install demo demo-full test test-fast lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-mtp bench-ablation bench-inference bench-step bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -105,6 +105,11 @@ bench-ablation: install
 # measures the models `make demo` trains (data/moe_model, data/draft_model)
 bench-inference: install
 	$(BIN)/python bench/inference.py
+
+# where one decoding step's time goes (graph, host packing, sampling, IPC, server) at batches 1/4/16/64, dense and
+# MoE: about 4 minutes; needs make demo's models
+bench-step: install
+	$(BIN)/python bench/step_profile.py
 
 # llama.cpp (llama-cpp-python 0.3.36, built for this CPU's instruction sets once: about 10 minutes on 2 cores,
 # cached under ~/.cache/frugal) for bench-peers and the GGUF parity test

@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--dense-run", type=Path, default=ROOT / "data" / "dense_baseline_model")
     parser.add_argument("--moe-run", type=Path, default=ROOT / "data" / "moe_model")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--autotune", action="store_true", help="inductor's GEMM autotuning (slower to compile)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step_profile.json")

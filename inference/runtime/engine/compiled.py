@@ -28,8 +28,11 @@ The eager packed forward (inference.runtime.engine.runner) is the reference this
 tokens, close logits, for fp32, INT8 and INT4 weights and for the fp32, INT8 and INT8-per-channel caches), and
 what runs before `compile()` or with `--no-compile`.
 
-Compiling happens at start-up only, logged with its time. Inductor's caches (FX graphs and generated code, under
-`cache_dir()`) keep the results across restarts of the same model and settings.
+Compiling happens at start-up only, logged with its time. Inductor's FX graph cache keeps the compiled graphs
+across restarts of the same model and settings (in TORCHINDUCTOR_CACHE_DIR, by default
+/tmp/torchinductor_<user>): a restart compiles in about half the time (dynamo still traces). It takes graphs
+whose weights are plain tensors only, so the step turns off inductor's mkldnn weight prepacking, which makes
+opaque tensors (measured: no slower per step on the 2-core machine; BENCHMARKS.md).
 
 Shape legend as in inference.runtime.engine.runner; P padded tokens (a bucket), R query heads per kv head,
 L rows whose logits are wanted.
@@ -39,10 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -83,8 +84,10 @@ def _attend(q_PHDh, cache: PagedKVCache, layer: int, slot_PS, allowed_PS, G: int
     return out_PGRDh.reshape(P, H * Dh).to(q_PHDh.dtype)
 
 
-def _static_layer(block, x_PD, cache: PagedKVCache, layer: int, slots_P, slot_PS, allowed_PS, cos, sin, experts):
-    """One transformer block over P tokens (layer `layer` of `cache`)."""
+def _static_layer(block, x_PD, cache: PagedKVCache, layer: int, slots_P, slot_PS, allowed_PS, cos, sin, experts,
+                  long: bool = False):  # fmt: skip
+    """One transformer block over P tokens (layer `layer` of `cache`); long: P is symbolic (the graph past the
+    buckets)."""
     attn = block.attn
     P, H, G, Dh = x_PD.shape[0], attn.n_heads, attn.n_kv, attn.head_dim
     h_PD = block.attn_norm(x_PD)
@@ -94,7 +97,7 @@ def _static_layer(block, x_PD, cache: PagedKVCache, layer: int, slots_P, slot_PS
     x_PD = x_PD + attn.wo(_attend(q_PHDh, cache, layer, slot_PS, allowed_PS, G))
     h_PD = block.ffn_norm(x_PD)
     dense = isinstance(block.ffn, SwiGLU)
-    return x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].for_step(h_PD))
+    return x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].for_step(h_PD, long))
 
 
 def _slots_and_mask(positions_P, tables_PM, block_size: int):
@@ -124,7 +127,7 @@ def static_forward(
     cos = model.rope_cos[positions_P][:, None, :]
     sin = model.rope_sin[positions_P][:, None, :]
     for i, block in enumerate(model.layers):
-        x_PD = _static_layer(block, x_PD, cache, i, slots_P, slot_PS, allowed_PS, cos, sin, experts)
+        x_PD = _static_layer(block, x_PD, cache, i, slots_P, slot_PS, allowed_PS, cos, sin, experts, rows_L is not None)
     h_PD = model.norm(x_PD)
     return model.lm_head(h_PD if rows_L is None else h_PD[rows_L]).float(), h_PD
 
@@ -149,14 +152,15 @@ def static_mtp_forward(
     x_PD = module.combine(h_prev_PD, model.embed(tokens_P))
     cos = model.rope_cos[positions_P][:, None, :]
     sin = model.rope_sin[positions_P][:, None, :]
-    x_PD = _static_layer(module.block, x_PD, cache, depth - 1, slots_P, slot_PS, allowed_PS, cos, sin, experts)
+    x_PD = _static_layer(module.block, x_PD, cache, depth - 1, slots_P, slot_PS, allowed_PS, cos, sin, experts,
+                         rows_L is not None)  # fmt: skip
     return x_PD, model.lm_head(module.norm(x_PD if rows_L is None else x_PD[rows_L])).float()
 
 
 def compile_options(device: torch.device, autotune: bool = True) -> dict:
     """Inductor's settings for the step:
-    - freezing: the weights are constants of the graph, folded and pre-packed for the GEMM kernels;
-    - on a CPU, max_autotune with inductor's C++ GEMM template beside aten's: at one to a few rows, the
+    - freezing: the weights are constants of the graph, folded in (not mkldnn-prepacked: see the module docstring);
+    - on a CPU, vectors as wide as ATEN_CPU_CAPABILITY allows; max_autotune with inductor's C++ GEMM template beside aten's: at one to a few rows, the
       template reads weights at about twice aten's rate (measured on the 2-core machine: BENCHMARKS.md);
       cpp_wrapper: the graph's launcher is C++ too, so a step makes one call from Python, not one per kernel;
     - on CUDA, CUDA graphs: one launch per step.
@@ -166,6 +170,15 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
         options["triton.cudagraphs"] = True
     else:
         options["cpp_wrapper"] = True
+        options["cpp.weight_prepack"] = False  # mkldnn-packed weights keep a graph out of inductor's cache
+        # the vector width of the kernels torch itself runs (ATEN_CPU_CAPABILITY), written into the options so that
+        # it is part of the cache's key: a graph cached under AVX-512 is never reused, as source, under AVX2 or
+        # without vectors (measured: its C++ then fails to compile)
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability == "DEFAULT":
+            options["cpp.vec_isa_ok"] = False
+        elif capability in ("AVX2", "AVX512"):
+            options["cpp.simdlen"] = 256 if capability == "AVX2" else 512
         if autotune:
             options.update(
                 max_autotune=True,
@@ -174,12 +187,6 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
                 max_autotune_report_choices_stats=False,
             )
     return options
-
-
-def cache_dir() -> str:
-    """Where inductor keeps compiled graphs across restarts: TORCHINDUCTOR_CACHE_DIR when set, else
-    ~/.cache/frugal/inductor (inductor's own default is under /tmp, which many machines clear at boot)."""
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(Path.home() / ".cache" / "frugal" / "inductor")
 
 
 MIN_BLOCKS = 2
@@ -233,7 +240,6 @@ class CompiledStep:
         """`fn` compiled for every bucket and for the dynamic size: each traced once here, on padding inputs
         (writing the scratch block only), with the table width dynamic. `extra(n)`: further inputs of n tokens
         that go before the positions (the MTP step's hidden states)."""
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir())
         dynamo = torch._dynamo.config
         # dynamo keeps one graph per size and per step under the one code object of `fn`: its default limit of
         # 8 is a target and a draft at 4 buckets each

@@ -5,11 +5,13 @@ graph, inference.runtime.engine.compiled, never changes), chosen per step size b
 - sparse: only the chosen experts' weights are read. Each of the N K (token, slot) assignments gathers its
   expert's matrices from an (E, out, in) stack and takes one matrix-vector product (`gathered_matvec`), so a step
   of one token reads K of the E experts, and a step of N tokens the union of theirs (an expert chosen twice is
-  read from memory once and from cache after). Written as a multiply-and-reduce over the gathered stack, which
-  inductor fuses into one loop that loads the chosen rows where they lie (and dequantizes INT8 or INT4 as it
-  loads), with no gathered copy. llama.cpp's `mul_mat_id` does the same for a decoding step.
-- dense: every expert for every token, as below. Cheaper once the assignments reach the experts' count
-  (N K >= E), where the union is (nearly) every expert anyway and large products beat many small ones.
+  read from memory once and from cache after). Float and INT8 stacks: a multiply-and-reduce over the gathered
+  stack, which inductor fuses into one loop that loads the chosen rows where they lie (and dequantizes INT8 as it
+  loads), with no gathered copy. INT4 experts are read as bytes, one value each (nibble unpacking in the graph
+  ran several times slower than the bytes it saves), still E / top_k fewer than the dense mode. llama.cpp's `mul_mat_id` does the same for a decoding step.
+- dense: every expert for every token, as below: E / top_k times the work, in a few large products. The compiled
+  step uses it only for INT4 experts once the assignments reach the experts' count (N K >= E), where one kernel
+  call per expert beats one per assignment.
 
 The dense mode. With E experts of width F over model width D, a token's output is
 sum_e w_e W2_e (silu(W1_e x) * W3_e x), w_e its gating weight (0 for experts it did not choose). Stacking the experts' rows,
@@ -24,8 +26,7 @@ per-expert ones. W2's rows would mix experts, and an INT8 row has one scale per 
 product per expert (E of them, over all tokens, still without gathers), and its gating weight multiplies
 the product's output, as in the per-expert loop. INT4 experts keep the loop in the dense mode: torch's packed
 CPU layout depends on the whole matrix, so packed experts cannot be stacked as they are. So do AWQ-scaled experts
-whose input scales differ. The sparse mode takes every format: its INT4 stacks are the values read back from
-the packed layout (`unpack_int4`), two per byte.
+whose input scales differ. The sparse mode takes every format.
 
 Shape legend: N tokens, D model width, E experts, F expert width, K experts per token.
 """
@@ -40,18 +41,28 @@ from kernels import native
 from model.transformer import MoE
 
 
+SPARSE_INT4_MAX_ASSIGNMENTS_PER_EXPERT = 4
+"""INT4 experts run sparse up to this many (token, expert) assignments per expert (see use_sparse)."""
+
+
 def use_sparse(tokens: int, moe: MoE) -> bool:
-    """Whether a step of `tokens` tokens computes this layer's experts sparse: while its assignments (tokens x
-    top_k) are fewer than the routed experts."""
-    return tokens * moe.config.top_k < moe.config.n_routed_experts
+    """Whether a compiled step of `tokens` tokens computes this layer's experts sparse. Float and INT8: always,
+    since a gathered product per assignment does top_k / E of the dense mode's work. INT4, whose sparse mode reads
+    bytes where the dense one reads nibbles: up to SPARSE_INT4_MAX_ASSIGNMENTS_PER_EXPERT x E assignments. Measured
+    on the demo MoE, 2 cores (bench/experts_modes.py): sparse 1.7-2.1x faster than dense from 1 to 64 tokens in fp32
+    and INT8; in INT4 2.2x at 1 token, 1.3x at 16, 0.9x at 64."""
+    if moe.quantized is not None and isinstance(moe.quantized[0][0], Int4Linear):
+        return tokens * moe.config.top_k <= SPARSE_INT4_MAX_ASSIGNMENTS_PER_EXPERT * moe.config.n_routed_experts
+    return True
 
 
 class ExpertStack(torch.nn.Module):
     """One role (w1, w3 or w2) of every routed expert, stacked (E, out, in), in the experts' own format:
     - fp32/bf16: `w` (E, O, I);
     - INT8 (inference.runtime.quantize.Int8Linear): `q` int8 (E, O, I) and `scale` (E, O);
-    - INT4 (Int4Linear): `q` uint8 (E, O, I / 2), two values per byte, the even input in the low nibble, and
-      `scale`, `zero` (E, O, I / group), the layer's own bf16 values: w = (q - 8) scale + zero;
+    - INT4 (Int4Linear): `q` int8 (E, O, I), the values q - 8 (-8..7) held one per byte, read back from the
+      packed layout (`unpack_int4`), and `scale`, `zero` (E, O, I / group), the layers' own bf16 values:
+      w = (q - 8) scale + zero;
     and `input_scale` (E, I) when the experts were AWQ-scaled (x is multiplied by it first)."""
 
     def __init__(self, layers: list | torch.Tensor):
@@ -68,10 +79,9 @@ class ExpertStack(torch.nn.Module):
         if self.kind == "int8":
             self.q = torch.stack([m.q[:, : m.in_features] for m in layers]).contiguous()
             self.scale = torch.stack([m.scale.float() for m in layers])
-        else:
+        else:  # the INT4 values as bytes, q - 8 in -8..7, beside the layers' own bf16 group scales and zeros
             self.group_size = first.group_size
-            q = torch.stack([unpack_int4(m) for m in layers])  # (E, O, I) values 0..15
-            self.q = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+            self.q = torch.stack([unpack_int4(m).to(torch.int8) - 8 for m in layers]).contiguous()
             self.scale = torch.stack([m.scales_and_zeros[..., 0].t().float() for m in layers]).contiguous()
             self.zero = torch.stack([m.scales_and_zeros[..., 1].t().float() for m in layers]).contiguous()
         scales = [m.input_scale for m in layers]
@@ -88,22 +98,19 @@ class ExpertStack(torch.nn.Module):
             return (x[:, None, :] * self.w[e_A].float()).sum(-1).to(x_AI.dtype)
         if self.kind == "int8":
             return ((x[:, None, :] * self.q[e_A].float()).sum(-1) * self.scale[e_A]).to(x_AI.dtype)
-        A, (E, O, half), g = x.shape[0], self.q.shape, self.group_size
-        G = 2 * half // g
-        x_AGH2 = x.view(A, 1, G, g // 2, 2)
-        q = self.q[e_A].view(A, O, G, g // 2)
-        s, z = self.scale[e_A][..., None], self.zero[e_A][..., None]
-        w_lo, w_hi = ((q & 15).float() - 8) * s + z, ((q >> 4).float() - 8) * s + z
-        return (w_lo * x_AGH2[..., 0] + w_hi * x_AGH2[..., 1]).sum((-1, -2)).to(x_AI.dtype)
+        # INT4, per group g of inputs: sum_k x_k w_k = scale_g sum_k x_k (q_k - 8) + zero_g sum_k x_k
+        A, (E, O, I), g = x.shape[0], self.q.shape, self.group_size
+        x_A1Gg = x.view(A, 1, I // g, g)
+        dot_AOG = (x_A1Gg * self.q[e_A].view(A, O, I // g, g).float()).sum(-1)
+        return (dot_AOG * self.scale[e_A] + self.zero[e_A] * x_A1Gg.sum(-1)).sum(-1).to(x_AI.dtype)
 
 
 def unpack_int4(layer: Int4Linear) -> torch.Tensor:
     """The INT4 values 0..15 (out, in) of a layer, read back exactly through its own kernel: an identity input
     with scale 1 and zero 0 gives q - 8, which bf16 holds exactly (whatever torch's packed layout is)."""
-    K = layer.in_features
-    eye = torch.eye(K, dtype=torch.bfloat16)
-    unit = torch.stack([torch.ones_like(layer.scales_and_zeros[..., 0]), torch.zeros_like(layer.scales_and_zeros[..., 1])], -1)
-    q_KN = native.int4_mm(eye, layer.packed, layer.group_size, native.owned(unit.contiguous()))
+    sz = layer.scales_and_zeros
+    unit = native.owned(torch.stack([torch.ones_like(sz[..., 0]), torch.zeros_like(sz[..., 1])], -1))
+    q_KN = native.int4_mm(torch.eye(layer.in_features, dtype=torch.bfloat16), layer.packed, layer.group_size, unit)
     return (q_KN.float().round() + 8).t().to(torch.uint8)
 
 
@@ -177,9 +184,12 @@ class GroupedExperts(torch.nn.Module):
         out_ND = (y_AD.view(N, K, D) * gate_NK[..., None]).sum(1)
         return out_ND + self.moe.shared(x_ND) if self.moe.shared is not None else out_ND
 
-    def for_step(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """The compiled step's choice for a step of this many tokens (`use_sparse`): sparse or dense."""
-        return self.sparse(x_ND) if use_sparse(x_ND.shape[0], self.moe) else self.dense(x_ND)
+    def for_step(self, x_ND: torch.Tensor, long: bool = False) -> torch.Tensor:
+        """The compiled step's choice for a step of this many tokens (`use_sparse`): sparse or dense. long: the
+        graph of dynamic size, past the buckets, whose token count is symbolic: it asks `use_sparse` about its
+        largest steps (a guard on the count would split the graph)."""
+        tokens = x_ND.shape[0] if not long else 1 << 30
+        return self.sparse(x_ND) if use_sparse(tokens, self.moe) else self.dense(x_ND)
 
     def dense(self, x_ND: torch.Tensor) -> torch.Tensor:
         """The layer's output with every expert computed for every token, whatever the experts' format: the

@@ -71,16 +71,9 @@ def test_sparse_experts_match_the_loop(scheme, n_tokens):
         assert torch.allclose(got, want, atol=atol, rtol=1e-3), (got - want).abs().max()
 
 
-def test_int4_values_read_back_exactly():
-    from inference.runtime.engine.experts import unpack_int4
-    from inference.runtime.quantize import Int4Linear, quantize_int4
-
-    w = quantize_int4(torch.randn(48, 64), group_size=32)
-    assert torch.equal(unpack_int4(Int4Linear(w)), w.q_NK)
-
-
-def test_sparse_mode_is_chosen_while_assignments_are_fewer_than_experts():
+def test_sparse_mode_is_chosen_always_for_float_and_int8_and_for_int4_up_to_a_bound():
     from inference.runtime.engine.experts import use_sparse
 
-    moe = moe_layer("fp32")  # 4 experts, top 2
-    assert use_sparse(1, moe) and not use_sparse(2, moe) and not use_sparse(16, moe)
+    assert all(use_sparse(n, moe_layer(scheme)) for n in (1, 2, 64) for scheme in ("fp32", "int8"))
+    moe = moe_layer("int4")  # 4 experts, top 2: sparse up to 16 assignments
+    assert use_sparse(1, moe) and use_sparse(8, moe) and not use_sparse(9, moe)
