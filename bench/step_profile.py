@@ -21,6 +21,11 @@ re-implemented):
   detokenization and the stop-string check, `Serving._push`) and one SSE chunk serialized as the server does.
 
 ms per token = (step + IPC + server) / B. Results: the JSON file and a Markdown table printed at the end.
+
+    .venv/bin/python bench/step_profile.py --compare before-1.json before-2.json -- after-1.json after-2.json
+
+prints the median of each side's runs side by side (the machine's noise between runs is larger than some
+differences: run the two code versions in turn, several times).
 """
 
 from __future__ import annotations
@@ -162,7 +167,37 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(before: list[Path], after: list[Path]) -> str:
+    """Median step ms and graph ms per (model, batch) over each side's result files, side by side."""
+    import statistics
+
+    def medians(paths: list[Path]) -> dict:
+        runs = [json.loads(p.read_text())["results"] for p in paths]
+        keys = [(r["model"], r["batch"]) for r in runs[0]]
+        out = {}
+        for i, key in enumerate(keys):
+            rows = [run[i] for run in runs]
+            out[key] = {"step": statistics.median(r["step_ms"] for r in rows),
+                        "graph": statistics.median(r["ms"]["graph"] for r in rows),
+                        "host": statistics.median(r["step_ms"] - r["ms"]["graph"] for r in rows)}  # fmt: skip
+        return out
+
+    b, a = medians(before), medians(after)
+    lines = ["| model | batch | step ms before | after | graph ms before | after | host ms before | after | "
+             "step before / after |", "|" + "---|" * 9]  # fmt: skip
+    for key in b:
+        x, y = b[key], a[key]
+        lines.append(f"| {key[0]} | {key[1]} | {x['step']:.2f} | {y['step']:.2f} | {x['graph']:.2f} | {y['graph']:.2f} "
+                     f"| {x['host']:.2f} | {y['host']:.2f} | {x['step'] / y['step']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if "--compare" in sys.argv:
+        files = sys.argv[sys.argv.index("--compare") + 1 :]
+        split = files.index("--")
+        print(compare([Path(f) for f in files[:split]], [Path(f) for f in files[split + 1 :]]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense-run", type=Path, default=ROOT / "data" / "dense_baseline_model")
     parser.add_argument("--moe-run", type=Path, default=ROOT / "data" / "moe_model")

@@ -160,8 +160,9 @@ def static_mtp_forward(
 def compile_options(device: torch.device, autotune: bool = True) -> dict:
     """Inductor's settings for the step:
     - freezing: the weights are constants of the graph, folded in (not mkldnn-prepacked: see the module docstring);
-    - on a CPU, vectors as wide as ATEN_CPU_CAPABILITY allows; max_autotune with inductor's C++ GEMM template beside aten's: at one to a few rows, the
-      template reads weights at about twice aten's rate (measured on the 2-core machine: BENCHMARKS.md);
+    - on a CPU, vectors as wide as ATEN_CPU_CAPABILITY allows; max_autotune with inductor's C++ GEMM template
+      beside aten's: at one to a few rows, the template reads weights at about twice aten's rate (measured on the
+      2-core machine: BENCHMARKS.md);
       cpp_wrapper: the graph's launcher is C++ too, so a step makes one call from Python, not one per kernel;
     - on CUDA, CUDA graphs: one launch per step.
     autotune=False leaves out max_autotune: a few times faster to compile, slower to run (the tests' choice)."""
@@ -304,7 +305,7 @@ class CompiledStep:
         """(the graph's rows_L input, where the wanted logits are in its output): in a bucket, every row's
         logits come out; past the largest, only the wanted ones (at least 2 rows: the graph's smallest L)."""
         at = torch.tensor(logits_at, dtype=torch.long, device=self.device)
-        if P <= self.buckets[-1]:
+        if self.buckets[-1] >= P:
             return None, at
         rows = at if len(logits_at) >= 2 else torch.cat([at, at.new_zeros(2 - len(logits_at))])
         return rows, torch.arange(len(logits_at), device=self.device)

@@ -8,13 +8,15 @@ graph, inference.runtime.engine.compiled, never changes), chosen per step size b
   read from memory once and from cache after). Float and INT8 stacks: a multiply-and-reduce over the gathered
   stack, which inductor fuses into one loop that loads the chosen rows where they lie (and dequantizes INT8 as it
   loads), with no gathered copy. INT4 experts are read as bytes, one value each (nibble unpacking in the graph
-  ran several times slower than the bytes it saves), still E / top_k fewer than the dense mode. llama.cpp's `mul_mat_id` does the same for a decoding step.
+  ran several times slower than the bytes it saves), still E / top_k fewer than the dense mode. llama.cpp's
+  `mul_mat_id` does the same for a decoding step.
 - dense: every expert for every token, as below: E / top_k times the work, in a few large products. The compiled
-  step uses it only for INT4 experts once the assignments reach the experts' count (N K >= E), where one kernel
-  call per expert beats one per assignment.
+  step uses it only for INT4 experts past 4 assignments per expert (`use_sparse`), where the packed kernel's
+  half-size reads win.
 
 The dense mode. With E experts of width F over model width D, a token's output is
-sum_e w_e W2_e (silu(W1_e x) * W3_e x), w_e its gating weight (0 for experts it did not choose). Stacking the experts' rows,
+sum_e w_e W2_e (silu(W1_e x) * W3_e x), w_e its gating weight (0 for experts it did not choose). Stacking the
+experts' rows,
 W13 = [W1_1; ..; W1_E; W3_1; ..; W3_E] (2 E F, D), gives every expert's hidden units in one product, and
 W2cat = [W2_1 .. W2_E] (D, E F) sums the experts' outputs in one more: out = W2cat (w * h). Every token
 pays for all E experts (E / top_k times the FLOPs of its own), which at a decoding step's few tokens is
@@ -39,7 +41,6 @@ import torch.nn.functional as F
 from inference.runtime.quantize import Int4Linear, Int8Linear
 from kernels import native
 from model.transformer import MoE
-
 
 SPARSE_INT4_MAX_ASSIGNMENTS_PER_EXPERT = 4
 """INT4 experts run sparse up to this many (token, expert) assignments per expert (see use_sparse)."""
@@ -99,9 +100,9 @@ class ExpertStack(torch.nn.Module):
         if self.kind == "int8":
             return ((x[:, None, :] * self.q[e_A].float()).sum(-1) * self.scale[e_A]).to(x_AI.dtype)
         # INT4, per group g of inputs: sum_k x_k w_k = scale_g sum_k x_k (q_k - 8) + zero_g sum_k x_k
-        A, (E, O, I), g = x.shape[0], self.q.shape, self.group_size
-        x_A1Gg = x.view(A, 1, I // g, g)
-        dot_AOG = (x_A1Gg * self.q[e_A].view(A, O, I // g, g).float()).sum(-1)
+        A, (_, n_out, n_in), g = x.shape[0], self.q.shape, self.group_size
+        x_A1Gg = x.view(A, 1, n_in // g, g)
+        dot_AOG = (x_A1Gg * self.q[e_A].view(A, n_out, n_in // g, g).float()).sum(-1)
         return (dot_AOG * self.scale[e_A] + self.zero[e_A] * x_A1Gg.sum(-1)).sum(-1).to(x_AI.dtype)
 
 
