@@ -123,6 +123,20 @@ def test_speculative_decoding_through_two_compiled_models_is_lossless():
     assert engine.stats.spec_rounds > 0 and engine.stats.accepted > 0
 
 
+def test_a_restart_reuses_the_compiled_graph_from_inductors_cache():
+    """The same model compiled again after dynamo forgets everything (as a restarted server does) is read from
+    inductor's FX graph cache, not compiled anew: the step's weights are plain tensors (no mkldnn prepacking)."""
+    from torch._dynamo.utils import counters
+
+    target, _ = target_in("fp32", "fp32")
+    config = EngineConfig(max_batch=1, compile_sizes=(1,), compile_max_tokens=1, compile_autotune=False)
+    Engine(Generator(target), None, config).compile()
+    torch._dynamo.reset()
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    Engine(Generator(target), None, config).compile()
+    assert counters["inductor"]["fxgraph_cache_hit"] == hits + 1, dict(counters["inductor"])
+
+
 PROBE = """
 import sys, torch
 sys.path.insert(0, ".")

@@ -230,7 +230,7 @@ def test_abort_and_time_limit_free_the_blocks_at_the_next_step():
 
 def test_the_configuration_is_checked():
     target, _ = models()
-    for field in ("max_batch", "max_queue", "max_step_tokens", "block_size", "gamma", "kv_blocks"):
+    for field in ("max_batch", "max_queue", "max_step_tokens", "block_size", "gamma", "kv_blocks", "compile_max_tokens"):
         with pytest.raises(ValueError, match=f"{field} must be >= 1"):
             Engine(Generator(target), None, dataclasses.replace(EngineConfig(), **{field: 0}))
 
@@ -287,3 +287,17 @@ def test_prompts_skip_the_draft_and_it_catches_up_on_shared_blocks():
     assert third.draft_computed == 32 and third.computed == 32
     engine.run_until_done()
     assert out.tokens["third"] == ref.generate_ids([*system, 12], SamplingConfig(max_new_tokens=2))
+
+
+def test_gamma_is_capped_so_that_a_round_of_the_full_batch_fits_the_compiled_steps():
+    """A round of max_batch requests takes max_batch x (gamma + 1) tokens: gamma shrinks until it fits the largest
+    compiled step (compile_max_tokens, at most max_step_tokens)."""
+    target, draft = models()
+
+    def gamma(**config) -> int:
+        return Engine(Generator(target), Generator(draft), EngineConfig(gamma=4, **config)).gamma
+
+    assert gamma(max_batch=4, max_step_tokens=64) == 4  # 4 x 5 = 20 <= 64
+    assert gamma(max_batch=16, max_step_tokens=64) == 3  # 16 x 4 = 64
+    assert gamma(max_batch=16, max_step_tokens=256, compile_sizes=(16,), compile_max_tokens=48) == 2
+    assert gamma(max_batch=64, max_step_tokens=64) == 1  # at least one proposal: the round runs eager
