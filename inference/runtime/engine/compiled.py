@@ -28,11 +28,13 @@ The eager packed forward (inference.runtime.engine.runner) is the reference this
 tokens, close logits, for fp32, INT8 and INT4 weights and for the fp32, INT8 and INT8-per-channel caches), and
 what runs before `compile()` or with `--no-compile`.
 
-Compiling happens at start-up only, logged with its time. Inductor's FX graph cache keeps the compiled graphs
-across restarts of the same model and settings (in TORCHINDUCTOR_CACHE_DIR, by default
-/tmp/torchinductor_<user>): a restart compiles in about half the time (dynamo still traces). It takes graphs
-whose weights are plain tensors only, so the step turns off inductor's mkldnn weight prepacking, which makes
-opaque tensors (measured: no slower per step on the 2-core machine; BENCHMARKS.md).
+Compiling happens at start-up only, logged with its time. Inductor's FX graph cache keeps compiled graphs across
+restarts of the same model and settings (in TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_<user>), but
+only graphs whose weights are plain tensors: mkldnn-prepacked weights are opaque to it. So the fast-compile graphs
+(no autotuning: tests, the demo's waterfall, `--fast-compile`) turn prepacking off, which costs them nothing
+measurable, and a restart compiles them in about half the time (dynamo still traces). The autotuned graphs keep
+it: without prepacking inductor's C++ GEMM template does not apply and a 91M model decodes 2x slower
+(BENCHMARKS.md), so they are compiled anew at each start.
 
 Shape legend as in inference.runtime.engine.runner; P padded tokens (a bucket), R query heads per kv head,
 L rows whose logits are wanted.
@@ -159,7 +161,7 @@ def static_mtp_forward(
 
 def compile_options(device: torch.device, autotune: bool = True) -> dict:
     """Inductor's settings for the step:
-    - freezing: the weights are constants of the graph, folded in (not mkldnn-prepacked: see the module docstring);
+    - freezing: the weights are constants of the graph, folded and, when autotuning, prepacked for the GEMM kernels;
     - on a CPU, vectors as wide as ATEN_CPU_CAPABILITY allows; max_autotune with inductor's C++ GEMM template
       beside aten's: at one to a few rows, the template reads weights at about twice aten's rate (measured on the
       2-core machine: BENCHMARKS.md);
@@ -171,7 +173,6 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
         options["triton.cudagraphs"] = True
     else:
         options["cpp_wrapper"] = True
-        options["cpp.weight_prepack"] = False  # mkldnn-packed weights keep a graph out of inductor's cache
         # the vector width of the kernels torch itself runs (ATEN_CPU_CAPABILITY), written into the options so that
         # it is part of the cache's key: a graph cached under AVX-512 is never reused, as source, under AVX2 or
         # without vectors (measured: its C++ then fails to compile)
@@ -180,7 +181,9 @@ def compile_options(device: torch.device, autotune: bool = True) -> dict:
             options["cpp.vec_isa_ok"] = False
         elif capability in ("AVX2", "AVX512"):
             options["cpp.simdlen"] = 256 if capability == "AVX2" else 512
-        if autotune:
+        if not autotune:  # mkldnn-packed weights keep a graph out of inductor's cache (see the module docstring)
+            options["cpp.weight_prepack"] = False
+        else:
             options.update(
                 max_autotune=True,
                 max_autotune_gemm_backends="CPP,ATEN",

@@ -230,7 +230,8 @@ def test_abort_and_time_limit_free_the_blocks_at_the_next_step():
 
 def test_the_configuration_is_checked():
     target, _ = models()
-    for field in ("max_batch", "max_queue", "max_step_tokens", "block_size", "gamma", "kv_blocks", "compile_max_tokens"):
+    fields = ("max_batch", "max_queue", "max_step_tokens", "block_size", "gamma", "kv_blocks", "compile_max_tokens")
+    for field in fields:
         with pytest.raises(ValueError, match=f"{field} must be >= 1"):
             Engine(Generator(target), None, dataclasses.replace(EngineConfig(), **{field: 0}))
 
