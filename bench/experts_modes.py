@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    from inference.runtime.engine.compiled import compile_options
     from inference.runtime.engine.experts import GroupedExperts
     from inference.runtime.generate import Generator
     from inference.runtime.quantize import quantize_linears
@@ -54,7 +55,7 @@ def main() -> None:
         if fmt != "fp32":
             quantize_linears(model, fmt, group_size=32)
         experts = GroupedExperts(model.moe_layers()[0])
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+        with torch.no_grad(), torch._inductor.config.patch(compile_options(torch.device("cpu"), autotune=False)):
             sparse = torch.compile(experts.sparse, dynamic=False)
             dense = torch.compile(experts.dense, dynamic=False)
             for n in args.tokens:

@@ -4,6 +4,7 @@ formats that cannot be stacked (INT4's packed layout, differing AWQ input scales
 import pytest
 import torch
 
+from inference.runtime.engine.compiled import compile_options
 from inference.runtime.engine.experts import GroupedExperts
 from inference.runtime.quantize import QuantConfig, apply_quantized, quantize_weights
 from model.config import debug_tiny
@@ -46,10 +47,12 @@ def test_int4_and_differing_input_scales_keep_the_loop():
 
 @pytest.mark.parametrize("capability", cpu_capabilities())
 def test_grouped_int8_experts_under_every_cpu_capability(capability):
-    """The stacked INT8 products go through torch's native kernel: run them in a subprocess per
+    """The stacked INT8 products and the sparse mode's INT4 read-back go through torch's native kernels (the sparse
+    mode also compiles, in every format): run them in a subprocess per
     ATEN_CPU_CAPABILITY the machine supports, so that a crash fails this test instead of a server."""
     proc = run_under_capability(capability, ["-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                                             "-k", "test_grouped_experts_match_the_loop and int8"])  # fmt: skip
+                                             "-k", "(test_grouped_experts_match_the_loop and int8) or "
+                                             "test_sparse_experts_match_the_loop"])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:]
 
 
@@ -61,7 +64,10 @@ def test_sparse_experts_match_the_loop(scheme, n_tokens):
     moe = moe_layer(scheme.removesuffix("-awq"), awq_scales=scheme.endswith("awq"))
     grouped = GroupedExperts(moe)
     x = torch.randn(n_tokens, 64) * 3
-    with torch.no_grad():
+    # compiled with the engine's options: they carry the vector width into inductor's cache key (under another
+    # ATEN_CPU_CAPABILITY a graph cached without it is reused as the wrong source)
+    options = compile_options(torch.device("cpu"), autotune=False)
+    with torch.no_grad(), torch._inductor.config.patch(options):
         want = moe(x[None])[0]
         eager = grouped.sparse(x)
         compiled = torch.compile(grouped.sparse, fullgraph=True, dynamic=False)(x)
