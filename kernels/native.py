@@ -1,8 +1,8 @@
-"""torch's private CPU kernels for weight-only quantized matmuls, behind the preconditions they assume.
+"""torch's private CPU kernel for weight-only INT8 matmuls, behind the preconditions it assumes.
 
-Frugal's INT8 and INT4 layers (inference.runtime.quantize) run on three private aten ops. Their preconditions are
-written down nowhere, and some are not checked by the ops themselves: a breach is a segmentation fault, not
-an error. Every call of those ops goes through this module, which checks what they need and names the tensor
+Frugal's INT8 layers (inference.runtime.quantize) run on a private aten op. Their preconditions are
+written down nowhere, and some are not checked by the op itself: a breach is a segmentation fault, not
+an error. Every call of that op goes through this module, which checks what they need and names the tensor
 that breaks it.
 
 What was measured (torch 2.13.0 CPU build; the probes are in tests/kernels/test_native.py):
@@ -12,11 +12,10 @@ What was measured (torch 2.13.0 CPU build; the probes are in tests/kernels/test_
   K is not a multiple of 16 (row starts then fall off alignment even from an aligned base). Under avx2, x must
   be 16-byte aligned. A weight read from safetensors sits wherever the file put it: 8-byte aligned, or less.
   The op itself checks only contiguity.
-- `_convert_weight_to_int4pack_for_cpu(q_NK int32, inner_k_tiles)` needs N to be a multiple of 16;
-  `_weight_int4pack_mm_for_cpu` needs a group size of 32, 64, 128 or 256. Neither was seen to depend on
-  alignment, but both get the same checks: nothing in the ops promises that.
+- INT4 layers ran on `_weight_int4pack_mm_for_cpu` until it was measured to read at half the bandwidth; they now
+  run on Frugal's own kernel (kernels/w4a8.py), which checks its inputs itself.
 
-The rule here is simpler and stronger than any one measurement: every tensor handed to these ops is
+The rule here is simpler and stronger than any one measurement: every tensor handed to this op is
 contiguous, owned by torch's allocator (not a view into a file, a mmap or a foreign buffer) and aligned to
 64 bytes, which is what that allocator gives every fresh tensor. `owned` makes such a copy, once, at load.
 Under `torch.compile` the checks are left out of the traced graph (they read data pointers, which a graph
@@ -31,9 +30,6 @@ ALIGNMENT = 64
 """Bytes: the alignment of torch's CPU allocator, above the 32 that the AVX-512 INT8 kernel needs."""
 INT8_K_MULTIPLE = 16
 """The INT8 kernel's row width K must be a multiple of this (inference.runtime.quantize pads narrower weights)."""
-INT4_N_MULTIPLE = 16
-INT4_GROUP_SIZES = (32, 64, 128, 256)
-INT4_INNER_K_TILES = 2
 
 
 class KernelPreconditionError(ValueError):
@@ -99,34 +95,3 @@ def int8_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor) -> to
                 "crashes on such rows): pad the weight with zero columns"
             )
     return torch.ops.aten._weight_int8pack_mm(x_MK, q_NK, scale_N)
-
-
-def int4_pack(q_NK: torch.Tensor) -> torch.Tensor:
-    """The kernel's packed layout of INT4 values 0..15 held as int32 (N, K)."""
-    op = "_convert_weight_to_int4pack_for_cpu"
-    _require(op, "q (int4 values as int32)", q_NK, torch.int32, 2)
-    N, K = q_NK.shape
-    if N % INT4_N_MULTIPLE or K % (16 * INT4_INNER_K_TILES):
-        raise KernelPreconditionError(
-            f"{op}: q has shape ({N}, {K}); the kernel needs N a multiple of {INT4_N_MULTIPLE} and K a multiple of "
-            f"{16 * INT4_INNER_K_TILES}"
-        )
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_NK, INT4_INNER_K_TILES)
-
-
-def int4_mm(x_MK: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros_GN2: torch.Tensor):
-    """y_MN = x W^T with W in the packed INT4 layout of `int4_pack`, one bf16 (scale, zero) per group."""
-    if _checking():
-        op = "_weight_int4pack_mm_for_cpu"
-        _require(op, "x (activations)", x_MK, torch.bfloat16, 2)
-        _require(op, "packed (int4 weight)", packed, torch.uint8, 2)
-        _require(op, "scales_and_zeros", scales_and_zeros_GN2, torch.bfloat16, 3)
-        N, K = packed.shape[0], packed.shape[1] * 2
-        if group_size not in INT4_GROUP_SIZES:
-            raise KernelPreconditionError(f"{op}: group size {group_size} is not one of {INT4_GROUP_SIZES}")
-        if x_MK.shape[1] != K or tuple(scales_and_zeros_GN2.shape) != (K // group_size, N, 2):
-            raise KernelPreconditionError(
-                f"{op}: shapes do not match: x {tuple(x_MK.shape)}, packed {tuple(packed.shape)} (K={K}), "
-                f"scales_and_zeros {tuple(scales_and_zeros_GN2.shape)}, expected ({K // group_size}, {N}, 2)"
-            )
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x_MK, packed, group_size, scales_and_zeros_GN2)

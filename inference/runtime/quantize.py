@@ -1,8 +1,8 @@
 """Weight-only quantization: INT8 per output channel, INT4 group-wise (32, 64 or 128 inputs per group,
-symmetric or asymmetric), with torch's native CPU kernels for the matmuls.
+symmetric or asymmetric), with CPU kernels for the matmuls.
 
-INT8: w ~ q * s, q in [-127, 127], one s per output row (`aten._weight_int8pack_mm`).
-INT4 (the tinygemm layout of `aten._weight_int4pack_mm_for_cpu`): w ~ (q - 8) * s + z, q in [0, 15],
+INT8: w ~ q * s, q in [-127, 127], one s per output row (torch's `aten._weight_int8pack_mm`).
+INT4 (Frugal's W4A8 kernel, kernels/w4a8.py, the scheme of llama.cpp's Q4_0): w ~ (q - 8) * s + z, q in [0, 15],
 one (s, z) per group of `group_size` consecutive inputs of a row. Asymmetric: s = (max - min) / 15 and
 z = min + 8 s, so q = 0 and 15 hit the group's min and max. Symmetric: z = 0 and s = absmax / 7. The
 configured group size is a most: a matrix whose width it does not split uses the largest group size that
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import native
+from kernels import native, w4a8
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -139,22 +139,27 @@ class Int8Linear(_ScaledInput):
 
 
 class Int4Linear(_ScaledInput):
-    """y = x W^T with W in group-wise INT4, on torch's packed CPU kernel (bf16 activations inside), through
-    kernels.native."""
+    """y = x W^T with W in group-wise INT4 on kernels.w4a8: the activations are quantized to INT8 per block of 32
+    inputs, as llama.cpp's Q4_0 x Q8_0 product does, and the weight is read as packed nibbles, once per step for
+    every row of the batch. Buffers: `packed` (out, in / 2) uint8 in w4a8's block layout, `scale` and `min`
+    (out, groups) bf16 with w = q scale + min, i.e. min = zero - 8 scale."""
 
     def __init__(self, weight: Int4Weight):
         super().__init__()
         self.group_size = weight.group_size
         self.out_features, self.in_features = weight.q_NK.shape
-        self.register_buffer("packed", native.int4_pack(native.owned(weight.q_NK.to(torch.int32))))
-        scales_and_zeros = torch.stack([weight.scale_NG.t(), weight.zero_NG.t()], -1)
-        self.register_buffer("scales_and_zeros", native.owned(scales_and_zeros.to(torch.bfloat16)))
+        self.path = w4a8.level()
+        """The kernel's instruction set, fixed when the layer is built (a compiled graph holds it as a constant)."""
+        self.register_buffer("packed", w4a8.pack(weight.q_NK))
+        self.register_buffer("scale", weight.scale_NG.to(torch.bfloat16).contiguous())
+        self.register_buffer("min", (weight.zero_NG - 8 * weight.scale_NG).to(torch.bfloat16).contiguous())
         self._set_input_scale(weight.input_scale_K)
+        w4a8.load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = self._scale(x.reshape(-1, shape[-1]).float()).to(torch.bfloat16)
-        y = native.int4_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        x2 = self._scale(x.reshape(-1, shape[-1]).float())
+        y = w4a8.linear(x2, self.packed, self.scale, self.min, self.group_size, self.path)
         return y.view(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
@@ -192,8 +197,8 @@ def matrices(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
-    """INT4: every matrix's input width must split into whole groups, and its output count suit the packed
-    kernel (kernels.native); the error names the first matrix that does not."""
+    """INT4: every matrix's input width must split into whole groups; the error names the first matrix that
+    does not."""
     cfg.check()
     if cfg.scheme == "int4":
         for name, w in matrices(model).items():
@@ -201,11 +206,6 @@ def check_quantizable(model: nn.Module, cfg: QuantConfig) -> None:
                 raise ValueError(
                     f"{name}: a weight with {w.shape[1]} inputs cannot be split into groups of {cfg.group_size} "
                     f"or of any smaller INT4 group size {GROUP_SIZES}"
-                )
-            if w.shape[0] % native.INT4_N_MULTIPLE:
-                raise ValueError(
-                    f"{name}: a weight with {w.shape[0]} outputs; the INT4 kernel needs a multiple of "
-                    f"{native.INT4_N_MULTIPLE}"
                 )
 
 

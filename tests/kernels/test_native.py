@@ -1,4 +1,4 @@
-"""kernels.native: owned storage, and the preconditions of torch's private INT8/INT4 CPU ops, checked before the
+"""kernels.native: owned storage, and the preconditions of torch's private INT8 CPU op, checked before the
 op runs (so these tests run the refusals in-process: nothing reaches a kernel that could crash)."""
 
 from __future__ import annotations
@@ -78,23 +78,6 @@ def test_int8_mm_refuses_rows_whose_width_is_not_a_multiple_of_16():
     x, q, scale = int8_operands(K=40)
     with pytest.raises(native.KernelPreconditionError, match="K=40 inputs per row, not a multiple of 16"):
         native.int8_mm(x, q, scale)
-
-
-def test_int4_pack_and_mm_check_shapes_and_group_sizes():
-    torch.manual_seed(0)
-    q = torch.randint(0, 16, (64, 128), dtype=torch.int32)
-    packed = native.int4_pack(q)
-    sz = torch.rand(128 // 32, 64, 2).to(torch.bfloat16)
-    x = torch.randn(3, 128).to(torch.bfloat16)
-    assert native.int4_mm(x, packed, 32, sz).shape == (3, 64)
-    with pytest.raises(native.KernelPreconditionError, match=r"shape \(60, 128\); the kernel needs N a multiple of 16"):
-        native.int4_pack(q[:60].contiguous())
-    with pytest.raises(native.KernelPreconditionError, match="group size 16 is not one of"):
-        native.int4_mm(x, packed, 16, sz)
-    with pytest.raises(native.KernelPreconditionError, match=r"scales_and_zeros .* expected"):
-        native.int4_mm(x, packed, 64, sz)
-    with pytest.raises(native.KernelPreconditionError, match=r"packed .* is at an address 8 bytes past"):
-        native.int4_mm(x, misaligned(packed, 8), 32, sz)
 
 
 PROBE = """

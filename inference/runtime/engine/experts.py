@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.runtime.quantize import Int4Linear, Int8Linear
-from kernels import native
+from kernels import w4a8
 from model.transformer import MoE
 
 SPARSE_INT4_MAX_ASSIGNMENTS_PER_EXPERT = 4
@@ -61,8 +61,8 @@ class ExpertStack(torch.nn.Module):
     """One role (w1, w3 or w2) of every routed expert, stacked (E, out, in), in the experts' own format:
     - fp32/bf16: `w` (E, O, I);
     - INT8 (inference.runtime.quantize.Int8Linear): `q` int8 (E, O, I) and `scale` (E, O);
-    - INT4 (Int4Linear): `q` int8 (E, O, I), the values q - 8 (-8..7) held one per byte, read back from the
-      packed layout (`unpack_int4`), and `scale`, `zero` (E, O, I / group), the layers' own bf16 values:
+    - INT4 (Int4Linear): `q` int8 (E, O, I), the values q - 8 (-8..7) held one per byte, unpacked from the
+      layers' nibbles, and `scale`, `zero` (E, O, I / group) from the layers' bf16 scale and min:
       w = (q - 8) scale + zero;
     and `input_scale` (E, I) when the experts were AWQ-scaled (x is multiplied by it first)."""
 
@@ -82,9 +82,9 @@ class ExpertStack(torch.nn.Module):
             self.scale = torch.stack([m.scale.float() for m in layers])
         else:  # the INT4 values as bytes, q - 8 in -8..7, beside the layers' own bf16 group scales and zeros
             self.group_size = first.group_size
-            self.q = torch.stack([unpack_int4(m).to(torch.int8) - 8 for m in layers]).contiguous()
-            self.scale = torch.stack([m.scales_and_zeros[..., 0].t().float() for m in layers]).contiguous()
-            self.zero = torch.stack([m.scales_and_zeros[..., 1].t().float() for m in layers]).contiguous()
+            self.q = torch.stack([w4a8.unpack(m.packed).to(torch.int8) - 8 for m in layers]).contiguous()
+            self.scale = torch.stack([m.scale.float() for m in layers]).contiguous()
+            self.zero = torch.stack([m.min.float() + 8 * m.scale.float() for m in layers]).contiguous()
         scales = [m.input_scale for m in layers]
         if any(s is not None for s in scales):
             ones = torch.ones(first.in_features)
@@ -104,15 +104,6 @@ class ExpertStack(torch.nn.Module):
         x_A1Gg = x.view(A, 1, n_in // g, g)
         dot_AOG = (x_A1Gg * self.q[e_A].view(A, n_out, n_in // g, g).float()).sum(-1)
         return (dot_AOG * self.scale[e_A] + self.zero[e_A] * x_A1Gg.sum(-1)).sum(-1).to(x_AI.dtype)
-
-
-def unpack_int4(layer: Int4Linear) -> torch.Tensor:
-    """The INT4 values 0..15 (out, in) of a layer, read back exactly through its own kernel: an identity input
-    with scale 1 and zero 0 gives q - 8, which bf16 holds exactly (whatever torch's packed layout is)."""
-    sz = layer.scales_and_zeros
-    unit = native.owned(torch.stack([torch.ones_like(sz[..., 0]), torch.zeros_like(sz[..., 1])], -1))
-    q_KN = native.int4_mm(torch.eye(layer.in_features, dtype=torch.bfloat16), layer.packed, layer.group_size, unit)
-    return (q_KN.float().round() + 8).t().to(torch.uint8)
 
 
 def _stack_rows(layers: list) -> torch.nn.Module | None:
