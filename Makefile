@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo demo-full test test-fast lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-mtp bench-ablation bench-inference bench-step bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
+.PHONY: install demo demo-full test test-fast lint ui llama-cpp bench-dedup bench-dedup-incremental bench-quality bench-train bench-mtp bench-ablation bench-inference bench-step bench-w4a8 bench-serve bench-peers bench-transfer bench-html bench-quant bench-cost clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -115,6 +115,11 @@ bench-step: install
 # cached under ~/.cache/frugal) for bench-peers and the GGUF parity test
 llama-cpp: install
 	$(BIN)/python bench/build_llama_cpp.py
+
+# the INT4 kernel alone: kernels/w4a8.py against torch's INT4, INT8 and fp32 kernels on the 91M model's matrices,
+# at 1/4/16 rows, with the weight bytes read per second: about a minute
+bench-w4a8: install
+	$(BIN)/python bench/w4a8.py
 
 # decode speed against llama.cpp and transformers on the same dense weights; MoE eager vs compiled; speculative
 bench-peers: llama-cpp

@@ -89,6 +89,7 @@ include = ["inference", "inference.runtime*", "model*", "kernels*"]
 
 [tool.setuptools.package-data]
 "*" = ["*.json", "*.safetensors", "*.md"]
+"kernels" = ["csrc/*.cpp"]  # kernels/w4a8.py builds its C++ op from it on first use
 """
     )
     Path(dist_dir).mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import select
 import subprocess
 import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,7 @@ print(json.dumps({
 def test_the_wheel_installs_into_a_fresh_venv_and_generates(tiny_package, tmp_path):
     wheel = build_wheel(tiny_package, tmp_path / "dist", tmp_path / "work")
     assert wheel.name == "frugal_tiny-0.0.1-py3-none-any.whl"
+    assert "kernels/csrc/w4a8.cpp" in zipfile.ZipFile(wheel).namelist()  # INT4 layers build their op from it
     venv.create(tmp_path / "venv", with_pip=True)
     python = str(tmp_path / "venv" / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "-q", str(wheel), TORCH], check=True, timeout=900)
