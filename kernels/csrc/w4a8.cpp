@@ -189,7 +189,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t n0,
 // Pairs of blocks: 32 weight bytes, low nibbles then high nibbles, against 64 int8 inputs in quantize_x's paired
 // order. Of the 16 int32 lanes (4 inputs each), 0-3 and 8-11 belong to block 2q, 4-7 and 12-15 to block 2q + 1;
 // `dxv` holds each lane's activation scale in that pattern.
-template <int T>
+template <int T, bool kOneScale>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void tile_avx512(const Problem& p, int64_t n, int64_t m0) {
   const int64_t B = p.K / kBlock, pairs = B / 2;
   const uint8_t* w = p.w + n * p.K / 2;
@@ -203,9 +203,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void tile_avx512
     const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     const int64_t b = 2 * q;
     // The two blocks' weight scales, bf16 -> fp32 by a shift: lanes of block 2q take s[2q >> shift], the others
-    // s[(2q + 1) >> shift] (the same one unless groups are 32 inputs).
-    const __m512 sv = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(bf16(s[b >> p.shift])),
-                                           _mm512_set1_ps(bf16(s[(b + 1) >> p.shift])));
+    // s[(2q + 1) >> shift]; with groups of 64 inputs or more (kOneScale) the two are the same.
+    const __m512 sv = kOneScale ? _mm512_set1_ps(bf16(s[b >> p.shift]))
+                                : _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(bf16(s[b])), _mm512_set1_ps(bf16(s[b + 1])));
     for (int t = 0; t < T; ++t) {
       const int64_t m = m0 + t;
       const __m512i xv = _mm512_loadu_si512(p.xq + m * p.K + q * 64);
@@ -228,14 +228,16 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void tile_avx512
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void rows_avx512(const Problem& p, int64_t n0, int64_t n1) {
+template <bool kOneScale>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma"))) void rows_avx512(const Problem& p, int64_t n0,
+                                                                                  int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
-    for (; m + kTile <= p.M; m += kTile) tile_avx512<kTile>(p, n, m);
+    for (; m + kTile <= p.M; m += kTile) tile_avx512<kTile, kOneScale>(p, n, m);
     switch (p.M - m) {
-      case 3: tile_avx512<3>(p, n, m); break;
-      case 2: tile_avx512<2>(p, n, m); break;
-      case 1: tile_avx512<1>(p, n, m); break;
+      case 3: tile_avx512<3, kOneScale>(p, n, m); break;
+      case 2: tile_avx512<2, kOneScale>(p, n, m); break;
+      case 1: tile_avx512<1, kOneScale>(p, n, m); break;
       default: break;
     }
   }
@@ -299,7 +301,7 @@ at::Tensor w4a8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, M * K / 64));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
 #if FRUGAL_X86
-    if (wide) return rows_avx512(p, n0, n1);
+    if (wide) return shift ? rows_avx512<true>(p, n0, n1) : rows_avx512<false>(p, n0, n1);
     if (level >= 1) return rows_avx2(p, n0, n1);
 #endif
     rows_plain(p, n0, n1);
