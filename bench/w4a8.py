@@ -44,8 +44,8 @@ def formats(group: int) -> dict:
         q = torch.randint(0, 16, (N, K))
         sz = torch.rand(K // group, N, 2).to(torch.bfloat16)
         i4t.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2), sz))
-        s = (torch.rand(N, K // group) * 0.01).to(torch.bfloat16)
-        i4w.append((w4a8.pack(q), s, s.clone()))
+        s = w4a8.tile_rows(torch.rand(N, K // group) * 0.01)
+        i4w.append((w4a8.pack(q), s, s.clone(), N))
     w4a8.load()
     out = {
         "fp32": (lambda x: [F.linear(x["f"][w.shape[1]], w) for w in fp], sum(w.numel() * 4 for w in fp)),
@@ -63,8 +63,10 @@ def formats(group: int) -> dict:
     names = {0: "plain", 1: "avx2", 2: "avx512"}
     for path in range(w4a8.level() + 1):
         out[f"int4 W4A8 ({names[path]})"] = (
-            lambda x, path=path: [w4a8.linear(x["f"][p.shape[1] * 2], p, s, m, group, path) for p, s, m in i4w],
-            sum(p.numel() + s.numel() * 4 for p, s, _ in i4w),
+            lambda x, path=path: [
+                w4a8.linear(x["f"][p.shape[1] * 32], p, s, m, n, group, path) for p, s, m, n in i4w
+            ],
+            sum(p.numel() + s.numel() * 4 for p, s, _, _ in i4w),
         )
     return out
 

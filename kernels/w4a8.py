@@ -1,26 +1,31 @@
 """W4A8 on the CPU: y = x W^T with W in group-wise INT4 and x quantized to INT8 per block of 32 inputs.
 
 This is the scheme of llama.cpp's Q4_0 weights against Q8_0 activations: a decode step is a matrix-vector
-product, so it is bound by the bytes of weight it reads, and the integer dot products (`maddubs`) unpack and
-multiply 64 weights per AVX-512 instruction. torch's own INT4 kernel (`_weight_int4pack_mm_for_cpu`, bf16
+product, so it is bound by the bytes of weight it reads, and integer dot products (AVX-512 VNNI's `vpdpbusd`,
+64 weights per instruction) keep the arithmetic below that. torch's own INT4 kernel (`_weight_int4pack_mm_for_cpu`, bf16
 activations) read at about 12 GB/s on the 2-core machine, half the bandwidth (BENCHMARKS.md, issue 31).
 
 Weights follow inference/runtime/quantize.py's Int4Weight: q in [0, 15], one scale s and zero z per group of
 `group_size` inputs (32, 64 or 128), w = (q - 8) s + z. The kernel holds s and min = z - 8 s in bf16, so that
 w = q s + min.
 
-Layout (`pack`): blocks of 32 inputs, 16 bytes each. Byte i of block b of a row holds input 32b + i in its low
-nibble and input 32b + 16 + i in its high nibble, so a row is (K / 2) bytes, one block contiguous.
+Layout (`pack`): output rows in tiles of 16, the last padded with zero rows; per tile and block of 32 inputs,
+256 bytes in four chunks of 64: 4 bytes per row, whose low nibbles are 4 consecutive inputs of the block's first
+half and whose high nibbles are the same 4 of its second half. One 512-bit load then holds 4 weights of each of
+16 rows, and one VNNI instruction multiplies all of them by the same 4 activations: each int32 lane is an output
+row, so a block's sums come out as a vector of 16 outputs with no horizontal sum. This is the idea of
+llama.cpp's repacked Q4_0 GEMV kernels. Scales and mins are laid out (tiles, groups, 16) to match (`tile_rows`).
 
 Activations: per block, dx = absmax / 127 and xq = round(x / dx) in [-127, 127]. The result is
 (xq dx) W^T: exact integer dot products per block, scaled by s dx, plus sum_g min_g sum(xq dx over g).
 `reference` computes the same in float64 with torch; the test checks the kernel against it under every
 ATEN_CPU_CAPABILITY the machine has, and against the unquantized product within the activations' rounding.
 
-The C++ (kernels/csrc/w4a8.cpp) has three paths: plain C++, AVX2 and AVX-512. `level()` picks the one torch
+The C++ (kernels/csrc/w4a8.cpp) has three paths: plain C++, AVX2 and AVX-512 with VNNI (an AVX-512 CPU without
+VNNI takes the AVX2 path). `level()` picks the one torch
 itself uses (ATEN_CPU_CAPABILITY: default, avx2, avx512), so a user who turns torch's vectors off turns these
 off too. It is built once per checkout into TORCH_EXTENSIONS_DIR (`make install` points it at
-.torch_extensions) by torch.utils.cpp_extension, about 30 s with g++, and registered as the op
+.torch_extensions) by torch.utils.cpp_extension, about 10 s with g++, and registered as the op
 `frugal_w4a8::linear`, which torch.compile calls from its graphs as it calls an aten op.
 
 Shape legend: M activation rows (tokens), K inputs, N outputs, G = K / group_size, B = K / 32 blocks.
@@ -35,6 +40,8 @@ from pathlib import Path
 import torch
 
 BLOCK = 32
+ROWS = 16
+"""Output rows per tile of the layout."""
 SOURCE = Path(__file__).with_name("csrc") / "w4a8.cpp"
 LEVELS = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 """torch.backends.cpu.get_cpu_capability() -> the kernel's path."""
@@ -47,19 +54,39 @@ def level() -> int:
 
 
 def pack(q_NK: torch.Tensor) -> torch.Tensor:
-    """q in [0, 15] (any integer dtype, K a multiple of 32) -> uint8 (N, K / 2) in the block layout above."""
-    N, K = q_NK.shape
+    """q in [0, 15] (any integer dtype, K a multiple of 32) -> uint8 (tiles, K / 32, 256) in the layout above."""
+    K = q_NK.shape[1]
     if K % BLOCK:
         raise ValueError(f"W4A8 packs rows of a multiple of {BLOCK} inputs, not {K}")
-    q = q_NK.to(torch.uint8).view(N, K // BLOCK, 2, BLOCK // 2)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    q = _pad_rows(q_NK.to(torch.uint8))
+    T, B = q.shape[0] // ROWS, K // BLOCK
+    q = q.view(T, ROWS, B, 2, 4, 4)  # (tile, row, block, half, chunk k, input in chunk)
+    byte = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (tile, row, block, k, 4)
+    return byte.permute(0, 2, 3, 1, 4).reshape(T, B, 4 * ROWS * 4).contiguous()
 
 
-def unpack(packed_NP: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack`: uint8 (N, K) holding 0..15."""
-    N, P = packed_NP.shape
-    b = packed_NP.view(N, P // (BLOCK // 2), 1, BLOCK // 2)
-    return torch.cat([b & 15, b >> 4], 2).reshape(N, 2 * P)
+def unpack(packed: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The inverse of `pack`: uint8 (n_out, K) holding 0..15."""
+    T, B, _ = packed.shape
+    byte = packed.view(T, B, 4, ROWS, 4).permute(0, 3, 1, 2, 4)  # (tile, row, block, k, 4)
+    q = torch.stack([byte & 15, byte >> 4], 3)  # (tile, row, block, half, k, 4)
+    return q.reshape(T * ROWS, B * BLOCK)[:n_out]
+
+
+def tile_rows(v_NG: torch.Tensor) -> torch.Tensor:
+    """Per-row, per-group values (N, G) -> bf16 (tiles, G, 16), zero in padded rows: the kernel's scale / min."""
+    v = _pad_rows(v_NG.to(torch.bfloat16))
+    return v.view(-1, ROWS, v.shape[1]).transpose(1, 2).contiguous()
+
+
+def untile_rows(v_TGR: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The inverse of `tile_rows`: (n_out, G)."""
+    return v_TGR.transpose(1, 2).reshape(-1, v_TGR.shape[1])[:n_out]
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    pad = -t.shape[0] % ROWS
+    return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
 
 
 def quantize_activations(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,14 +100,14 @@ def quantize_activations(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def reference(
-    x_MK: torch.Tensor, packed_NP: torch.Tensor, scale_NG: torch.Tensor, min_NG: torch.Tensor, group_size: int
+    x_MK: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, min: torch.Tensor, n_out: int, group_size: int
 ) -> torch.Tensor:
     """Plain torch, in float64: the activations rounded as the kernel rounds them, times the dequantized weight."""
     xq, dx = quantize_activations(x_MK)
     x = (xq.double().view(*dx.shape, BLOCK) * dx.double()[..., None]).view(x_MK.shape)
-    s = scale_NG.double().repeat_interleave(group_size, 1)
-    m = min_NG.double().repeat_interleave(group_size, 1)
-    w = unpack(packed_NP).double() * s + m
+    s = untile_rows(scale, n_out).double().repeat_interleave(group_size, 1)
+    m = untile_rows(min, n_out).double().repeat_interleave(group_size, 1)
+    w = unpack(packed, n_out).double() * s + m
     return (x @ w.T).float()
 
 
@@ -116,37 +143,38 @@ def load() -> bool:
         return False
 
     @torch.library.register_fake("frugal_w4a8::linear")
-    def _(x, packed, scale, min, group, level):
-        return x.new_empty(x.shape[0], packed.shape[0])
+    def _(x, packed, scale, min, n_out, group, level):
+        return x.new_empty(x.shape[0], n_out)
 
     _BUILT = True
     return True
 
 
 def linear_torch(
-    x_MK: torch.Tensor, packed_NP: torch.Tensor, scale_NG: torch.Tensor, min_NG: torch.Tensor, group_size: int
+    x_MK: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, min: torch.Tensor, n_out: int, group_size: int
 ) -> torch.Tensor:
     """The kernel's arithmetic in fp32 torch ops: the fallback where the C++ op cannot be built."""
     xq, dx = quantize_activations(x_MK)
     M, K = x_MK.shape
     x = (xq.float().view(M, K // BLOCK, BLOCK) * dx[..., None]).view(M, K)
-    w = unpack(packed_NP).float() * scale_NG.float().repeat_interleave(group_size, 1)
-    return x @ w.T + x.view(M, -1, group_size).sum(-1) @ min_NG.float().T
+    w = unpack(packed, n_out).float() * untile_rows(scale, n_out).float().repeat_interleave(group_size, 1)
+    return x @ w.T + x.view(M, -1, group_size).sum(-1) @ untile_rows(min, n_out).float().T
 
 
 def linear(
     x_MK: torch.Tensor,
-    packed_NP: torch.Tensor,
-    scale_NG: torch.Tensor,
-    min_NG: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    min: torch.Tensor,
+    n_out: int,
     group_size: int,
     path: int | None = None,
 ) -> torch.Tensor:
-    """y (M, N) fp32 = x W^T; x fp32 (M, K), the weight as `pack` lays it out with bf16 scale and min (N, G).
+    """y (M, n_out) fp32 = x W^T; x fp32 (M, K), the weight as `pack` and `tile_rows` lay it out.
     `path` is `level()` unless given; a layer fixes it when it is built (inside torch.compile's graphs it is a
     constant, which inductor's cache keys by the vector width: inference.runtime.engine.compiled)."""
     if not (_BUILT if torch.compiler.is_compiling() else load()):
-        return linear_torch(x_MK, packed_NP, scale_NG, min_NG, group_size)
+        return linear_torch(x_MK, packed, scale, min, n_out, group_size)
     return torch.ops.frugal_w4a8.linear(
-        x_MK.contiguous(), packed_NP, scale_NG, min_NG, group_size, level() if path is None else path
+        x_MK.contiguous(), packed, scale, min, n_out, group_size, level() if path is None else path
     )

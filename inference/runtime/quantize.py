@@ -141,8 +141,8 @@ class Int8Linear(_ScaledInput):
 class Int4Linear(_ScaledInput):
     """y = x W^T with W in group-wise INT4 on kernels.w4a8: the activations are quantized to INT8 per block of 32
     inputs, as llama.cpp's Q4_0 x Q8_0 product does, and the weight is read as packed nibbles, once per step for
-    every row of the batch. Buffers: `packed` (out, in / 2) uint8 in w4a8's block layout, `scale` and `min`
-    (out, groups) bf16 with w = q scale + min, i.e. min = zero - 8 scale."""
+    every row of the batch. Buffers in w4a8's layout of 16-row tiles: `packed` (tiles, in / 32, 256) uint8,
+    `scale` and `min` (tiles, groups, 16) bf16 with w = q scale + min, i.e. min = zero - 8 scale."""
 
     def __init__(self, weight: Int4Weight):
         super().__init__()
@@ -151,15 +151,15 @@ class Int4Linear(_ScaledInput):
         self.path = w4a8.level()
         """The kernel's instruction set, fixed when the layer is built (a compiled graph holds it as a constant)."""
         self.register_buffer("packed", w4a8.pack(weight.q_NK))
-        self.register_buffer("scale", weight.scale_NG.to(torch.bfloat16).contiguous())
-        self.register_buffer("min", (weight.zero_NG - 8 * weight.scale_NG).to(torch.bfloat16).contiguous())
+        self.register_buffer("scale", w4a8.tile_rows(weight.scale_NG))
+        self.register_buffer("min", w4a8.tile_rows(weight.zero_NG - 8 * weight.scale_NG))
         self._set_input_scale(weight.input_scale_K)
         w4a8.load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = self._scale(x.reshape(-1, shape[-1]).float())
-        y = w4a8.linear(x2, self.packed, self.scale, self.min, self.group_size, self.path)
+        y = w4a8.linear(x2, self.packed, self.scale, self.min, self.out_features, self.group_size, self.path)
         return y.view(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 

@@ -30,25 +30,30 @@ def operands(M, N, K, group, seed=0):
     mn = (torch.randn(N, K // group, generator=g) * 0.2).to(torch.bfloat16)
     x = torch.randn(M, K, generator=g) * 3
     x[0, :32] = 0  # an all-zero block: its scale is 0
-    return x, w4a8.pack(q), scale, mn, q
+    return x, w4a8.pack(q), w4a8.tile_rows(scale), w4a8.tile_rows(mn), q
 
 
-def test_pack_round_trips_and_keeps_a_block_in_16_contiguous_bytes():
-    q = torch.randint(0, 16, (5, 96))
+def test_pack_round_trips_in_tiles_of_16_rows():
+    q = torch.randint(0, 16, (21, 96))
     packed = w4a8.pack(q)
-    assert packed.shape == (5, 48) and packed.dtype == torch.uint8
-    assert torch.equal(w4a8.unpack(packed), q.to(torch.uint8))
-    assert torch.equal(packed[:, 16:32] & 15, q[:, 32:48].to(torch.uint8))  # block 1: low nibbles
-    assert torch.equal(packed[:, 16:32] >> 4, q[:, 48:64].to(torch.uint8))  # block 1: high nibbles
+    assert packed.shape == (2, 3, 256) and packed.dtype == torch.uint8  # 21 rows: 2 tiles, the second padded
+    assert torch.equal(w4a8.unpack(packed, 21), q.to(torch.uint8))
+    # tile 1, block 2, chunk 3: 4 bytes per row; row 1 of the tile is row 17, inputs 64 + 12 .. (low) and 64 + 28 ..
+    chunk = packed[1, 2, 3 * 64 : 4 * 64].view(16, 4)
+    assert torch.equal(chunk[1] & 15, q[17, 76:80].to(torch.uint8))
+    assert torch.equal(chunk[1] >> 4, q[17, 92:96].to(torch.uint8))
+    assert not chunk[5:].any()  # rows 21.. do not exist: zeros
+    s = torch.randn(21, 3)
+    assert torch.equal(w4a8.untile_rows(w4a8.tile_rows(s), 21), s.to(torch.bfloat16))
     with pytest.raises(ValueError, match="multiple of 32"):
         w4a8.pack(q[:, :40])
 
 
 def test_reference_is_the_exact_product_up_to_the_activations_rounding():
     x, packed, scale, mn, q = operands(4, 64, 256, 64)
-    w = q.float() * scale.float().repeat_interleave(64, 1) + mn.float().repeat_interleave(64, 1)
-    exact = x @ w.T
-    ref = w4a8.reference(x, packed, scale, mn, 64)
+    s, m = w4a8.untile_rows(scale, 64).float(), w4a8.untile_rows(mn, 64).float()
+    exact = x @ (q.float() * s.repeat_interleave(64, 1) + m.repeat_interleave(64, 1)).T
+    ref = w4a8.reference(x, packed, scale, mn, 64, 64)
     err = (ref - exact).abs().max() / exact.abs().max()
     assert 0 < err < 0.02, err  # int8 activations: about 1/254 of each block's largest input, per input
 
@@ -61,15 +66,16 @@ assert w4a8.load()
 out = {"level": w4a8.level()}
 for case in CASES:
     x, packed, scale, mn, _ = operands(*case)
-    ref = w4a8.reference(x, packed, scale, mn, case[3])
-    for name, y in (("kernel", w4a8.linear(x, packed, scale, mn, case[3])),
-                    ("torch", w4a8.linear_torch(x, packed, scale, mn, case[3]))):
+    M, N, K, group = case
+    ref = w4a8.reference(x, packed, scale, mn, N, group)
+    for name, y in (("kernel", w4a8.linear(x, packed, scale, mn, N, group)),
+                    ("torch", w4a8.linear_torch(x, packed, scale, mn, N, group))):
         out[f"{case} {name}"] = ((y - ref).abs().max() / ref.abs().max()).item()
 if sys.argv[1:] == ["compile"]:
-    compiled = torch.compile(lambda x, p, s, m: w4a8.linear(x, p, s, m, 64) + 1)
-    x, packed, scale, mn, _ = operands(3, 64, 128, 64)
+    compiled = torch.compile(lambda x, p, s, m: w4a8.linear(x, p, s, m, 60, 64) + 1)
+    x, packed, scale, mn, _ = operands(3, 60, 128, 64)
     y = compiled(x, packed, scale, mn) - 1
-    out["compiled"] = (y - w4a8.linear(x, packed, scale, mn, 64)).abs().max().item()
+    out["compiled"] = (y - w4a8.linear(x, packed, scale, mn, 60, 64)).abs().max().item()
 print(json.dumps(out))
 """
 
@@ -90,8 +96,10 @@ def test_kernel_equals_reference_under_every_capability(capability):
 def test_kernel_refuses_bad_shapes_with_the_reason():
     x, packed, scale, mn, _ = operands(2, 16, 64, 32)
     with pytest.raises(RuntimeError, match="must split into groups of 48"):
-        w4a8.linear(x, packed, scale, mn, 48)
-    with pytest.raises(RuntimeError, match="bytes per row for K=32"):
-        w4a8.linear(x[:, :32], packed, scale, mn, 32)
+        w4a8.linear(x, packed, scale, mn, 16, 48)
+    with pytest.raises(RuntimeError, match=r"packed must be contiguous uint8 \(1, 1, 256\) for N=16, K=32"):
+        w4a8.linear(x[:, :32].contiguous(), packed, scale, mn, 16, 32)
+    with pytest.raises(RuntimeError, match=r"packed must be contiguous uint8 \(2, 2, 256\) for N=17"):
+        w4a8.linear(x, packed, scale, mn, 17, 32)
     with pytest.raises(RuntimeError, match="scale and min must be contiguous bf16"):
-        w4a8.linear(x, packed, scale.float(), mn, 32)
+        w4a8.linear(x, packed, scale.float(), mn, 16, 32)

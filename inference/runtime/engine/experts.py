@@ -82,9 +82,11 @@ class ExpertStack(torch.nn.Module):
             self.scale = torch.stack([m.scale.float() for m in layers])
         else:  # the INT4 values as bytes, q - 8 in -8..7, beside the layers' own bf16 group scales and zeros
             self.group_size = first.group_size
-            self.q = torch.stack([w4a8.unpack(m.packed).to(torch.int8) - 8 for m in layers]).contiguous()
-            self.scale = torch.stack([m.scale.float() for m in layers]).contiguous()
-            self.zero = torch.stack([m.min.float() + 8 * m.scale.float() for m in layers]).contiguous()
+            n = first.out_features
+            self.q = torch.stack([w4a8.unpack(m.packed, n).to(torch.int8) - 8 for m in layers]).contiguous()
+            scale = [w4a8.untile_rows(m.scale, n).float() for m in layers]
+            self.scale = torch.stack(scale).contiguous()
+            self.zero = torch.stack([w4a8.untile_rows(m.min, n).float() + 8 * s for m, s in zip(layers, scale)])
         scales = [m.input_scale for m in layers]
         if any(s is not None for s in scales):
             ones = torch.ones(first.in_features)
