@@ -3,6 +3,7 @@ built by bench/build_llama_cpp.py) and Hugging Face transformers' `generate`, on
 Frugal's MoE model eager against compiled, and speculative decoding against plain decoding of the release.
 
     .venv/bin/python bench/peers.py [--tokens 128] [--threads 2] [--repeats 3] [--sizes demo 100m]
+        [--formats fp32 int8 int4] [--dense-only]
         [--dense-run data/dense_baseline_model] [--moe-run data/moe_model] [--package releases/...]
     (make bench-peers)
 
@@ -186,6 +187,8 @@ def dense_size(label: str, base, tokenizer_json: Path, args, work: Path, bandwid
     n_ctx = len(PROMPT) + args.tokens + 8
     rows = []
     for fmt, (ll_name, ftype) in LLAMA_FORMATS.items():
+        if fmt not in args.formats:
+            continue
         gguf = f32 if ftype is None else llama_cpp_quantize(f32, work / f"{label}-{ll_name}.gguf", ftype)
         model = frugal_model(base, fmt)
         compiled = FrugalDecoder(model, compiled=True)
@@ -303,11 +306,15 @@ def tables(report: dict) -> str:
                 f"| {r['frugal compiled']['vs_llama_cpp']:.2f}x | {r['frugal compiled']['bandwidth_share']:.0%} "
                 f"| {row['compile_s']:.0f} s |"
             )
-        same = next(r for r in size["rows"] if r["format"] == "fp32")["same_tokens"]
-        lines += ["", "fp32 greedy tokens equal to Frugal eager: " + ", ".join(f"{k} {v}" for k, v in same.items()), ""]
-    lines += ["**MoE** (the demo's model), ms per token:", "",
-              "| format | Generator (eager) | engine eager | engine compiled | compiled vs engine eager | compile |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+        fp32 = next((r for r in size["rows"] if r["format"] == "fp32"), None)
+        if fp32:
+            same = ", ".join(f"{k} {v}" for k, v in fp32["same_tokens"].items())
+            lines += ["", f"fp32 greedy tokens equal to Frugal eager: {same}"]
+        lines += [""]
+    if report["moe"]:
+        lines += ["**MoE** (the demo's model), ms per token:", "",
+                  "| format | Generator (eager) | engine eager | engine compiled | compiled vs engine eager "
+                  "| compile |", "|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["moe"]:
         r = row["results"]
         lines.append(f"| {row['format']} | {r['Generator (eager)']['ms_per_token']:.2f} | "
@@ -372,6 +379,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", choices=("demo", "100m"), default=["demo", "100m"])
+    parser.add_argument("--formats", nargs="+", choices=tuple(LLAMA_FORMATS), default=list(LLAMA_FORMATS))
+    parser.add_argument("--dense-only", action="store_true", help="leave out the MoE and speculative sections")
     parser.add_argument("--dense-run", type=Path, default=ROOT / "data" / "dense_baseline_model")
     parser.add_argument("--moe-run", type=Path, default=ROOT / "data" / "moe_model")
     parser.add_argument("--package", type=Path, help="default: the newest release under releases/")
@@ -398,8 +407,9 @@ def main() -> None:
                 torch.manual_seed(0)
                 base = Transformer(config_100m()).eval()
             report["dense"].append(dense_size(label, base, tokenizer_json, args, Path(tmp), bandwidth, bar))
-        report["moe"] = moe_speed(args.moe_run, args, bar)
-        report["speculative"] = speculative(package, args, bar)
+        if not args.dense_only:
+            report["moe"] = moe_speed(args.moe_run, args, bar)
+            report["speculative"] = speculative(package, args, bar)
     text = tables(report)
     png = chart(report, OUT.with_suffix(".png"))
     report["wandb"] = None if args.no_wandb else log_wandb(report, png)

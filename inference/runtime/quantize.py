@@ -163,6 +163,38 @@ class Int4Linear(_ScaledInput):
         return y.view(*shape[:-1], y.shape[-1]).to(x.dtype)
 
 
+def stack_rows(layers: list[nn.Module]) -> Int8Linear | Int4Linear | None:
+    """One quantized layer whose outputs are the given layers' outputs, in order: their weights concatenated, so
+    that layers reading the same input (q/k/v, w1/w3, every expert's w1 and w3) run as one call, which reads the
+    input once. Each output row is computed exactly as in its own layer. None unless the layers are all INT8, or
+    all INT4 with the same group size and whole 16-row tiles, with the same input width and input scales."""
+    first = layers[0]
+    if not isinstance(first, (Int8Linear, Int4Linear)):
+        return None
+    if any(type(m) is not type(first) or m.in_features != first.in_features for m in layers):
+        return None
+    if isinstance(first, Int4Linear) and any(
+        m.group_size != first.group_size or m.out_features % w4a8.ROWS or m.path != first.path for m in layers
+    ):
+        return None
+    scales = [m.input_scale for m in layers]
+    if any((s is None) != (scales[0] is None) or (s is not None and not torch.equal(s, scales[0])) for s in scales):
+        return None
+    fused = first.__class__.__new__(first.__class__)
+    nn.Module.__init__(fused)
+    fused.register_buffer("input_scale", scales[0])
+    fused.in_features = first.in_features
+    if isinstance(first, Int8Linear):
+        fused.register_buffer("q", torch.cat([m.q for m in layers]))
+        fused.register_buffer("scale", torch.cat([m.scale for m in layers]))
+    else:
+        fused.out_features = sum(m.out_features for m in layers)
+        fused.group_size, fused.path = first.group_size, first.path
+        for name in ("packed", "scale", "min"):
+            fused.register_buffer(name, torch.cat([getattr(m, name) for m in layers]))
+    return fused
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     scheme: str  # "int8" or "int4"

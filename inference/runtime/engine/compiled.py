@@ -48,10 +48,12 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from inference.runtime.engine.experts import GroupedExperts
 from inference.runtime.engine.paged_cache import PagedKVCache
 from inference.runtime.engine.runner import Batch
+from inference.runtime.quantize import stack_rows
 from model.transformer import SwiGLU, Transformer, apply_rope
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,36 @@ def _static_layer(block, x_PD, cache: PagedKVCache, layer: int, slots_P, slot_PS
     attn = block.attn
     P, H, G, Dh = x_PD.shape[0], attn.n_heads, attn.n_kv, attn.head_dim
     h_PD = block.attn_norm(x_PD)
-    q_PHDh = apply_rope(attn.wq(h_PD).view(P, H, Dh), cos, sin)
-    k_PGDh = apply_rope(attn.wk(h_PD).view(P, G, Dh), cos, sin)
-    cache.write(layer, slots_P, k_PGDh, attn.wv(h_PD).view(P, G, Dh))  # in place, traced into the graph
+    if (qkv := experts.get(id(attn))) is not None:  # one quantized call for q, k and v (fused_projections)
+        q_PD, k_PD, v_PD = qkv(h_PD).split([H * Dh, G * Dh, G * Dh], -1)
+    else:
+        q_PD, k_PD, v_PD = attn.wq(h_PD), attn.wk(h_PD), attn.wv(h_PD)
+    q_PHDh = apply_rope(q_PD.view(P, H, Dh), cos, sin)
+    k_PGDh = apply_rope(k_PD.reshape(P, G, Dh), cos, sin)
+    cache.write(layer, slots_P, k_PGDh, v_PD.reshape(P, G, Dh))  # in place, traced into the graph
     x_PD = x_PD + attn.wo(_attend(q_PHDh, cache, layer, slot_PS, allowed_PS, G))
     h_PD = block.ffn_norm(x_PD)
-    dense = isinstance(block.ffn, SwiGLU)
-    return x_PD + (block.ffn(h_PD) if dense else experts[id(block.ffn)].for_step(h_PD, long))
+    if not isinstance(block.ffn, SwiGLU):
+        return x_PD + experts[id(block.ffn)].for_step(h_PD, long)
+    if (w13 := experts.get(id(block.ffn))) is not None:  # w1 and w3 in one call
+        a_PF, b_PF = w13(h_PD).chunk(2, -1)
+        return x_PD + block.ffn.w2(F.silu(a_PF) * b_PF)
+    return x_PD + block.ffn(h_PD)
+
+
+def fused_projections(blocks) -> dict[int, torch.nn.Module]:
+    """For blocks whose projections are quantized: q/k/v stacked into one layer (by id of the attention) and a
+    dense feed-forward's w1/w3 into another (by id of the feed-forward), so that each quantizes and reads its
+    input once per step (inference.runtime.quantize.stack_rows; each output is computed as in its own layer).
+    Float layers stay apart: oneDNN's GEMMs are not row-for-row those of a stacked matrix."""
+    fused: dict[int, torch.nn.Module] = {}
+    for block in blocks:
+        attn = block.attn
+        if (qkv := stack_rows([attn.wq, attn.wk, attn.wv])) is not None:
+            fused[id(attn)] = qkv
+        if isinstance(block.ffn, SwiGLU) and (w13 := stack_rows([block.ffn.w1, block.ffn.w3])) is not None:
+            fused[id(block.ffn)] = w13
+    return fused
 
 
 def _slots_and_mask(positions_P, tables_PM, block_size: int):
@@ -219,6 +244,8 @@ class CompiledStep:
         """Steps of buckets[-1] < N <= max_tokens tokens run the graph of dynamic size (none when equal)."""
         moe = model.moe_layers()
         self.experts = {id(m): experts.get(id(m)) or GroupedExperts(m) for m in moe}
+        """The engine's modules per layer: each MoE's GroupedExperts, and fused quantized projections."""
+        self.experts |= fused_projections(model.layers)
         self.blocks_per_table = max(MIN_BLOCKS, -(-model.config.max_seq_len // block_size))
         self.scratch_block = cache.num_blocks - 1
         """The cache's scratch block (engine.paged_cache), which no sequence owns: padding writes here."""
@@ -336,6 +363,7 @@ class CompiledMTPStep(CompiledStep):
         super().__init__(model, cache, experts, block_size, buckets, autotune, max_tokens)
         # the main layers' stacks the base class looked up are not this step's: it runs the MTP blocks only
         self.experts = {id(m): experts.get(id(m)) or GroupedExperts(m) for m in model.mtp_moe_layers()}
+        self.experts |= fused_projections(m.block for m in model.mtp)
         self._fns: dict[int, Callable] = {}
 
     @property

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from inference.runtime.quantize import Int4Linear, Int8Linear
+from inference.runtime.quantize import Int4Linear, Int8Linear, stack_rows
 from kernels import w4a8
 from model.transformer import MoE
 
@@ -108,24 +108,6 @@ class ExpertStack(torch.nn.Module):
         return (dot_AOG * self.scale[e_A] + self.zero[e_A] * x_A1Gg.sum(-1)).sum(-1).to(x_AI.dtype)
 
 
-def _stack_rows(layers: list) -> torch.nn.Module | None:
-    """One INT8 layer whose output rows are the given layers' rows, in order; None unless they are all INT8
-    layers with the same input scales."""
-    first = layers[0]
-    scales = [m.input_scale for m in layers]
-    if any((s is None) != (scales[0] is None) or (s is not None and not torch.equal(s, scales[0])) for s in scales):
-        return None
-    fused = first.__class__.__new__(first.__class__)
-    torch.nn.Module.__init__(fused)
-    fused.register_buffer("input_scale", scales[0])
-    if isinstance(first, Int8Linear) and all(isinstance(m, Int8Linear) for m in layers):
-        fused.in_features = first.in_features
-        fused.register_buffer("q", torch.cat([m.q for m in layers]))
-        fused.register_buffer("scale", torch.cat([m.scale for m in layers]))
-        return fused
-    return None
-
-
 class GroupedExperts(torch.nn.Module):
     """The routed experts of one MoE layer, stacked once (at engine start: the weights must not change).
     A module whose stacks are buffers, so that a frozen compiled graph (inference.runtime.engine.compiled) folds
@@ -151,7 +133,7 @@ class GroupedExperts(torch.nn.Module):
         else:
             self.w13 = self.w2 = None
             w1s, w3s, w2s = zip(*moe.quantized)
-            self.w13_layer = _stack_rows([*w1s, *w3s])  # None: the per-expert loop
+            self.w13_layer = stack_rows([*w1s, *w3s])  # None: the per-expert loop
             self.w2_experts = torch.nn.ModuleList(w2s)
 
     @property

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from inference.runtime.quantize import (
     Int4Linear,
@@ -21,6 +22,7 @@ from inference.runtime.quantize import (
     quantize_linears,
     quantize_weights,
     save_quantized,
+    stack_rows,
 )
 from model.config import debug_tiny, dense_baseline
 from model.io import WEIGHTS_FILE
@@ -193,3 +195,26 @@ def test_int4_takes_every_width_llama_cpp_blocks_take(tmp_path):
     narrow = Transformer(replace(dense_baseline(debug_tiny()), d_ff=48)).eval()
     with pytest.raises(ValueError, match=r"layers\.0\.ffn\.w2: a weight with 48 inputs cannot be split"):
         quantize_weights(narrow, cfg)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_stacked_layers_give_each_layers_outputs_bit_for_bit(scheme):
+    from inference.runtime.engine.compiled import fused_projections
+
+    torch.manual_seed(0)
+    model = Transformer(debug_tiny()).eval()
+    quantize_linears(model, scheme, group_size=32)
+    attn, ffn = model.layers[0].attn, model.layers[0].ffn  # layer 0 is dense in debug_tiny
+    x = torch.randn(7, attn.wq.in_features)
+    stacked = stack_rows([attn.wq, attn.wk, attn.wv])
+    assert torch.equal(stacked(x), torch.cat([attn.wq(x), attn.wk(x), attn.wv(x)], -1))
+    fused = fused_projections(model.layers)
+    assert id(attn) in fused and id(ffn) in fused  # q/k/v and w1/w3 of the dense layer
+    assert torch.equal(fused[id(ffn)](x), torch.cat([ffn.w1(x), ffn.w3(x)], -1))
+    assert stack_rows([nn.Linear(64, 64, bias=False)] * 2) is None  # float layers stay apart
+    if scheme == "int4":
+        assert stack_rows([attn.wq, quantize_one_int4(40, 64)]) is None  # 40 rows: not whole 16-row tiles
+
+
+def quantize_one_int4(n_out: int, n_in: int) -> Int4Linear:
+    return Int4Linear(quantize_int4(torch.randn(n_out, n_in), 32))

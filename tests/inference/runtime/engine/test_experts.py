@@ -1,5 +1,5 @@
-"""Grouped experts against the MoE layer's own per-expert loop: fp32 close, INT8 bit for bit, and the
-formats that cannot be stacked (INT4's packed layout, differing AWQ input scales) left to the loop."""
+"""Grouped experts against the MoE layer's own per-expert loop: fp32 close, INT8 and INT4 bit for bit, and what
+cannot be stacked (differing AWQ input scales) left to the loop."""
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ def moe_layer(scheme: str, awq_scales: bool = False):
     return model.moe_layers()[0]
 
 
-@pytest.mark.parametrize("scheme,exact", [("fp32", False), ("int8", True)])
+@pytest.mark.parametrize("scheme,exact", [("fp32", False), ("int8", True), ("int4", True)])
 @pytest.mark.parametrize("n_tokens", [1, 5, 33])
 def test_grouped_experts_match_the_loop(scheme, exact, n_tokens):
     moe = moe_layer(scheme)
@@ -40,9 +40,9 @@ def test_grouped_experts_match_the_loop(scheme, exact, n_tokens):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_int4_and_differing_input_scales_keep_the_loop():
-    assert not GroupedExperts(moe_layer("int4")).usable
+def test_differing_input_scales_keep_the_loop():
     assert not GroupedExperts(moe_layer("int8", awq_scales=True)).usable
+    assert not GroupedExperts(moe_layer("int4", awq_scales=True)).usable
 
 
 @pytest.mark.parametrize("capability", cpu_capabilities())
@@ -51,7 +51,7 @@ def test_grouped_int8_experts_under_every_cpu_capability(capability):
     mode also compiles, in every format): run them in a subprocess per
     ATEN_CPU_CAPABILITY the machine supports, so that a crash fails this test instead of a server."""
     proc = run_under_capability(capability, ["-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                                             "-k", "(test_grouped_experts_match_the_loop and int8) or "
+                                             "-k", "(test_grouped_experts_match_the_loop and not fp32) or "
                                              "test_sparse_experts_match_the_loop"])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:]
 
