@@ -2,8 +2,9 @@
 
 This is the scheme of llama.cpp's Q4_0 weights against Q8_0 activations: a decode step is a matrix-vector
 product, so it is bound by the bytes of weight it reads, and integer dot products (AVX-512 VNNI's `vpdpbusd`,
-64 weights per instruction) keep the arithmetic below that. torch's own INT4 kernel (`_weight_int4pack_mm_for_cpu`, bf16
-activations) read at about 12 GB/s on the 2-core machine, half the bandwidth (BENCHMARKS.md, issue 31).
+64 weights per instruction) keep the arithmetic below that. torch's own INT4 kernel
+(`_weight_int4pack_mm_for_cpu`, bf16 activations) read at about 12 GB/s on the 2-core machine, half the
+bandwidth (BENCHMARKS.md, issue 31).
 
 Weights follow inference/runtime/quantize.py's Int4Weight: q in [0, 15], one scale s and zero z per group of
 `group_size` inputs (32, 64 or 128), w = (q - 8) s + z. The kernel holds s and min = z - 8 s in bf16, so that
@@ -22,11 +23,11 @@ Activations: per block, dx = absmax / 127 and xq = round(x / dx) in [-127, 127].
 ATEN_CPU_CAPABILITY the machine has, and against the unquantized product within the activations' rounding.
 
 The C++ (kernels/csrc/w4a8.cpp) has three paths: plain C++, AVX2 and AVX-512 with VNNI (an AVX-512 CPU without
-VNNI takes the AVX2 path). `level()` picks the one torch
-itself uses (ATEN_CPU_CAPABILITY: default, avx2, avx512), so a user who turns torch's vectors off turns these
-off too. It is built once per checkout into TORCH_EXTENSIONS_DIR (`make install` points it at
-.torch_extensions) by torch.utils.cpp_extension, about 10 s with g++, and registered as the op
-`frugal_w4a8::linear`, which torch.compile calls from its graphs as it calls an aten op.
+VNNI takes the AVX2 path). `level()` picks the one torch itself uses (ATEN_CPU_CAPABILITY: default, avx2,
+avx512), so a user who turns torch's vectors off turns these off too. It is built once per checkout into
+TORCH_EXTENSIONS_DIR (the Makefile points it at .torch_extensions) by torch.utils.cpp_extension, about 10 s with
+g++, and registered as the op `frugal_w4a8::linear`, which torch.compile calls from its graphs as it calls an aten
+op.
 
 Shape legend: M activation rows (tokens), K inputs, N outputs, G = K / group_size, B = K / 32 blocks.
 """
@@ -99,16 +100,29 @@ def quantize_activations(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return xq.view(M, K), dx
 
 
+def dequantized_product(
+    x_MK: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    min: torch.Tensor,
+    n_out: int,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The kernel's arithmetic in plain torch ops, in `dtype`: the activations rounded as the kernel rounds them,
+    times the dequantized weight. In float32 it is the fallback where the C++ op cannot be built (`linear`)."""
+    xq, dx = quantize_activations(x_MK)
+    x = (xq.to(dtype).view(*dx.shape, BLOCK) * dx.to(dtype)[..., None]).view(x_MK.shape)
+    s = untile_rows(scale, n_out).to(dtype).repeat_interleave(group_size, 1)
+    m = untile_rows(min, n_out).to(dtype).repeat_interleave(group_size, 1)
+    return x @ (unpack(packed, n_out).to(dtype) * s + m).T
+
+
 def reference(
     x_MK: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, min: torch.Tensor, n_out: int, group_size: int
 ) -> torch.Tensor:
-    """Plain torch, in float64: the activations rounded as the kernel rounds them, times the dequantized weight."""
-    xq, dx = quantize_activations(x_MK)
-    x = (xq.double().view(*dx.shape, BLOCK) * dx.double()[..., None]).view(x_MK.shape)
-    s = untile_rows(scale, n_out).double().repeat_interleave(group_size, 1)
-    m = untile_rows(min, n_out).double().repeat_interleave(group_size, 1)
-    w = unpack(packed, n_out).double() * s + m
-    return (x @ w.T).float()
+    """The kernel's result computed in float64 (`dequantized_product`), returned as fp32: what the tests hold it to."""
+    return dequantized_product(x_MK, packed, scale, min, n_out, group_size, torch.float64).float()
 
 
 _BUILT: bool | None = None
@@ -117,8 +131,8 @@ _BUILT: bool | None = None
 
 def load() -> bool:
     """Build the C++ op once per checkout (torch caches it by the source's hash) and register it. Without a
-    C++ compiler and ninja it cannot be built: INT4 layers then run `linear_torch`, the same arithmetic in torch
-    ops (correct, several times slower), and say so once in a warning."""
+    C++ compiler and ninja it cannot be built: INT4 layers then run `dequantized_product`, the same arithmetic in
+    torch ops (correct, several times slower), and say so once in a warning."""
     global _BUILT
     if _BUILT is not None:
         return _BUILT
@@ -150,17 +164,6 @@ def load() -> bool:
     return True
 
 
-def linear_torch(
-    x_MK: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, min: torch.Tensor, n_out: int, group_size: int
-) -> torch.Tensor:
-    """The kernel's arithmetic in fp32 torch ops: the fallback where the C++ op cannot be built."""
-    xq, dx = quantize_activations(x_MK)
-    M, K = x_MK.shape
-    x = (xq.float().view(M, K // BLOCK, BLOCK) * dx[..., None]).view(M, K)
-    w = unpack(packed, n_out).float() * untile_rows(scale, n_out).float().repeat_interleave(group_size, 1)
-    return x @ w.T + x.view(M, -1, group_size).sum(-1) @ untile_rows(min, n_out).float().T
-
-
 def linear(
     x_MK: torch.Tensor,
     packed: torch.Tensor,
@@ -174,7 +177,7 @@ def linear(
     `path` is `level()` unless given; a layer fixes it when it is built (inside torch.compile's graphs it is a
     constant, which inductor's cache keys by the vector width: inference.runtime.engine.compiled)."""
     if not (_BUILT if torch.compiler.is_compiling() else load()):
-        return linear_torch(x_MK, packed, scale, min, n_out, group_size)
+        return dequantized_product(x_MK, packed, scale, min, n_out, group_size)
     return torch.ops.frugal_w4a8.linear(
         x_MK.contiguous(), packed, scale, min, n_out, group_size, level() if path is None else path
     )
